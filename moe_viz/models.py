@@ -1,0 +1,221 @@
+"""Find the MoE blocks of a Hugging Face causal LM and load models for capture.
+
+A *MoE layer* here is a sparse block with a router child (`gate` or `router`)
+whose weight is (E, H) and an `experts` child holding the E experts. Blocks are
+found by structure, not by family name, so any family built like the v5 fused
+layout works. Families whose experts are not the standard fused module get an
+*adapter* name that `capture` knows how to observe:
+
+- ``fused``:  v5 `@use_experts_implementation` experts, called as
+  ``experts(hidden (T,H), top_k_index (T,k), top_k_weights (T,k))``.
+- ``llama4``: Llama4 text experts, which run densely on ``(E*T, H)`` inputs that
+  the block has already multiplied by the gate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Router families whose per-expert score is sigmoid(logit) rather than softmax.
+# Any router carrying an `e_score_correction_bias` is also treated as sigmoid
+# (DeepSeek-V3 style) unless its family is listed as softmax below.
+SIGMOID_ROUTER_FAMILIES = {"deepseek_v3", "glm4_moe", "dots1", "minimax_m2", "llama4_text", "llama4"}
+SOFTMAX_ROUTER_FAMILIES_WITH_BIAS = {"ernie4_5_moe"}
+
+# Every config key a family may use for the routed-expert count.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+class MoeVizError(Exception):
+    """A user-facing error: its message is one line that says what to do."""
+
+
+@dataclass
+class MoeLayer:
+    """One sparse MoE block of a model."""
+
+    layer: int  # decoder layer index (dense layers leave gaps)
+    name: str  # module path of the block, e.g. "model.layers.3.mlp"
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int
+    adapter: str  # "fused" | "llama4"
+    score_fn: str  # "softmax" | "sigmoid": how router logits become per-expert scores
+    logits_index: int  # position of the router logits in the router's output tuple
+
+
+def _layer_index(name: str, fallback: int) -> int:
+    found = re.findall(r"\.(\d+)(?:\.|$)", name)
+    return int(found[-1]) if found else fallback
+
+
+def _router_of(block: nn.Module, hidden_size: int | None) -> nn.Module | None:
+    for child_name in ("gate", "router"):
+        router = getattr(block, child_name, None)
+        weight = getattr(router, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            if hidden_size is None or weight.shape[1] == hidden_size:
+                return router
+    return None
+
+
+def _adapter_of(experts: nn.Module) -> str | None:
+    # The v5 decorator adds these attributes to every fused experts instance.
+    if hasattr(experts, "is_transposed") and hasattr(experts, "_is_expert_parallel"):
+        return "fused"
+    if type(experts).__name__ == "Llama4TextExperts":
+        return "llama4"
+    return None
+
+
+def _score_fn(model_type: str, router: nn.Module) -> str:
+    if model_type in SIGMOID_ROUTER_FAMILIES:
+        return "sigmoid"
+    if hasattr(router, "e_score_correction_bias") and model_type not in SOFTMAX_ROUTER_FAMILIES_WITH_BIAS:
+        return "sigmoid"
+    return "softmax"
+
+
+def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
+    """Return the model's sparse MoE blocks in forward order.
+
+    Raises MoeVizError naming what was found if the model has none, or if it
+    has expert-like modules this tool cannot observe.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None else None
+    model_type = getattr(text_config, "model_type", "") or ""
+    hidden_size = getattr(text_config, "hidden_size", None)
+    layers: list[MoeLayer] = []
+    unsupported: list[str] = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, nn.Module):
+            continue
+        router = _router_of(module, hidden_size)
+        adapter = _adapter_of(experts)
+        if router is None or adapter is None:
+            unsupported.append(f"{name} ({type(module).__name__})")
+            continue
+        adapter_logits_index = 1 if adapter == "llama4" else 0
+        layers.append(
+            MoeLayer(
+                layer=_layer_index(name, len(layers)),
+                name=name,
+                block=module,
+                router=router,
+                experts=experts,
+                num_experts=int(router.weight.shape[0]),
+                adapter=adapter,
+                score_fn=_score_fn(model_type, router),
+                logits_index=adapter_logits_index,
+            )
+        )
+    if not layers:
+        kind = type(model).__name__
+        if unsupported:
+            raise MoeVizError(
+                f"{kind} has expert modules moe_viz cannot observe yet: {', '.join(unsupported[:3])}; "
+                "supported are v5 fused experts and Llama4 text (see README)"
+            )
+        raise MoeVizError(f"{kind} ({model_type or 'unknown type'}) has no MoE layers: nothing to capture")
+    return layers
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash identifying the weights: config plus a sample of every tensor.
+
+    Sampling the head and tail of each tensor keeps this cheap on huge models
+    while still telling apart two checkpoints that share a config.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        config_dict = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto|cpu|cuda|cuda:N`` to a concrete choice, with a clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise MoeVizError(f"--device {device} asked for a GPU but torch sees none; use --device cpu or auto")
+        return device
+    raise MoeVizError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
+    """``auto`` keeps the checkpoint's dtype on GPU and uses fp32 on CPU."""
+    if dtype == "auto":
+        return "auto" if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise MoeVizError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def check_model_path(model_id: str) -> None:
+    """Fail early, before any loading, on a local path that cannot be a model."""
+    path = Path(model_id)
+    looks_local = path.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+    if not looks_local:
+        return  # a hub id: checked when loading
+    if not path.is_dir():
+        raise MoeVizError(f"model path {model_id} does not exist or is not a directory")
+    if not (path / "config.json").is_file():
+        raise MoeVizError(f"{model_id} has no config.json: point --model at a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise MoeVizError(f"{model_id} has no .safetensors weights: moe_viz only loads safetensors checkpoints")
+
+
+def load_model(
+    model_id: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[nn.Module, object | None]:
+    """Load a causal LM (safetensors only) and its tokenizer if it has one.
+
+    ``device="auto"`` on a CUDA machine uses accelerate's ``device_map="auto"``
+    so models larger than one GPU spread over all GPUs (and CPU memory).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_path(model_id)
+    concrete = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, concrete)
+    device_map = "auto" if (device == "auto" and concrete == "cuda") else concrete
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id,
+            dtype=torch_dtype,
+            device_map=device_map,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoeVizError(f"could not load model {model_id}: {first_line}") from exc
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None
+    return model, tokenizer
