@@ -12,9 +12,10 @@ the unweighted per-slot outputs come from the module's own implementation,
 called with every token repeated k times, one expert each, weight 1:
 
 - ``grouped_mm`` (the v5 default): the observer *replaces* the experts forward
-  with that call followed by the same weighted reduction grouped_mm performs.
-  The grouped GEMM sees exactly the same rows in the same order, so outputs are
-  bit-identical and the extra cost is the norm and one reduction (~1.0x).
+  with the same sequence of operations as transformers' grouped_mm forward,
+  split where the unweighted per-slot outputs exist so their norms can be
+  taken. The GEMMs see exactly the same rows in the same order, so outputs are
+  bit-identical and the extra cost is one norm over (T*k, H) (~1.0x).
 - any other implementation (eager, ...): the original forward runs untouched
   and the per-slot call is made once more in a hook (~2x expert compute).
 
@@ -29,6 +30,11 @@ from torch import nn
 
 from .models import MoeLayer
 from .routing_stats import LayerAccumulator, token_shift
+
+try:  # private helper of transformers' grouped_mm experts forward; the fast path mirrors that forward
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # pragma: no cover - other transformers versions use the recompute path
+    _grouped_linear = None
 
 
 def _routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,6 +52,45 @@ def slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Te
     ones = torch.ones(num_tokens * k, 1, dtype=dtype, device=hidden.device)
     repeated = hidden.repeat_interleave(k, dim=0)
     return type(experts).forward(experts, repeated, top_k_index.reshape(-1, 1), ones)
+
+
+def grouped_slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor):
+    """transformers' grouped_mm experts forward, stopped before the gate weights.
+
+    Returns (rows, perm): the unweighted outputs f_e(x_t) of every routed slot,
+    shape (T*k, H), sorted by expert, and the permutation that sorted them
+    (slot i of the flattened (T, k) routing is row ``inverse(perm)[i]``).
+    Every operation mirrors `grouped_mm_experts_forward` in transformers 5.x so
+    the final reduction in `_LayerTap.tapped_forward` reproduces its output bit
+    for bit (checked by tests/test_capture_exact.py for every family).
+    """
+    num_top_k = top_k_index.size(-1)
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    rows = hidden[perm // num_top_k]
+    on_host = hidden.device.type in ("cpu", "mps")
+    counts = torch.histc(
+        expert_ids.float() if on_host else expert_ids.int(), bins=experts.num_experts, min=0, max=experts.num_experts - 1
+    )
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    up_weight = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    up_bias = None
+    if experts.has_bias:
+        up_bias = (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias)[expert_ids]
+    rows = _grouped_linear(rows, up_weight, offsets, bias=up_bias, is_transposed=experts.is_transposed)
+    rows = experts._apply_gate(rows) if experts.has_gate else experts.act_fn(rows)
+    down_bias = experts.down_proj_bias[expert_ids] if experts.has_bias else None
+    rows = _grouped_linear(rows, experts.down_proj, offsets, bias=down_bias, is_transposed=experts.is_transposed)
+    if experts.has_post_expert_norm:
+        rows = experts.post_expert_norm(rows)
+    return rows, perm
+
+
+def _fast_path_available(experts: nn.Module) -> bool:
+    return (
+        _grouped_linear is not None
+        and experts.config._experts_implementation == "grouped_mm"
+        and not experts._is_expert_parallel
+    )
 
 
 def _norms(rows: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
@@ -78,12 +123,15 @@ class _LayerTap:
 
     def tapped_forward(self, *args, **kwargs) -> torch.Tensor:
         hidden, index, weights = _routing_args(args, kwargs)
-        experts = self.layer.experts
         num_tokens, k = index.shape
-        rows = slot_outputs(experts, hidden, index, weights.dtype)
-        self.index, self.weights, self.norms = index, weights, _norms(rows, num_tokens, k)
-        # Same reduction as grouped_mm_experts_forward: weight, sum over slots, cast.
-        return (rows.view(num_tokens, k, -1) * weights.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
+        rows, perm = grouped_slot_outputs(self.layer.experts, hidden, index)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+        self.index, self.weights = index, weights
+        self.norms = _norms(rows, num_tokens * k, 1)[inverse].view(num_tokens, k)
+        # The rest of grouped_mm_experts_forward: weight, restore order, sum over slots, cast.
+        weighted = (rows * weights.reshape(-1)[perm].unsqueeze(-1))[inverse]
+        return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
     def on_experts_recompute(self, module, args, kwargs, output) -> None:
         hidden, index, weights = _routing_args(args, kwargs)
@@ -113,7 +161,7 @@ class _LayerTap:
         self.handles.append(layer.router.register_forward_hook(self.on_router))
         if layer.adapter == "llama4":
             self.handles.append(layer.experts.register_forward_hook(self.on_llama4_experts))
-        elif fast and layer.experts.config._experts_implementation == "grouped_mm":
+        elif fast and _fast_path_available(layer.experts):
             if "forward" in vars(layer.experts):
                 raise RuntimeError(f"{layer.name}.experts already has an instance forward (another tool's patch?)")
             layer.experts.forward = self.tapped_forward

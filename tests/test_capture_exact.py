@@ -197,3 +197,16 @@ def test_phimoe_reports_the_top_k_it_really_uses():
     model.config.num_experts_per_tok = 3  # sparsemixer ignores this and always routes 2
     _, layers, _ = collect_routing_stats(model, _sequences(), batch_size=4)
     assert (layers.top_k == 2).all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_capture_does_not_change_bf16_logits(family):
+    from moe_viz.observe import RoutingObserver
+
+    model = tiny_model(family).to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with RoutingObserver(find_moe_layers(model)):
+            observed = model(ids).logits
+    assert torch.equal(plain, observed)
