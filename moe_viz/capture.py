@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__, store
-from .models import MoeVizError, find_moe_layers, load_model, model_fingerprint
+from .models import MoeVizError, canonical_model_id, find_moe_layers, load_model, model_fingerprint
 from .observe import RoutingObserver
 from .sources import Documents, pack_sequences, parse_domain, read_documents
 
@@ -214,7 +214,7 @@ def capture(
     return capture_model(
         model,
         tokenizer,
-        model_id,
+        canonical_model_id(model_id),
         documents,
         settings,
         store_path=store_path,

@@ -6,7 +6,9 @@ Each command is a function whose docstring is its help text.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .models import MoeVizError
 from .store import DEFAULT_STORE
@@ -37,6 +39,74 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_and_report(export_dir, store_path: str, source_dir=None) -> int:
+    from transformers import AutoTokenizer
+
+    from .plan import PrunePlan
+    from .verify import PRUNE_MANIFEST, evaluation_sequences, format_report, verify_export
+
+    manifest = json.loads((Path(export_dir) / PRUNE_MANIFEST).read_text())
+    plan = PrunePlan.from_json(json.dumps(manifest["plan"]))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    sequences, notes = evaluation_sequences(store_path, plan, tokenizer)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    result = verify_export(export_dir, sequences, source_dir=source_dir)
+    print(format_report(result))
+    print(f"verification {'passed' if result['passed'] else 'FAILED'}; details in {Path(export_dir) / 'moe_viz_verify.json'}")
+    return 0 if result["passed"] else 1
+
+
+def _parse_protected(specs: list[str]) -> dict[int, list[int]]:
+    protected: dict[int, list[int]] = {}
+    for spec in specs:
+        layer, sep, expert = spec.partition(":")
+        if not sep or not layer.isdigit() or not expert.isdigit():
+            raise MoeVizError(f"--protect {spec!r} must look like LAYER:EXPERT, e.g. 3:17")
+        protected.setdefault(int(layer), []).append(int(expert))
+    return protected
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Score experts on captured domains, export a pruned checkpoint, and verify it.
+
+    The export is written atomically to --out (refused if it exists, unless
+    --force), with moe_viz_prune.json beside the weights. Verification compares
+    it with the original model whose dropped experts are masked, and reports
+    per-domain perplexity, KL and top-1 agreement (skip with --no-verify).
+    """
+    from transformers import AutoConfig
+
+    from .export import export_pruned
+    from .models import canonical_model_id, check_model_path
+    from .plan import build_plan, parse_domain_weights
+
+    check_model_path(args.model)
+    plan = build_plan(
+        args.store, canonical_model_id(args.model), args.criterion, parse_domain_weights(args.domain),
+        config=AutoConfig.from_pretrained(args.model),
+        sparsity=args.sparsity, keep=args.keep, protected=_parse_protected(args.protect), seed=args.seed,
+    )
+    out = export_pruned(plan, args.model, args.out, streaming=True if args.streaming else None, force=args.force)
+    print(f"exported {out}: kept {plan.keep_per_layer} of {next(iter(plan.num_experts.values()))} experts per layer "
+          f"({plan.criterion}, sparsity {plan.sparsity:.3f})")
+    if args.no_verify:
+        return 0
+    return _verify_and_report(out, args.store)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify an existing moe_viz export against its source model (see `prune`)."""
+    from .verify import PRUNE_MANIFEST
+
+    if not (Path(args.export) / PRUNE_MANIFEST).is_file():
+        raise MoeVizError(f"{args.export} has no {PRUNE_MANIFEST}: it is not a moe_viz export")
+    return _verify_and_report(args.export, args.store, source_dir=args.model)
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -61,6 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.set_defaults(func=cmd_capture)
+
+    from .criteria import CRITERIA
+
+    p = commands.add_parser("prune", help=cmd_prune.__doc__.splitlines()[0], description=cmd_prune.__doc__)
+    p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
+    p.add_argument("--criterion", required=True, help=f"one of: {', '.join(CRITERIA)}")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--sparsity", type=float, help="fraction of routed experts to remove, in [0, 1)")
+    amount.add_argument("--keep", type=int, help="experts to keep in every MoE layer")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME[:WEIGHT]", help="calibration domain(s) to score on")
+    p.add_argument("--protect", action="append", default=[], metavar="LAYER:EXPERT", help="never drop this expert")
+    p.add_argument("--out", required=True, help="directory to write the pruned checkpoint to")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    p.add_argument("--streaming", action="store_true", help="rewrite shards without loading the model (automatic when it would not fit)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip verification")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
+    p.set_defaults(func=cmd_prune)
+
+    p = commands.add_parser("verify", help=cmd_verify.__doc__.splitlines()[0], description=cmd_verify.__doc__)
+    p.add_argument("export", help="a directory written by `moe-viz prune`")
+    p.add_argument("--model", default=None, help="source model directory (default: the one recorded in the export)")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -174,6 +174,12 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+def canonical_model_id(model_id: str) -> str:
+    """Local directories are recorded by absolute path, hub ids as given."""
+    path = Path(model_id).expanduser()
+    return str(path.resolve()) if path.is_dir() else model_id
+
+
 def check_model_path(model_id: str) -> None:
     """Fail early, before any loading, on a local path that cannot be a model."""
     path = Path(model_id)

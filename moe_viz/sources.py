@@ -8,7 +8,8 @@ A SOURCE is one of:
 - a directory: every UTF-8 text file in it, recursively, one document each,
 - `hf:DATASET[:CONFIG[:SPLIT[:FIELD]]]`: a Hugging Face dataset (needs network
   and the `datasets` package; split defaults to `train`, field to `text`),
-- `builtin:NAME`: a calibration domain moe_viz builds offline (see docs/DEMO.md).
+- `builtin:NAME[:SPLIT]`: a domain moe_viz builds offline (see docs/DEMO.md);
+  SPLIT is `train` (default, for calibration) or `heldout` (for evaluation).
 
 Everything is read and checked by `read_documents` before any model loads.
 """
@@ -20,14 +21,10 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 from .models import MoeVizError
 
 DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
-# Registry for `builtin:NAME` sources: name -> function returning documents.
-BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {}
 
 
 @dataclass
@@ -126,11 +123,13 @@ def read_documents(domain: str, source: str) -> Documents:
     if source.startswith("hf:"):
         _read_hf(source, docs)
     elif source.startswith("builtin:"):
-        name = source[len("builtin:"):]
-        if name not in BUILTIN_SOURCES:
-            known = ", ".join(sorted(BUILTIN_SOURCES)) or "none"
-            raise MoeVizError(f"unknown built-in domain {name!r}; known: {known}")
-        docs.texts.extend(BUILTIN_SOURCES[name]())
+        from .demo import corpora
+
+        name, _, split = source[len("builtin:"):].partition(":")
+        try:
+            docs.texts.extend(corpora.documents(name, split or "train"))
+        except ValueError as exc:
+            raise MoeVizError(f"domain {domain}: {exc}") from exc
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -183,3 +182,10 @@ def pack_sequences(docs: Documents, tokenizer, seq_len: int, max_tokens: int, se
             break
     stream = stream[:max_tokens]
     return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+
+
+def evaluation_source(source: str) -> str:
+    """The held-out counterpart of a calibration source (built-in domains have one; others reuse it)."""
+    if source.startswith("builtin:"):
+        return "builtin:" + source[len("builtin:"):].partition(":")[0] + ":heldout"
+    return source

@@ -96,19 +96,10 @@ SAMPLE_TEXT = (
 
 
 def tiny_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE trained in milliseconds, wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE trained in milliseconds on SAMPLE_TEXT."""
+    from moe_viz.demo.train import byte_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    return byte_bpe_tokenizer([SAMPLE_TEXT] * 4, vocab_size)
 
 
 def save_tiny_model(path, family: str = "qwen3_moe", seed: int = 0):

@@ -1,0 +1,95 @@
+"""Expert saliency criteria computed from stored statistics (formulas: docs/METRICS.md).
+
+Every criterion maps the `expert_stats` rows of one run to a score per
+(layer, expert); a higher score means "more important, keep". Ranking applies
+one rule for all criteria: experts never routed on the calibration data come
+last, then higher score first, then lower expert index first.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .models import MoeVizError
+
+
+def _per_routed(numerator: pd.Series, stats: pd.DataFrame) -> pd.Series:
+    routed = stats["routed_tokens"].astype(float)
+    return (numerator / routed.where(routed > 0)).fillna(0.0)
+
+
+def _nllb(stats: pd.DataFrame) -> pd.Series:
+    tokens = stats.groupby("layer")["top1_tokens"].transform("sum").astype(float)
+    share = (stats["top1_tokens"] / tokens.where(tokens > 0)).fillna(0.0)
+    top1 = stats["top1_tokens"].astype(float)
+    mean_top1_prob = (stats["top1_prob_sum"] / top1.where(top1 > 0)).fillna(0.0)
+    return share * np.exp(mean_top1_prob)
+
+
+def _random(stats: pd.DataFrame, seed: int) -> pd.Series:
+    # Seeded per (layer, expert) so the baseline does not depend on the domain or row order.
+    keys = stats["layer"].to_numpy(np.int64) * 1_000_003 + stats["expert"].to_numpy(np.int64)
+    values = [np.random.default_rng([seed, int(k)]).random() for k in keys]
+    return pd.Series(values, index=stats.index)
+
+
+CRITERIA: dict[str, tuple[str, Callable[[pd.DataFrame, int], pd.Series]]] = {
+    "frequency": ("routed tokens (how often the expert is in the top-k)", lambda s, _: s["routed_tokens"].astype(float)),
+    "soft_count": ("router probability mass over all tokens (SEER-MoE)", lambda s, _: s["prob_sum"]),
+    "gate_mass": ("sum of applied gate weights, 'alpha' (Chen et al. 2022)", lambda s, _: s["gate_sum"]),
+    "ean_mean": ("mean activation norm ||f_e(x)|| over routed tokens (MC-Suite)", lambda s, _: _per_routed(s["ean_sum"], s)),
+    "ean_sum": ("summed activation norm over routed tokens (MC-Suite EAN)", lambda s, _: s["ean_sum"]),
+    "weighted_ean": ("sum of gate * ||f_e(x)|| over routed tokens", lambda s, _: s["reap_sum"]),
+    "reap": ("mean of gate * ||f_e(x)|| over routed tokens (REAP, Lasby et al. 2025)", lambda s, _: _per_routed(s["reap_sum"], s)),
+    "nllb": ("top-1 share * exp(mean top-1 probability) (Koishekenov et al. 2023)", lambda s, _: _nllb(s)),
+    "easy_ep": ("gate * ||f_e(x)|| weighted by token shift 1 - cos(h, h + r) (EASY-EP)", lambda s, _: s["contribution_sum"]),
+    "random": ("seeded uniform random baseline", _random),
+}
+
+
+def check_criterion(name: str) -> None:
+    if name not in CRITERIA:
+        raise MoeVizError(f"unknown criterion {name!r}; choose one of: {', '.join(CRITERIA)}")
+
+
+def score(stats: pd.DataFrame, criterion: str, seed: int = 0) -> pd.DataFrame:
+    """Columns layer, expert, routed (bool), score for one run's expert_stats rows."""
+    check_criterion(criterion)
+    stats = stats.sort_values(["layer", "expert"]).reset_index(drop=True)
+    values = CRITERIA[criterion][1](stats, seed)
+    return pd.DataFrame(
+        {"layer": stats["layer"], "expert": stats["expert"], "routed": stats["routed_tokens"] > 0,
+         "score": values.astype(float).to_numpy()}
+    )
+
+
+def normalise_per_layer(scores: pd.DataFrame) -> pd.Series:
+    """Each layer's scores divided by their sum (a share); all-zero layers stay 0."""
+    total = scores.groupby("layer")["score"].transform("sum")
+    return (scores["score"] / total.where(total != 0)).fillna(0.0)
+
+
+def mixed_scores(per_domain: dict[str, pd.DataFrame], weights: dict[str, float]) -> pd.DataFrame:
+    """Weighted mix of per-domain scores, each normalised per layer first.
+
+    An expert counts as routed if any domain with positive weight routed it.
+    A single domain is returned as is (its raw scores).
+    """
+    if len(per_domain) == 1:
+        return next(iter(per_domain.values())).copy()
+    frames = []
+    for domain, scores in per_domain.items():
+        frames.append(scores.assign(score=normalise_per_layer(scores) * weights[domain], domain=domain))
+    both = pd.concat(frames)
+    mixed = both.groupby(["layer", "expert"], as_index=False).agg(score=("score", "sum"), routed=("routed", "any"))
+    return mixed[["layer", "expert", "routed", "score"]]
+
+
+def rank(scores: pd.DataFrame) -> pd.DataFrame:
+    """Add `rank` (0 = most important) within each layer, by the one ranking rule."""
+    ordered = scores.sort_values(["layer", "routed", "score", "expert"], ascending=[True, False, False, True])
+    ordered = ordered.assign(rank=ordered.groupby("layer").cumcount())
+    return ordered.sort_values(["layer", "expert"]).reset_index(drop=True)

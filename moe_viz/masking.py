@@ -1,0 +1,81 @@
+"""Mask experts in a loaded model: their router logits become -inf (and correction biases -inf).
+
+This is the reference a pruned export must reproduce exactly, and the way the
+demo measures what removing experts costs, without copying any weights.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from .models import MoeLayer, MoeVizError, find_moe_layers
+
+# Router buffers/parameters of shape (E,) that steer selection and must also be masked.
+CORRECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
+
+class _MaskFirstLinear(TorchFunctionMode):
+    """Inside a router's forward, set the dropped columns of its first F.linear output to -inf."""
+
+    def __init__(self, dropped: torch.Tensor):
+        super().__init__()
+        self.dropped = dropped
+        self.done = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and not self.done:
+            self.done = True
+            mask = torch.zeros(out.shape[-1], dtype=torch.bool, device=out.device)
+            mask[self.dropped.to(out.device)] = True
+            out = out.masked_fill(mask, float("-inf"))
+        return out
+
+
+def _wrap_router(layer: MoeLayer, dropped: torch.Tensor):
+    router = layer.router
+    original = router.forward
+
+    def forward(*args, **kwargs):
+        with _MaskFirstLinear(dropped):
+            return original(*args, **kwargs)
+
+    router.forward = forward
+
+
+@contextmanager
+def masked_experts(model: torch.nn.Module, dropped: dict[int, list[int]]) -> Iterator[None]:
+    """While active, the experts in ``dropped`` (decoder layer -> expert ids) are never routed."""
+    layers = {layer.layer: layer for layer in find_moe_layers(model)}
+    unknown = sorted(set(dropped) - set(layers))
+    if unknown:
+        raise MoeVizError(f"layers {unknown} are not MoE layers of this model")
+    saved_biases = []
+    wrapped = []
+    try:
+        for index, experts in dropped.items():
+            if not experts:
+                continue
+            layer = layers[index]
+            ids = torch.tensor(sorted(experts), dtype=torch.long)
+            _wrap_router(layer, ids)
+            wrapped.append(layer)
+            for name in CORRECTION_BIAS_NAMES:
+                bias = getattr(layer.router, name, None)
+                if isinstance(bias, torch.Tensor):
+                    saved_biases.append((bias, bias.detach().clone()))
+                    with torch.no_grad():
+                        bias[ids.to(bias.device)] = float("-inf")
+        yield
+    finally:
+        for layer in wrapped:
+            if "forward" in vars(layer.router):
+                del layer.router.forward
+        with torch.no_grad():
+            for bias, original in saved_biases:
+                bias.copy_(original)

@@ -1,0 +1,284 @@
+"""Pruning plans: which experts each MoE layer keeps, and what that costs.
+
+A plan is built from stored statistics only (no model weights) and is a small
+JSON-serialisable object carrying everything needed to reproduce it, including
+the run ids of the statistics it used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__, criteria, store
+from .models import MoeVizError
+
+SCOPES = ("uniform", "global")
+
+
+@dataclass
+class RouterConstraints:
+    """What a family's router needs from the kept experts."""
+
+    top_k: int
+    n_group: int = 1  # group-limited routers (DeepSeek-V3 style): experts in n_group contiguous blocks
+    topk_group: int = 1
+
+    def valid_keeps(self, num_experts: int) -> list[int]:
+        """Experts-per-layer counts an exportable plan may keep."""
+        out = []
+        for keep in range(1, num_experts + 1):
+            if keep < self.top_k:
+                continue
+            if self.n_group > 1:
+                per_group = keep // self.n_group
+                if keep % self.n_group or per_group < 2 or per_group * self.topk_group < self.top_k:
+                    continue
+            out.append(keep)
+        return out
+
+    @classmethod
+    def from_config(cls, config, observed_top_k: int) -> "RouterConstraints":
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        top_k = max(observed_top_k, int(getattr(config, "num_experts_per_tok", 0) or 0))
+        return cls(
+            top_k=top_k,
+            n_group=int(getattr(config, "n_group", None) or 1),
+            topk_group=int(getattr(config, "topk_group", None) or 1),
+        )
+
+
+@dataclass
+class PrunePlan:
+    model_id: str
+    model_fingerprint: str
+    criterion: str
+    scope: str
+    sparsity: float  # fraction of routed experts removed, over all MoE layers
+    domains: dict[str, float]  # domain -> mixing weight
+    run_ids: dict[str, str]  # domain -> run id of the statistics used
+    num_experts: dict[int, int]  # layer -> experts before pruning
+    kept: dict[int, list[int]]  # layer -> kept original expert ids, ascending
+    protected: dict[int, list[int]] = field(default_factory=dict)
+    seed: int = 0
+    tool_version: str = __version__
+
+    @property
+    def exportable(self) -> bool:
+        return len({len(v) for v in self.kept.values()}) == 1
+
+    @property
+    def keep_per_layer(self) -> int | None:
+        counts = {len(v) for v in self.kept.values()}
+        return counts.pop() if len(counts) == 1 else None
+
+    @property
+    def dropped(self) -> dict[int, list[int]]:
+        return {layer: sorted(set(range(self.num_experts[layer])) - set(kept)) for layer, kept in self.kept.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrunePlan":
+        data = json.loads(text)
+        for key in ("num_experts", "kept", "protected"):
+            data[key] = {int(layer): value for layer, value in data[key].items()}
+        return cls(**data)
+
+
+def parse_domain_weights(specs: list[str]) -> dict[str, float]:
+    """`code` or `math:0.5` -> {domain: weight}; weights must be positive."""
+    weights: dict[str, float] = {}
+    for spec in specs:
+        name, _, weight = spec.partition(":")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError as exc:
+            raise MoeVizError(f"domain weight in {spec!r} is not a number: use NAME or NAME:WEIGHT") from exc
+        if value <= 0:
+            raise MoeVizError(f"domain weight in {spec!r} must be positive")
+        if name in weights:
+            raise MoeVizError(f"domain {name!r} given twice")
+        weights[name] = value
+    if not weights:
+        raise MoeVizError("give at least one calibration --domain to score experts on")
+    return weights
+
+
+def complete_runs_for(store_path: str | Path, model_id: str, domains: list[str]) -> tuple[dict[str, str], str]:
+    """Latest complete run id per domain for the model, and the model fingerprint."""
+    runs = store.list_runs(store_path, status="complete")
+    runs = runs[runs.model_id == model_id]
+    if runs.empty:
+        raise MoeVizError(f"the store has no complete runs for model {model_id}: run `moe-viz capture` first")
+    chosen = {}
+    for domain in domains:
+        matching = runs[runs.domain == domain]
+        if matching.empty:
+            have = ", ".join(sorted(runs.domain.unique()))
+            raise MoeVizError(f"no complete run for domain {domain!r} of {model_id}; captured domains: {have}")
+        chosen[domain] = matching.iloc[0].run_id  # newest first
+    fingerprints = runs[runs.run_id.isin(chosen.values())].model_fingerprint.unique()
+    if len(fingerprints) > 1:
+        raise MoeVizError(f"runs for {model_id} come from different weights ({', '.join(fingerprints)}): re-capture")
+    return chosen, fingerprints[0]
+
+
+def _keep_from_sparsity(sparsity: float, num_experts: int) -> int:
+    if not 0 <= sparsity < 1:
+        raise MoeVizError(f"sparsity {sparsity} must be in [0, 1): it is the fraction of experts removed")
+    return num_experts - round(sparsity * num_experts)
+
+
+def _check_keep(keep: int, num_experts: int, constraints: RouterConstraints) -> None:
+    valid = constraints.valid_keeps(num_experts)
+    if keep in valid:
+        return
+    below = [k for k in valid if k < keep]
+    above = [k for k in valid if k > keep]
+    nearest = [k for k in (below[-1:] + above[:1])]
+    options = ", ".join(f"{1 - k / num_experts:.4g} (keep {k})" for k in nearest) or "none"
+    reason = f"fewer than top-k {constraints.top_k}" if keep < constraints.top_k else (
+        f"not {constraints.n_group} equal groups of at least 2" if constraints.n_group > 1 else "out of range"
+    )
+    raise MoeVizError(
+        f"keeping {keep} of {num_experts} experts per layer is not possible ({reason}); nearest valid sparsities: {options}"
+    )
+
+
+def _select_uniform(ranked: pd.DataFrame, keep: int, constraints: RouterConstraints, protected: list[int]) -> list[int]:
+    num_experts = len(ranked)
+    groups = constraints.n_group if constraints.n_group > 1 else 1
+    size = num_experts // groups
+    per_group = keep // groups
+    kept: list[int] = []
+    for g in range(groups):
+        block = ranked[(ranked.expert >= g * size) & (ranked.expert < (g + 1) * size)]
+        block = block.assign(protected=block.expert.isin(protected)).sort_values(["protected", "rank"], ascending=[False, True])
+        if block.protected.sum() > per_group:
+            raise MoeVizError(f"{int(block.protected.sum())} protected experts in one group but only {per_group} kept per group")
+        kept.extend(block.expert.head(per_group).tolist())
+    return sorted(int(e) for e in kept)
+
+
+def _select_global(ranked: pd.DataFrame, total_keep: int, constraints: RouterConstraints,
+                   protected: dict[int, list[int]]) -> dict[int, list[int]]:
+    """One ranking across layers on per-layer-normalised scores; each layer keeps at least top-k."""
+    ranked = ranked.assign(share=criteria.normalise_per_layer(ranked))
+    ranked = ranked.assign(must=ranked.apply(
+        lambda r: r["rank"] < constraints.top_k or r["expert"] in protected.get(int(r["layer"]), []), axis=1))
+    ordered = ranked.sort_values(["must", "routed", "share", "layer", "expert"], ascending=[False, False, False, True, True])
+    chosen = ordered.head(max(total_keep, int(ranked.must.sum())))
+    return {int(layer): sorted(int(e) for e in group.expert) for layer, group in chosen.groupby("layer")}
+
+
+def build_plan(
+    store_path: str | Path,
+    model_id: str,
+    criterion: str,
+    domains: dict[str, float],
+    config=None,
+    sparsity: float | None = None,
+    keep: int | None = None,
+    scope: str = "uniform",
+    protected: dict[int, list[int]] | None = None,
+    seed: int = 0,
+) -> PrunePlan:
+    """Score experts on the given domains and choose what each layer keeps.
+
+    Give exactly one of `sparsity` (fraction of experts removed) or `keep`
+    (experts kept per layer). The router's constraints (top-k, groups) come
+    from the model `config` when given, and the top-k seen in the statistics.
+    """
+    criteria.check_criterion(criterion)
+    if scope not in SCOPES:
+        raise MoeVizError(f"unknown scope {scope!r}; use uniform or global")
+    if (sparsity is None) == (keep is None):
+        raise MoeVizError("give exactly one of --sparsity or --keep")
+    protected = {int(k): [int(e) for e in v] for k, v in (protected or {}).items()}
+    run_ids, fingerprint = complete_runs_for(store_path, model_id, list(domains))
+    stats = store.expert_stats(store_path, list(run_ids.values()))
+    layer_rows = store.layer_stats(store_path, list(run_ids.values()))
+    observed_top_k = int(layer_rows.top_k.max())
+    constraints = RouterConstraints.from_config(config, observed_top_k) if config else RouterConstraints(observed_top_k)
+    num_experts = {int(r.layer): int(r.num_experts) for r in layer_rows.drop_duplicates("layer").itertuples()}
+    if len(set(num_experts.values())) != 1 and scope == "uniform":
+        raise MoeVizError("layers have different expert counts: use --scope global")
+    per_domain = {d: criteria.score(stats[stats.run_id == run_ids[d]], criterion, seed) for d in domains}
+    ranked = criteria.rank(criteria.mixed_scores(per_domain, domains))
+    E = next(iter(num_experts.values()))
+    total = sum(num_experts.values())
+
+    if scope == "uniform":
+        keep = _keep_from_sparsity(sparsity, E) if keep is None else keep
+        _check_keep(keep, E, constraints)
+        kept = {
+            layer: _select_uniform(ranked[ranked.layer == layer], keep, constraints, protected.get(layer, []))
+            for layer in sorted(num_experts)
+        }
+    else:
+        total_keep = total - round(sparsity * total) if keep is None else keep * len(num_experts)
+        if sparsity is not None and not 0 <= sparsity < 1:
+            raise MoeVizError(f"sparsity {sparsity} must be in [0, 1)")
+        kept = _select_global(ranked, total_keep, constraints, protected)
+    removed = total - sum(len(v) for v in kept.values())
+    return PrunePlan(
+        model_id=model_id, model_fingerprint=fingerprint, criterion=criterion, scope=scope,
+        sparsity=removed / total, domains=dict(domains), run_ids=run_ids, num_experts=num_experts,
+        kept=kept, protected=protected, seed=seed,
+    )
+
+
+def preview(plan: PrunePlan, store_path: str | Path, domains: list[str] | None = None) -> pd.DataFrame:
+    """Per layer and domain: share of routed tokens and of REAP mass carried by the dropped experts.
+
+    `domains` defaults to every domain with a complete run for the plan's model.
+    """
+    runs = store.list_runs(store_path, status="complete")
+    runs = runs[(runs.model_id == plan.model_id) & (runs.model_fingerprint == plan.model_fingerprint)]
+    if domains is not None:
+        runs = runs[runs.domain.isin(domains)]
+    runs = runs.drop_duplicates("domain")  # newest per domain
+    stats = store.expert_stats(store_path, runs.run_id.tolist())
+    dropped = pd.DataFrame(
+        [(layer, e) for layer, experts in plan.dropped.items() for e in experts], columns=["layer", "expert"]
+    ).assign(dropped=True)
+    stats = stats.merge(dropped, on=["layer", "expert"], how="left").fillna({"dropped": False})
+    stats["dropped_tokens"] = stats.routed_tokens.where(stats.dropped, 0)
+    stats["dropped_reap"] = stats.reap_sum.where(stats.dropped, 0.0)
+    out = stats.groupby(["domain", "layer"], as_index=False)[
+        ["routed_tokens", "dropped_tokens", "reap_sum", "dropped_reap"]
+    ].sum()
+    out["routed_share_lost"] = out.dropped_tokens / out.routed_tokens.where(out.routed_tokens > 0)
+    out["reap_share_lost"] = out.dropped_reap / out.reap_sum.where(out.reap_sum > 0)
+    return out[["domain", "layer", "routed_share_lost", "reap_share_lost"]].fillna(0.0)
+
+
+def size_summary(plan: PrunePlan, config) -> dict:
+    """Parameters and bytes before/after, from the config alone (a model built on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import find_moe_layers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    removed = 0
+    for layer in find_moe_layers(model):
+        per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+        per_router_row = sum(p.numel() for p in layer.router.parameters() if p.shape[0] == layer.num_experts) // layer.num_experts
+        removed += (per_expert + per_router_row) * len(plan.dropped.get(layer.layer, []))
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return {
+        "params_before": total, "params_after": total - removed,
+        "bytes_before": total * itemsize, "bytes_after": (total - removed) * itemsize,
+        "dtype": str(dtype).removeprefix("torch."),
+    }

@@ -1,0 +1,170 @@
+"""Pruned exports: exact against the masked original for every family, in both paths; atomic; verified."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moe_viz.capture import CaptureSettings, capture_model
+from moe_viz.cli import main
+from moe_viz.export import PRUNE_MANIFEST, export_pruned
+from moe_viz.masking import masked_experts
+from moe_viz.plan import build_plan
+from moe_viz.sources import Documents
+from moe_viz.verify import verify_export
+from tiny_models import FAMILIES, SAMPLE_TEXT, VOCAB, save_tiny_model, tiny_model
+
+GEN = torch.Generator().manual_seed(0)
+SEQUENCES = [torch.randint(0, VOCAB, (24,), generator=GEN).tolist() for _ in range(8)]
+
+
+def _saved_and_captured(tmp_path, family, max_shard_size=None):
+    model_dir = tmp_path / family
+    model = tiny_model(family)
+    model.save_pretrained(model_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    store_path = tmp_path / "store.duckdb"
+    docs = Documents("rand", "inline", token_ids=SEQUENCES)
+    capture_model(model, None, str(model_dir.resolve()), [docs], CaptureSettings(seq_len=64), store_path=store_path)
+    plan = build_plan(store_path, str(model_dir.resolve()), "reap", {"rand": 1.0},
+                      config=AutoConfig.from_pretrained(model_dir), keep=4)
+    return model_dir, plan
+
+
+def _tensors(directory):
+    out = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(shard, "pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_is_exact_and_both_paths_agree(tmp_path, family):
+    model_dir, plan = _saved_and_captured(tmp_path, family)
+    in_memory = export_pruned(plan, model_dir, tmp_path / "mem", streaming=False)
+    streamed = export_pruned(plan, model_dir, tmp_path / "stream", streaming=True)
+
+    a, b = _tensors(in_memory), _tensors(streamed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+    original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor(SEQUENCES[:3])
+    with torch.no_grad(), masked_experts(original, plan.dropped):
+        reference = original(ids).logits
+    for export in (in_memory, streamed):
+        pruned = AutoModelForCausalLM.from_pretrained(export).eval()
+        with torch.no_grad():
+            assert torch.equal(pruned(ids).logits, reference)
+        config = json.loads((export / "config.json").read_text())
+        counts = {k: v for k, v in config.items() if k in ("num_experts", "num_local_experts", "n_routed_experts")}
+        assert counts and set(counts.values()) == {4}
+    manifest = json.loads((streamed / PRUNE_MANIFEST).read_text())
+    assert manifest["kept"] == {str(k): v for k, v in plan.kept.items()} and manifest["method"] == "streaming"
+
+    result = verify_export(streamed, {"rand": SEQUENCES[:4]})
+    assert result["passed"] and result["exact"] and result["max_abs_logit_delta_vs_masked"] == 0.0
+    assert result["load_problems"] == []
+
+
+def test_sharded_checkpoint_streams_with_a_new_index(tmp_path):
+    model_dir, plan = _saved_and_captured(tmp_path, "qwen2_moe", max_shard_size="20KB")
+    assert (model_dir / "model.safetensors.index.json").exists()
+    out = export_pruned(plan, model_dir, tmp_path / "stream", streaming=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = _tensors(out)
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert not any(".experts.4." in name or ".experts.7." in name for name in tensors)  # renumbered 0..3
+    in_memory = _tensors(export_pruned(plan, model_dir, tmp_path / "mem", streaming=False))
+    assert all(torch.equal(in_memory[k], tensors[k]) for k in tensors)
+
+
+def test_existing_out_is_refused_unless_forced(tmp_path):
+    model_dir, plan = _saved_and_captured(tmp_path, "mixtral")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(Exception, match="already exists"):
+        export_pruned(plan, model_dir, out, streaming=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_pruned(plan, model_dir, out, streaming=True, force=True)
+    assert not (out / "keep.txt").exists() and (out / PRUNE_MANIFEST).exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_interrupted_export_leaves_nothing(tmp_path):
+    model_dir, plan = _saved_and_captured(tmp_path, "mixtral")
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_pruned(plan, model_dir, tmp_path / "out", streaming=True, progress=interrupt)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# -- the CLI ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune_cli")
+    model_dir = save_tiny_model(root / "model")
+    text = root / "code.txt"
+    text.write_text(SAMPLE_TEXT * 20)
+    store_path = root / "store.duckdb"
+    assert main(["capture", "--model", str(model_dir), "--domain", f"code={text}", "--domain", f"prose={text}",
+                 "--store", str(store_path), "--seq-len", "64", "--max-tokens", "800"]) == 0
+    return model_dir, store_path
+
+
+def test_prune_cli_exports_and_verifies(tmp_path, captured, capsys):
+    model_dir, store_path = captured
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(model_dir), "--criterion", "reap", "--sparsity", "0.5",
+                 "--domain", "code", "--domain", "prose:0.5", "--out", str(out), "--store", str(store_path)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "exact" in printed.out and "verification passed" in printed.out
+    report = json.loads((out / "moe_viz_verify.json").read_text())
+    assert report["exact"] and set(report["domains"]) == {"code", "prose"}
+    assert report["domains"]["code"]["ppl_pruned"] > 0 and 0 <= report["domains"]["code"]["top1_agreement"] <= 1
+    assert (out / "tokenizer.json").exists()
+    manifest = json.loads((out / PRUNE_MANIFEST).read_text())
+    assert manifest["domains"] == {"code": 1.0, "prose": 0.5} and manifest["criterion"] == "reap"
+    assert main(["verify", str(out), "--store", str(store_path)]) == 0
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--sparsity", "1.0"], "must be in [0, 1)"),
+    (["--sparsity", "-0.5"], "must be in [0, 1)"),
+    (["--keep", "1"], "fewer than top-k 2"),
+    (["--sparsity", "0.5", "--criterion", "vibes"], "unknown criterion 'vibes'"),
+    (["--sparsity", "0.5", "--domain", "law"], "no complete run for domain 'law'"),
+])
+def test_prune_bad_input_is_one_line_and_leaves_nothing(tmp_path, captured, capsys, extra, expected):
+    model_dir, store_path = captured
+    argv = ["prune", "--model", str(model_dir), "--criterion", "reap", "--domain", "code",
+            "--out", str(tmp_path / "out"), "--store", str(store_path)]
+    code = main(argv + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    errors = [line for line in err if line.startswith("moe-viz: error:")]
+    assert len(errors) == 1 and expected in errors[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_into_existing_or_unwritable_out(tmp_path, captured, capsys):
+    model_dir, store_path = captured
+    base = ["prune", "--model", str(model_dir), "--criterion", "frequency", "--keep", "4", "--domain", "code",
+            "--store", str(store_path), "--no-verify"]
+    (tmp_path / "taken").mkdir()
+    assert main(base + ["--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(base + ["--out", "/sys/moe_viz_cannot_write_here"]) == 2
+    assert "cannot write to /sys" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
