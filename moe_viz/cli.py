@@ -107,6 +107,56 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return _verify_and_report(args.export, args.store, source_dir=args.model)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Make the offline demo ready and open the dashboard.
+
+    Captures every built-in domain (code, prose, math, json, multilingual) with
+    the small MoE shipped in moe_viz/demo/model into the store, unless already
+    there, then starts the dashboard on localhost.
+    """
+    from . import demo
+
+    run_ids = demo.prepare(args.store)
+    print(f"demo store {args.store}: {'captured ' + str(len(run_ids)) + ' domain(s)' if run_ids else 'already complete'}")
+    if args.no_ui:
+        return 0
+    return _run_dashboard(args.store, args.port)
+
+
+def _run_dashboard(store_path: str, port: int) -> int:
+    import subprocess
+
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    if not app.exists():
+        raise MoeVizError(f"the dashboard script {app} is missing: run from a clone of the repository")
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
+               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--", "--store", str(store_path)]
+    print(f"dashboard: http://127.0.0.1:{port}  (Ctrl+C to stop)")
+    return subprocess.call(command)
+
+
+def cmd_demo_train(args: argparse.Namespace) -> int:
+    """Train the demo MoE from the built-in domains (about 13 minutes on 2 CPU cores)."""
+    from .demo.train import train
+
+    train(Path(args.out), steps=args.steps, seed=args.seed)
+    return 0
+
+
+def cmd_demo_eval(args: argparse.Namespace) -> int:
+    """Measure the demo model's held-out losses and expert specialisation; prints JSON."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .demo import shipped_model
+    from .demo.specialisation import measure
+
+    path = Path(args.model) if args.model else shipped_model()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    print(json.dumps(measure(model, AutoTokenizer.from_pretrained(path)), indent=2))
+    return 0
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -155,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="source model directory (default: the one recorded in the export)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
     p.set_defaults(func=cmd_verify)
+
+    p = commands.add_parser("demo", help=cmd_demo.__doc__.splitlines()[0], description=cmd_demo.__doc__)
+    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    p.add_argument("--port", type=int, default=8501, help="dashboard port on 127.0.0.1 (default 8501)")
+    p.add_argument("--no-ui", action="store_true", help="only capture; do not start the dashboard")
+    p.set_defaults(func=cmd_demo)
+    demo_commands = p.add_subparsers(dest="demo_command")
+    t = demo_commands.add_parser("train", help=cmd_demo_train.__doc__, description=cmd_demo_train.__doc__)
+    t.add_argument("--out", default=str(Path(__file__).parent / "demo" / "model"), help="where to save the model")
+    t.add_argument("--steps", type=int, default=750)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_demo_train)
+    e = demo_commands.add_parser("eval", help=cmd_demo_eval.__doc__, description=cmd_demo_eval.__doc__)
+    e.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
+    e.set_defaults(func=cmd_demo_eval)
+
+    p = commands.add_parser("ui", help="Open the dashboard on a store (localhost).")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=lambda args: _run_dashboard(args.store, args.port))
     return parser
 
 

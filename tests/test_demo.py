@@ -1,0 +1,95 @@
+"""The offline demo: deterministic built-in domains, the shipped model, real specialisation, `moe-viz demo`."""
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moe_viz import store
+from moe_viz.demo import SHIPPED_MODEL, corpora
+from moe_viz.demo.specialisation import measure
+from moe_viz.sources import read_documents
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _digest(domain, split):
+    h = hashlib.sha256()
+    for doc in corpora.documents(domain, split):
+        h.update(doc.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("domain", corpora.DOMAINS)
+def test_builtin_domain_is_deterministic_and_heldout_is_disjoint(domain):
+    first = {s: _digest(domain, s) for s in corpora.SPLITS}
+    corpora._documents.cache_clear()
+    assert {s: _digest(domain, s) for s in corpora.SPLITS} == first
+    train, heldout = corpora.documents(domain, "train"), corpora.documents(domain, "heldout")
+    assert train and heldout and not set(train) & set(heldout)
+    size = sum(len(t.encode()) for t in train)
+    assert 200_000 < size <= corpora.TRAIN_BYTES + 10_000  # "a few MB at most"
+
+
+def test_builtin_sources_resolve_through_the_source_parser():
+    docs = read_documents("m", "builtin:math:heldout")
+    assert docs.texts == corpora.documents("math", "heldout")
+    with pytest.raises(Exception, match="unknown built-in domain 'poetry'"):
+        read_documents("p", "builtin:poetry")
+
+
+def _documented():
+    text = (ROOT / "docs" / "DEMO.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+    losses = {r[0]: float(r[1]) for r in rows}
+    mi = re.search(r"\*\*([\d.]+) nats\*\*, against\s+\*\*([\d.]+) nats\*\*", text)
+    return losses, (float(mi.group(1)), float(mi.group(2)))
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL).eval()
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    result = measure(model, tokenizer)
+    print(result)
+    return result
+
+
+def test_shipped_model_heldout_losses_match_the_docs(measured):
+    documented, _ = _documented()
+    assert set(documented) == set(corpora.DOMAINS)
+    for domain, loss in documented.items():
+        assert measured["heldout_loss"][domain] == pytest.approx(loss, rel=0.01)
+
+
+def test_experts_really_specialise(measured):
+    ratios = {d: r["ratio"] for d, r in measured["removal"].items()}
+    assert sum(r >= 3 for r in ratios.values()) >= 3, ratios
+    _, (mi, mi_reinit) = _documented()
+    assert measured["mutual_information"] > 2 * measured["mutual_information_reinit_router"]
+    assert measured["mutual_information"] == pytest.approx(mi, rel=0.01)
+
+
+def test_shipped_model_is_small_and_loads_plainly():
+    size = sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir())
+    assert size < 25 * 2**20
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+
+
+def test_demo_command_populates_a_fresh_store(tmp_path):
+    db = tmp_path / "demo.duckdb"
+    result = subprocess.run([sys.executable, "-m", "moe_viz", "--threads", "1", "demo", "--no-ui", "--store", str(db)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    runs = store.list_runs(db)
+    assert sorted(runs.domain) == sorted(corpora.DOMAINS) and (runs.status == "complete").all()
+    assert (runs.tokens == 20_000).all()
+    again = subprocess.run([sys.executable, "-m", "moe_viz", "demo", "--no-ui", "--store", str(db)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already complete" in again.stdout
