@@ -1,37 +1,21 @@
-"""moe_viz dashboard entry point: `streamlit run app.py [-- --store PATH]`.
-
-For now it lists the runs in the store; the analysis pages are tracked in the dashboard issue.
-"""
-
-import argparse
-import sys
+"""moe_viz dashboard: `streamlit run app.py [-- --store PATH]` (or `moe-viz ui`, `moe-viz demo`)."""
 
 import streamlit as st
 
-from moe_viz import store
-from moe_viz.models import MoeVizError
-
-
-def _store_path() -> str:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--store", default=str(store.DEFAULT_STORE))
-    args, _ = parser.parse_known_args(sys.argv[1:])
-    return args.store
-
+from moe_viz.ui.common import store_path
 
 st.set_page_config(page_title="moe_viz", layout="wide")
-st.title("moe_viz")
-path = _store_path()
-try:
-    runs = store.list_runs(path)
-except MoeVizError as exc:
-    st.info(f"{exc}")
-    st.stop()
-if runs.empty:
-    st.info(f"The store {path} has no runs yet: run `moe-viz capture --model PATH --domain NAME=SOURCE`.")
-    st.stop()
-st.subheader("Runs")
-st.dataframe(
-    runs[["domain", "model_id", "status", "tokens", "sequences", "started_at", "finished_at", "run_id"]],
-    hide_index=True,
+PAGES = "moe_viz/ui/pages"
+navigation = st.navigation(
+    [
+        st.Page(f"{PAGES}/heatmaps.py", title="Heatmaps", icon=":material/grid_on:", default=True),
+        st.Page(f"{PAGES}/overlap.py", url_path="overlap", title="Domain overlap", icon=":material/join_inner:"),
+        st.Page(f"{PAGES}/rankings.py", url_path="rankings", title="Saliency rankings", icon=":material/format_list_numbered:"),
+        st.Page(f"{PAGES}/expert.py", url_path="expert", title="Expert detail", icon=":material/person_search:"),
+        st.Page(f"{PAGES}/health.py", url_path="health", title="Router health", icon=":material/monitor_heart:"),
+        st.Page(f"{PAGES}/prune.py", url_path="prune", title="Prune & export", icon=":material/content_cut:"),
+        st.Page(f"{PAGES}/runs.py", url_path="runs", title="Runs", icon=":material/database:"),
+    ]
 )
+st.sidebar.caption(f"store: `{store_path()}`")
+navigation.run()

@@ -64,7 +64,8 @@ def _batches(sequences: list[list[int]], batch_size: int, pad_id: int):
         yield ids, mask
 
 
-def _tqdm_progress() -> ProgressCallback:
+def tqdm_progress() -> ProgressCallback:
+    """A progress bar per domain on stderr, with tokens/s and ETA."""
     from tqdm.auto import tqdm
 
     bars: dict[str, tqdm] = {}
@@ -218,6 +219,6 @@ def capture(
         documents,
         settings,
         store_path=store_path,
-        progress=progress if progress is not None else _tqdm_progress(),
+        progress=progress if progress is not None else tqdm_progress(),
         extra_settings={"device": str(_input_device(model))},
     )

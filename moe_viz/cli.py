@@ -21,11 +21,14 @@ def cmd_capture(args: argparse.Namespace) -> int:
     a .jsonl file (field `text`, or `input_ids` for pre-tokenised data), a
     directory of text files, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]], or builtin:NAME.
     """
-    from .capture import CaptureSettings, capture
+    from .capture import CaptureSettings, capture, tqdm_progress
 
     settings = CaptureSettings(
         max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed
     )
+    progress = tqdm_progress()
+    if args.progress_file:
+        progress = _file_progress(Path(args.progress_file), progress)
     run_ids = capture(
         args.model,
         args.domain,
@@ -34,9 +37,28 @@ def cmd_capture(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        progress=progress,
     )
+    if args.progress_file:
+        _write_json(Path(args.progress_file), {"finished": True, "run_ids": run_ids})
     print(f"stored {len(run_ids)} run(s) in {args.store}: {', '.join(run_ids)}")
     return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)  # readers never see a half-written file
+
+
+def _file_progress(path: Path, also):
+    """Progress callback that also mirrors the latest state to a JSON file (for the dashboard)."""
+    def report(p) -> None:
+        also(p)
+        _write_json(path, {"domain": p.domain, "tokens_done": p.tokens_done, "tokens_total": p.tokens_total,
+                           "elapsed_s": round(p.elapsed_s, 2), "finished": False})
+
+    return report
 
 
 def _verify_and_report(export_dir, store_path: str, source_dir=None) -> int:
@@ -180,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto spreads over GPUs)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # for the dashboard's jobs
     p.set_defaults(func=cmd_capture)
 
     from .criteria import CRITERIA
@@ -228,8 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt  # unwinds through capture/export cleanup (runs marked failed, temp dirs removed)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:
+        _interrupt_on_sigterm()
     _set_threads(args.threads)
     try:
         return args.func(args)

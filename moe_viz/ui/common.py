@@ -1,0 +1,113 @@
+"""Shared pieces of the dashboard pages: the store, cached queries, and the model/domain pickers.
+
+Queries are cached per (store path, store file mtime), so a finished capture
+shows up on the next rerun without stale data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from moe_viz import analysis, store
+from moe_viz.models import MoeVizError
+
+COLOR_SEQUENTIAL = "Viridis"
+COLOR_DIVERGING = "RdBu_r"
+CHART_HEIGHT = 460
+
+
+def store_path() -> str:
+    """The store given as `streamlit run app.py -- --store PATH` (default cache/moe_viz.duckdb)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--store", default=str(store.DEFAULT_STORE))
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return args.store
+
+
+def _stamp(path: str) -> float:
+    p = Path(path)
+    return p.stat().st_mtime if p.exists() else 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _runs(path: str, stamp: float) -> pd.DataFrame:
+    return store.list_runs(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _expert_stats(path: str, stamp: float, run_ids: tuple[str, ...]) -> pd.DataFrame:
+    return store.expert_stats(path, list(run_ids))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _layer_stats(path: str, stamp: float, run_ids: tuple[str, ...]) -> pd.DataFrame:
+    return store.layer_stats(path, list(run_ids))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _coactivation(path: str, stamp: float, run_id: str, layer: int) -> pd.DataFrame:
+    return store.coactivation(path, run_id, layer)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _metric_values(path: str, stamp: float, run_ids: tuple[str, ...], metric: str) -> pd.DataFrame:
+    stats = store.expert_stats(path, list(run_ids))
+    layers = store.layer_stats(path, list(run_ids))
+    return analysis.metric_values(stats, layers, metric)
+
+
+def runs() -> pd.DataFrame:
+    path = store_path()
+    return _runs(path, _stamp(path))
+
+
+def expert_stats(run_ids) -> pd.DataFrame:
+    path = store_path()
+    return _expert_stats(path, _stamp(path), tuple(run_ids))
+
+
+def layer_stats(run_ids) -> pd.DataFrame:
+    path = store_path()
+    return _layer_stats(path, _stamp(path), tuple(run_ids))
+
+
+def coactivation(run_id: str, layer: int) -> pd.DataFrame:
+    path = store_path()
+    return _coactivation(path, _stamp(path), run_id, int(layer))
+
+
+def metric_values(run_ids, metric: str) -> pd.DataFrame:
+    path = store_path()
+    return _metric_values(path, _stamp(path), tuple(run_ids), metric)
+
+
+def require_runs() -> pd.DataFrame:
+    """Complete runs, or a friendly start message and stop."""
+    try:
+        all_runs = runs()
+    except MoeVizError as exc:
+        st.info(f"{exc}. Start with `moe-viz demo`, or capture a model on the **Runs** page.")
+        st.stop()
+    complete = all_runs[all_runs.status == "complete"]
+    if complete.empty:
+        st.info("The store has no complete runs yet: run `moe-viz demo`, or capture a model on the **Runs** page.")
+        st.stop()
+    return complete
+
+
+def pick_model_runs() -> pd.DataFrame:
+    """Sidebar model picker; returns the newest complete run per domain of that model."""
+    complete = require_runs()
+    models = list(dict.fromkeys(complete.model_id))
+    model = st.sidebar.selectbox("Model", models, key="model", format_func=lambda m: Path(m).name or m)
+    chosen = complete[complete.model_id == model].drop_duplicates("domain")
+    return chosen.sort_values("domain").reset_index(drop=True)
+
+
+def domain_run_ids(model_runs: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(model_runs.domain, model_runs.run_id))

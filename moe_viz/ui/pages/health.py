@@ -1,0 +1,29 @@
+"""Router health: load imbalance, router entropy and never-routed experts per layer."""
+
+import plotly.express as px
+import streamlit as st
+
+from moe_viz import analysis
+from moe_viz.ui.common import domain_run_ids, expert_stats, layer_stats, pick_model_runs
+
+st.title("Router health")
+model_runs = pick_model_runs()
+run_ids = domain_run_ids(model_runs)
+health = analysis.router_health(expert_stats(run_ids.values()), layer_stats(run_ids.values()))
+labels = {"layer": "MoE layer (decoder index)", "load_imbalance": "max share / mean share",
+          "entropy_normalised": "entropy / ln E", "never_routed": "experts"}
+c1, c2 = st.columns(2)
+imbalance = px.line(health, x="layer", y="load_imbalance", color="domain", markers=True,
+                    title="Load imbalance (1 = perfectly balanced)", labels=labels)
+imbalance.update_xaxes(type="category")
+c1.plotly_chart(imbalance, key="health_imbalance")
+entropy = px.line(health, x="layer", y="entropy_normalised", color="domain", markers=True,
+                  title="Mean router entropy, normalised (1 = uniform)", labels=labels)
+entropy.update_layout(yaxis_range=[0, 1.02])
+entropy.update_xaxes(type="category")
+c2.plotly_chart(entropy, key="health_entropy")
+never = px.bar(health, x="layer", y="never_routed", color="domain", barmode="group",
+               title="Experts never routed on the calibration data", labels=labels)
+never.update_xaxes(type="category")
+st.plotly_chart(never, key="health_never")
+st.dataframe(health, hide_index=True, key="health_table")

@@ -1,0 +1,62 @@
+"""Heatmaps: a statistic or criterion over layers x experts, for one domain or the difference of two."""
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from moe_viz import analysis
+from moe_viz.ui.common import CHART_HEIGHT, COLOR_DIVERGING, COLOR_SEQUENTIAL, domain_run_ids, metric_values, pick_model_runs
+
+st.title("Expert heatmaps")
+model_runs = pick_model_runs()
+run_ids = domain_run_ids(model_runs)
+domains = list(run_ids)
+
+c1, c2, c3 = st.columns([2, 1, 1])
+metric = c1.selectbox("Statistic or criterion", list(analysis.METRICS), key="hm_metric",
+                      format_func=lambda m: f"{m} — {analysis.METRICS[m]}")
+mode = c2.radio("View", ["One domain", "Difference A − B"], key="hm_mode", horizontal=True)
+scale = c3.radio("Colour scale", ["linear", "log"], key="hm_scale", horizontal=True, disabled=mode != "One domain")
+c4, c5 = st.columns(2)
+domain = c4.selectbox("Domain" if mode == "One domain" else "Domain A", domains, key="hm_domain")
+domain_b = None
+if mode != "One domain":
+    domain_b = c5.selectbox("Domain B", domains, index=min(1, len(domains) - 1), key="hm_domain_b")
+
+values = metric_values(run_ids.values(), metric)
+matrix = analysis.metric_matrix(values, domain)
+if domain_b is not None:
+    matrix = matrix - analysis.metric_matrix(values, domain_b)
+exact = matrix.to_numpy(dtype=float)
+shown = exact
+colour = dict(colorscale=COLOR_SEQUENTIAL)
+title = f"{metric} — {domain}"
+if domain_b is not None:
+    limit = float(np.nanmax(np.abs(exact))) or 1.0
+    colour = dict(colorscale=COLOR_DIVERGING, zmid=0.0, zmin=-limit, zmax=limit)
+    title = f"{metric} — {domain} minus {domain_b}"
+elif scale == "log":
+    positive = exact[exact > 0]
+    floor = positive.min() / 10 if positive.size else 1e-12
+    shown = np.log10(np.maximum(exact, floor))
+    title += " (log10)"
+figure = go.Figure(go.Heatmap(
+    z=shown, x=[str(e) for e in matrix.columns], y=[str(l) for l in matrix.index], customdata=exact,
+    hovertemplate="layer %{y}<br>expert %{x}<br>value %{customdata:.6g}<extra></extra>",
+    colorbar=dict(title="log10" if (scale == "log" and domain_b is None) else "value"), **colour,
+))
+figure.update_layout(title=title, xaxis_title="expert", yaxis_title="MoE layer (decoder index)",
+                     height=CHART_HEIGHT, margin=dict(l=60, r=20, t=50, b=50))
+figure.update_yaxes(autorange="reversed", type="category")
+figure.update_xaxes(type="category")
+st.plotly_chart(figure, key="heatmap")
+st.caption(analysis.METRICS[metric] + ". Hover a cell for exact values; pick a cell below to open its detail.")
+
+c6, c7, c8 = st.columns([1, 1, 2])
+layer = c6.selectbox("Layer", list(matrix.index), key="hm_layer")
+expert = c7.selectbox("Expert", list(matrix.columns), key="hm_expert")
+c8.metric(f"value at layer {layer}, expert {expert}", f"{matrix.loc[layer, expert]:.6g}")
+if c8.button("Open expert detail", key="hm_open"):
+    st.session_state["ex_layer"] = int(layer)
+    st.session_state["ex_expert"] = int(expert)
+    st.switch_page("moe_viz/ui/pages/expert.py")

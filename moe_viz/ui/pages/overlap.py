@@ -1,0 +1,60 @@
+"""Domain overlap: Jaccard overlap of each domain's top-k experts, against random sets, plus mutual information."""
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from moe_viz import criteria, domain_stats
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, domain_run_ids, expert_stats, layer_stats,
+                               metric_values, pick_model_runs)
+
+st.title("Domain overlap")
+model_runs = pick_model_runs()
+run_ids = domain_run_ids(model_runs)
+if len(run_ids) < 2:
+    st.info("Overlap needs at least two captured domains of this model.")
+    st.stop()
+layers = layer_stats(run_ids.values())
+num_experts = int(layers.num_experts.max())
+top_k = int(layers.top_k.max())
+
+c1, c2 = st.columns(2)
+criterion = c1.selectbox("Criterion", [c for c in criteria.CRITERIA if c != "random"], key="ov_criterion")
+k = c2.slider("k (experts per domain set)", 1, num_experts, min(max(top_k, 2), num_experts), key="ov_k")
+scores = metric_values(run_ids.values(), criterion).rename(columns={"value": "score"})
+jaccard = domain_stats.topk_jaccard(scores, k)
+jaccard["pair"] = jaccard.domain_a + " / " + jaccard.domain_b
+reference = domain_stats.random_jaccard(num_experts, k)
+
+figure = px.line(jaccard, x="layer", y="jaccard", color="pair", markers=True,
+                 title=f"Top-{k} Jaccard overlap by {criterion} across layers",
+                 labels={"layer": "MoE layer (decoder index)", "jaccard": "Jaccard overlap (0–1)"})
+figure.add_hline(y=reference, line_dash="dash", line_color="grey",
+                 annotation_text=f"random k-sets: {reference:.3f}", annotation_position="top left")
+figure.update_layout(height=CHART_HEIGHT, yaxis_range=[0, 1.02])
+figure.update_xaxes(type="category")
+st.plotly_chart(figure, key="overlap_lines")
+
+layer = st.selectbox("Layer for the domain × domain matrix", sorted(jaccard.layer.unique()), key="ov_layer")
+domains = sorted(run_ids)
+matrix = pd.DataFrame(1.0, index=domains, columns=domains)
+for row in jaccard[jaccard.layer == layer].itertuples():
+    matrix.loc[row.domain_a, row.domain_b] = matrix.loc[row.domain_b, row.domain_a] = row.jaccard
+heat = go.Figure(go.Heatmap(z=matrix.to_numpy(), x=domains, y=domains, zmin=0, zmax=1, colorscale=COLOR_SEQUENTIAL,
+                            text=matrix.round(3).to_numpy(), texttemplate="%{text}",
+                            hovertemplate="%{y} vs %{x}<br>Jaccard %{z:.3f}<extra></extra>",
+                            colorbar=dict(title="Jaccard")))
+heat.update_layout(title=f"Top-{k} Jaccard overlap at layer {layer} (random: {reference:.3f})",
+                   xaxis_title="domain", yaxis_title="domain", height=CHART_HEIGHT)
+st.plotly_chart(heat, key="overlap_matrix")
+
+st.subheader("Does expert choice depend on the domain?")
+st.caption("Top-k overlap is a weak signal on its own: busy generalist experts sit in every domain's top-k. "
+           "Mutual information between domain and routed expert measures the dependence directly.")
+mi = domain_stats.mutual_information(expert_stats(run_ids.values())).rename_axis("layer").reset_index()
+mi_figure = px.bar(mi, x="layer", y="mutual_information", title="Mutual information I(domain; expert) per layer",
+                   labels={"layer": "MoE layer (decoder index)", "mutual_information": "nats"})
+mi_figure.update_layout(height=360)
+mi_figure.update_xaxes(type="category")
+st.plotly_chart(mi_figure, key="overlap_mi")

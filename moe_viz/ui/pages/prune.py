@@ -1,0 +1,136 @@
+"""Prune & export: choose a criterion, sparsity and domain mix, preview the cost, export and verify in one click."""
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from moe_viz import criteria
+from moe_viz.export import export_pruned
+from moe_viz.models import MoeVizError
+from moe_viz.plan import RouterConstraints, build_plan, preview, size_summary
+from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, layer_stats, pick_model_runs, store_path
+from moe_viz.verify import evaluation_sequences, verify_export
+
+
+@st.cache_resource(show_spinner=False)
+def model_config(model_id: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError):
+        return None
+
+
+st.title("Prune & export")
+path = store_path()
+model_runs = pick_model_runs()
+model_id = model_runs.model_id.iloc[0]
+run_ids = domain_run_ids(model_runs)
+layers = layer_stats(run_ids.values())
+num_experts = int(layers.num_experts.max())
+config = model_config(model_id)
+constraints = RouterConstraints.from_config(config, int(layers.top_k.max())) if config else RouterConstraints(int(layers.top_k.max()))
+valid = constraints.valid_keeps(num_experts)
+
+c1, c2, c3 = st.columns(3)
+criterion = c1.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="pr_criterion",
+                         help="\n".join(f"{k}: {v[0]}" for k, v in criteria.CRITERIA.items()))
+scope = c2.radio("Scope", ["uniform", "global"], key="pr_scope", horizontal=True,
+                 help="uniform: same count per layer (exportable); global: one ranking across layers (analysis)")
+half = min(valid, key=lambda k: (abs(k - num_experts / 2), k))  # default: sparsity closest to 0.5
+keep = c3.select_slider("Experts kept per layer", options=valid, value=half, key="pr_keep",
+                        format_func=lambda k: f"{k} (sparsity {1 - k / num_experts:.2f})")
+domains = st.multiselect("Calibration domains to score on", list(run_ids), default=list(run_ids)[:1], key="pr_domains")
+if not domains:
+    st.info("Pick at least one calibration domain.")
+    st.stop()
+weights = {}
+if len(domains) > 1:
+    columns = st.columns(len(domains))
+    for column, domain in zip(columns, domains):
+        weights[domain] = column.number_input(f"weight of {domain}", min_value=0.01, value=1.0, step=0.1, key=f"pr_w_{domain}")
+else:
+    weights = {domains[0]: 1.0}
+
+try:
+    plan = build_plan(path, model_id, criterion, weights, config=config, keep=keep, scope=scope)
+except MoeVizError as exc:
+    st.error(str(exc))
+    st.stop()
+
+mask = pd.DataFrame(0, index=sorted(plan.num_experts), columns=range(num_experts))
+for layer, kept in plan.kept.items():
+    mask.loc[layer, kept] = 1
+heat = go.Figure(go.Heatmap(z=mask.to_numpy(), x=[str(e) for e in mask.columns], y=[str(l) for l in mask.index],
+                            zmin=0, zmax=1, colorscale=[[0, "#e76f51"], [1, "#2a9d8f"]], showscale=False,
+                            hovertemplate="layer %{y}<br>expert %{x}<br>%{z:d} = kept<extra></extra>"))
+heat.update_layout(title=f"Kept (green) and dropped (red) experts — {criterion}, sparsity {plan.sparsity:.2f}",
+                   xaxis_title="expert", yaxis_title="MoE layer (decoder index)", height=CHART_HEIGHT)
+heat.update_yaxes(autorange="reversed", type="category")
+heat.update_xaxes(type="category")
+st.plotly_chart(heat, key="prune_mask")
+
+lost = preview(plan, path)
+summary = lost.groupby("domain", as_index=False)[["routed_share_lost", "reap_share_lost"]].mean()
+bars = px.bar(summary.melt(id_vars="domain", var_name="measure", value_name="share"), x="domain", y="share",
+              color="measure", barmode="group", title="Mass carried by the dropped experts (mean over layers)",
+              labels={"share": "fraction of the domain's total", "domain": "calibration domain"})
+bars.update_layout(yaxis_range=[0, 1])
+st.plotly_chart(bars, key="prune_lost")
+st.dataframe(summary, hide_index=True, key="prune_lost_table")
+
+if config is not None:
+    size = size_summary(plan, config)
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Parameters", f"{size['params_after'] / 1e6:,.2f}M", f"-{(size['params_before'] - size['params_after']) / 1e6:,.2f}M")
+    m2.metric(f"Size ({size['dtype']})", f"{size['bytes_after'] / 1e9:,.3f} GB", f"-{(size['bytes_before'] - size['bytes_after']) / 1e9:,.3f} GB")
+    m3.metric("Routed experts removed", f"{plan.sparsity:.0%}")
+
+st.subheader("Export")
+if not plan.exportable:
+    st.warning("This global plan keeps different numbers of experts per layer, so it cannot be exported: "
+               "switch the scope to uniform.")
+    st.stop()
+if config is None or not Path(model_id).is_dir():
+    st.warning(f"The model {model_id} is not a local directory, so it cannot be exported from here.")
+    st.stop()
+default_name = f"{Path(model_id).name}-{criterion}-keep{keep}"
+name = st.text_input("Export name (under cache/exports/)", value=default_name, key="pr_name")
+force = st.checkbox("Replace an existing export of that name", key="pr_force")
+if st.button("Export and verify", type="primary", key="pr_export"):
+    out = Path(path).resolve().parent / "exports" / name
+    try:
+        with st.status(f"Exporting to {out} …", expanded=True) as status:
+            export_pruned(plan, model_id, out, force=force,
+                          progress=lambda done, total: status.write(f"shard {done}/{total} written"))
+            status.write("export written; verifying against the masked original …")
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(out)
+            except (OSError, ValueError, TypeError):
+                tokenizer = None
+            sequences, notes = evaluation_sequences(path, plan, tokenizer)
+            for note in notes:
+                status.write(note)
+            st.session_state["pr_result"] = verify_export(out, sequences)
+            status.update(label=f"Exported and verified: {out}", state="complete")
+    except MoeVizError as exc:
+        st.error(str(exc))
+
+result = st.session_state.get("pr_result")
+if result:
+    delta = result["max_abs_logit_delta_vs_masked"]
+    (st.success if result["passed"] else st.error)(
+        f"{result['export']}: max |logit Δ| vs masked original = {delta:.3g} "
+        f"({'exact' if result['exact'] else 'not exact'}, {result['dtype']}); "
+        f"load {'clean' if not result['load_problems'] else 'problems: ' + '; '.join(result['load_problems'])}")
+    rows = [{"domain": d, "tokens": v["tokens"], "ppl original": v["ppl_original"], "ppl pruned": v["ppl_pruned"],
+             "KL": v["kl_mean"], "top-1 agreement": v["top1_agreement"],
+             "first divergence": ", ".join("-" if g["first_divergence"] is None else str(g["first_divergence"]) for g in v["generation"])}
+            for d, v in result["domains"].items()]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="prune_verify_table")

@@ -1,0 +1,58 @@
+"""Saliency rankings: experts of a layer ranked by a criterion, and how much criteria agree."""
+
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from moe_viz import analysis, criteria
+from moe_viz.ui.common import CHART_HEIGHT, COLOR_DIVERGING, domain_run_ids, expert_stats, layer_stats, pick_model_runs
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def agreement(stats, names: tuple[str, ...], k: int):
+    return analysis.criteria_agreement(stats, list(names), k)
+
+
+st.title("Saliency rankings")
+model_runs = pick_model_runs()
+run_ids = domain_run_ids(model_runs)
+c1, c2, c3, c4 = st.columns(4)
+domain = c1.selectbox("Domain", list(run_ids), key="rk_domain")
+stats = expert_stats([run_ids[domain]])
+layers = layer_stats([run_ids[domain]])
+layer = c2.selectbox("Layer", sorted(stats.layer.unique()), key="rk_layer")
+criterion = c3.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="rk_criterion")
+sparsity = c4.slider("Sparsity (fraction dropped)", 0.0, 0.95, 0.5, 0.05, key="rk_sparsity")
+
+ranked = criteria.rank(criteria.score(stats[stats.layer == layer], criterion)).sort_values("rank")
+num_experts = len(ranked)
+keep = num_experts - round(sparsity * num_experts)
+ranked["status"] = ["kept" if r < keep else "dropped" for r in ranked["rank"]]
+figure = px.bar(ranked, x=ranked.expert.astype(str), y="score", color="status",
+                color_discrete_map={"kept": "#2a9d8f", "dropped": "#e76f51"},
+                category_orders={"x": ranked.expert.astype(str).tolist()},
+                title=f"Layer {layer}, {domain}: experts by {criterion} (keep {keep} of {num_experts})",
+                labels={"x": "expert (best first)", "score": f"{criterion} score"})
+figure.update_layout(height=CHART_HEIGHT)
+st.plotly_chart(figure, key="ranking_bars")
+st.dataframe(ranked[["rank", "expert", "score", "routed", "status"]], hide_index=True, key="ranking_table")
+
+st.subheader("Criteria agreement")
+top_k = int(layers.top_k.max())
+names = tuple(c for c in criteria.CRITERIA if c != "random")
+k = st.slider("k for top-k overlap", 1, num_experts, max(1, keep), key="rk_agree_k")
+table = agreement(stats, names, k)
+overall = table.groupby(["criterion_a", "criterion_b"], as_index=False)[["spearman", "topk_overlap"]].mean()
+matrix = overall.pivot(index="criterion_a", columns="criterion_b", values="spearman").reindex(index=names, columns=names)
+for name in names:
+    matrix.loc[name, name] = 1.0
+matrix = matrix.combine_first(matrix.T)
+heat = go.Figure(go.Heatmap(z=matrix.to_numpy(), x=list(names), y=list(names), zmin=-1, zmax=1, zmid=0,
+                            colorscale=COLOR_DIVERGING, text=matrix.round(2).to_numpy(), texttemplate="%{text}",
+                            hovertemplate="%{y} vs %{x}<br>Spearman %{z:.3f}<extra></extra>",
+                            colorbar=dict(title="Spearman ρ")))
+heat.update_layout(title=f"Rank correlation between criteria, mean over layers ({domain})", height=CHART_HEIGHT,
+                   xaxis_title="criterion", yaxis_title="criterion")
+st.plotly_chart(heat, key="agreement_matrix")
+st.caption(f"Per layer {layer}: Spearman ρ of the rankings and top-{k} overlap |A∩B|/k.")
+st.dataframe(table[table.layer == layer].drop(columns="layer"), hide_index=True, key="agreement_table")
