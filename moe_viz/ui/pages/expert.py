@@ -24,7 +24,7 @@ st.plotly_chart(share, key="expert_share")
 ranks = profile.set_index("domain")[[f"rank:{c}" for c in criteria.CRITERIA if c != "random"]]
 ranks.columns = [c.removeprefix("rank:") for c in ranks.columns]
 st.subheader("Rank under each criterion (0 = most important)")
-st.dataframe(ranks, key="expert_ranks")
+st.dataframe(ranks)
 
 st.subheader("Co-activation partners")
 domain = st.selectbox("Domain", list(run_ids), key="ex_domain")
@@ -37,4 +37,4 @@ else:
                   title=f"Top partners of expert {expert} on {domain}: P(partner also routed | expert routed)",
                   labels={"x": "partner expert", "p_given_expert": "probability"})
     st.plotly_chart(bars, key="expert_partners")
-    st.dataframe(partners, hide_index=True, key="partners_table")
+    st.dataframe(partners, hide_index=True)

@@ -26,4 +26,4 @@ never = px.bar(health, x="layer", y="never_routed", color="domain", barmode="gro
                title="Experts never routed on the calibration data", labels=labels)
 never.update_xaxes(type="category")
 st.plotly_chart(never, key="health_never")
-st.dataframe(health, hide_index=True, key="health_table")
+st.dataframe(health, hide_index=True)

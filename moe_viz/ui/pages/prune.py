@@ -81,7 +81,7 @@ bars = px.bar(summary.melt(id_vars="domain", var_name="measure", value_name="sha
               labels={"share": "fraction of the domain's total", "domain": "calibration domain"})
 bars.update_layout(yaxis_range=[0, 1])
 st.plotly_chart(bars, key="prune_lost")
-st.dataframe(summary, hide_index=True, key="prune_lost_table")
+st.dataframe(summary, hide_index=True)
 
 if config is not None:
     size = size_summary(plan, config)
@@ -133,4 +133,4 @@ if result:
              "KL": v["kl_mean"], "top-1 agreement": v["top1_agreement"],
              "first divergence": ", ".join("-" if g["first_divergence"] is None else str(g["first_divergence"]) for g in v["generation"])}
             for d, v in result["domains"].items()]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="prune_verify_table")
+    st.dataframe(pd.DataFrame(rows), hide_index=True)

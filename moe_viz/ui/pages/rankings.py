@@ -28,14 +28,15 @@ ranked = criteria.rank(criteria.score(stats[stats.layer == layer], criterion)).s
 num_experts = len(ranked)
 keep = num_experts - round(sparsity * num_experts)
 ranked["status"] = ["kept" if r < keep else "dropped" for r in ranked["rank"]]
-figure = px.bar(ranked, x=ranked.expert.astype(str), y="score", color="status",
+ranked["expert_label"] = ranked.expert.astype(str)
+figure = px.bar(ranked, x="expert_label", y="score", color="status",
                 color_discrete_map={"kept": "#2a9d8f", "dropped": "#e76f51"},
-                category_orders={"x": ranked.expert.astype(str).tolist()},
+                category_orders={"expert_label": ranked.expert_label.tolist(), "status": ["kept", "dropped"]},
                 title=f"Layer {layer}, {domain}: experts by {criterion} (keep {keep} of {num_experts})",
-                labels={"x": "expert (best first)", "score": f"{criterion} score"})
+                labels={"expert_label": "expert (best first)", "score": f"{criterion} score"})
 figure.update_layout(height=CHART_HEIGHT)
 st.plotly_chart(figure, key="ranking_bars")
-st.dataframe(ranked[["rank", "expert", "score", "routed", "status"]], hide_index=True, key="ranking_table")
+st.dataframe(ranked[["rank", "expert", "score", "routed", "status"]], hide_index=True)
 
 st.subheader("Criteria agreement")
 top_k = int(layers.top_k.max())
@@ -55,4 +56,4 @@ heat.update_layout(title=f"Rank correlation between criteria, mean over layers (
                    xaxis_title="criterion", yaxis_title="criterion")
 st.plotly_chart(heat, key="agreement_matrix")
 st.caption(f"Per layer {layer}: Spearman ρ of the rankings and top-{k} overlap |A∩B|/k.")
-st.dataframe(table[table.layer == layer].drop(columns="layer"), hide_index=True, key="agreement_table")
+st.dataframe(table[table.layer == layer].drop(columns="layer"), hide_index=True)

@@ -19,7 +19,7 @@ if table is not None:
     else:
         st.dataframe(
             table[["domain", "model_id", "status", "tokens", "sequences", "started_at", "finished_at", "error", "run_id"]],
-            hide_index=True, key="runs_table",
+            hide_index=True,
             column_config={"tokens": st.column_config.NumberColumn("tokens", format="%d")},
         )
 

@@ -1,0 +1,90 @@
+"""The real dashboard in headless Chromium: every page renders its main chart with no exception.
+
+Screenshots land in test-artifacts/ (git-ignored). Needs Debian's `chromium`
+(installed by .ci/run) and the `playwright` Python package.
+"""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from moe_viz.cli import main
+from tiny_models import SAMPLE_TEXT, save_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+PAGES = {  # url path -> what the page's main content is
+    "": "stPlotlyChart",
+    "overlap": "stPlotlyChart",
+    "rankings": "stPlotlyChart",
+    "expert": "stPlotlyChart",
+    "health": "stPlotlyChart",
+    "prune": "stPlotlyChart",
+    "runs": "stDataFrame",
+}
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    model_dir = save_tiny_model(root / "model")
+    for name in ("code", "prose"):
+        (root / f"{name}.txt").write_text(SAMPLE_TEXT * (20 if name == "code" else 35))
+    store_path = root / "store.duckdb"
+    assert main(["capture", "--model", str(model_dir), "--domain", f"code={root / 'code.txt'}",
+                 "--domain", f"prose={root / 'prose.txt'}", "--store", str(store_path), "--seq-len", "64"]) == 0
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--", "--store", str(store_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail("streamlit did not start: " + process.stderr.read().decode()[-2000:])
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_every_page_renders_in_chromium(server):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is required (apt-get install chromium; .ci/run does it)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        for path, main_element in PAGES.items():
+            page.goto(f"{server}/{path}")
+            page.wait_for_selector(f'[data-testid="{main_element}"]', timeout=60_000)
+            page.wait_for_load_state("networkidle")
+            name = path or "heatmaps"
+            page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+            assert page.locator('[data-testid="stException"]').count() == 0, f"exception on {name}"
+            if main_element == "stPlotlyChart":
+                assert page.locator(".js-plotly-plot .main-svg").count() > 0, f"chart not drawn on {name}"
+        browser.close()
