@@ -41,11 +41,8 @@ def metric_values(stats: pd.DataFrame, layers: pd.DataFrame, metric: str) -> pd.
     if metric in STATISTICS:
         merged = _per_layer_tokens(stats, layers)
         return merged[["domain", "layer", "expert"]].assign(value=STATISTICS[metric][1](merged).to_numpy())
-    frames = []
-    for (domain, run_id), group in stats.groupby(["domain", "run_id"], sort=False):
-        scored = criteria.score(group, metric)
-        frames.append(scored[["layer", "expert"]].assign(domain=domain, value=scored.score.to_numpy()))
-    return pd.concat(frames, ignore_index=True)[["domain", "layer", "expert", "value"]]
+    scored = criteria.score(stats, metric)
+    return scored[["domain", "layer", "expert"]].assign(value=scored.score.to_numpy())
 
 
 def metric_matrix(values: pd.DataFrame, domain: str) -> pd.DataFrame:
@@ -66,37 +63,53 @@ def router_health(stats: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
     return out[["domain", "layer", "load_imbalance", "entropy_mean", "entropy_normalised", "never_routed", "num_experts"]]
 
 
+def _rank_cube(stats: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Ranks of one run as an array (criterion, layer, expert)."""
+    cube = []
+    for name in names:
+        ranked = criteria.rank(criteria.score(stats, name))
+        cube.append(ranked.pivot(index="layer", columns="expert", values="rank").to_numpy(float))
+    layers = sorted(int(l) for l in stats.layer.unique())
+    return np.stack(cube), layers
+
+
 def criteria_agreement(stats: pd.DataFrame, names: list[str], k: int) -> pd.DataFrame:
-    """Per layer and criteria pair: Spearman rank correlation and top-k overlap |A∩B|/k (one domain)."""
-    scored = {n: criteria.rank(criteria.score(stats, n)).set_index(["layer", "expert"])["rank"] for n in names}
+    """Per layer and criteria pair: Spearman rank correlation and top-k overlap |A∩B|/k (one run).
+
+    Ranks are permutations of 0..E-1, so Spearman's ρ is the Pearson correlation of the ranks.
+    """
+    ranks, layers = _rank_cube(stats, names)
+    centred = ranks - ranks.mean(axis=-1, keepdims=True)
+    z = centred / np.sqrt((centred ** 2).mean(axis=-1, keepdims=True))
+    rho = np.clip(np.einsum("ale,ble->abl", z, z) / ranks.shape[-1], -1.0, 1.0)
+    top = (ranks < k).astype(float)
+    overlap = np.einsum("ale,ble->abl", top, top) / k
     rows = []
-    for layer in sorted(stats.layer.unique()):
-        ranks = {n: s.xs(layer, level="layer") for n, s in scored.items()}
-        for a, b in itertools.combinations(names, 2):
-            ra, rb = ranks[a].to_numpy(float), ranks[b].to_numpy(float)
-            rho = float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else 1.0
-            top_a, top_b = set(ranks[a][ranks[a] < k].index), set(ranks[b][ranks[b] < k].index)
-            rows.append({"layer": layer, "criterion_a": a, "criterion_b": b, "spearman": rho,
-                         "topk_overlap": len(top_a & top_b) / k})
-    return pd.DataFrame(rows)
+    for a, b in itertools.combinations(range(len(names)), 2):
+        for i, layer in enumerate(layers):
+            rows.append({"layer": layer, "criterion_a": names[a], "criterion_b": names[b],
+                         "spearman": float(rho[a, b, i]), "topk_overlap": float(overlap[a, b, i])})
+    return pd.DataFrame(rows).sort_values(["layer", "criterion_a", "criterion_b"], kind="stable").reset_index(drop=True)
 
 
 def expert_profile(stats: pd.DataFrame, layers: pd.DataFrame, layer: int, expert: int) -> pd.DataFrame:
     """One expert across domains: its statistics, and its rank (0 = best) under each criterion."""
-    rows = []
-    merged = _per_layer_tokens(stats[stats.layer == layer], layers)
-    for domain, group in merged.groupby("domain"):
-        row = group[group.expert == expert].iloc[0]
-        entry = {"domain": domain, "routed_tokens": int(row.routed_tokens),
-                 "frequency_share": float(STATISTICS["frequency_share"][1](row.to_frame().T).iloc[0])}
-        for name in criteria.CRITERIA:
-            if name == "random":
-                continue
-            ranked = criteria.rank(criteria.score(group, name)).set_index("expert")
-            entry[f"score:{name}"] = float(ranked.loc[expert, "score"])
-            entry[f"rank:{name}"] = int(ranked.loc[expert, "rank"])
-        rows.append(entry)
-    return pd.DataFrame(rows)
+    in_layer = stats[stats.layer == layer]
+    merged = _per_layer_tokens(in_layer, layers)
+    mine = merged[merged.expert == expert].set_index("run_id")
+    profile = pd.DataFrame({
+        "domain": mine.domain.astype(str).to_numpy(),
+        "routed_tokens": mine.routed_tokens.astype(int).to_numpy(),
+        "frequency_share": STATISTICS["frequency_share"][1](mine).to_numpy(),
+    }, index=mine.index)
+    for name in criteria.CRITERIA:
+        if name == "random":
+            continue
+        ranked = criteria.rank(criteria.score(in_layer, name))
+        row = ranked[ranked.expert == expert].set_index("run_id")
+        profile[f"score:{name}"] = row.score
+        profile[f"rank:{name}"] = row["rank"].astype(int)
+    return profile.sort_values("domain").reset_index(drop=True)
 
 
 def coactivation_partners(pairs: pd.DataFrame, stats_row_routed: int, expert: int) -> pd.DataFrame:

@@ -16,13 +16,18 @@ import pandas as pd
 from .models import MoeVizError
 
 
+def group_keys(frame: pd.DataFrame) -> list[str]:
+    """Rankings are per layer, and per run when a frame holds several runs."""
+    return (["run_id"] if "run_id" in frame.columns else []) + ["layer"]
+
+
 def _per_routed(numerator: pd.Series, stats: pd.DataFrame) -> pd.Series:
     routed = stats["routed_tokens"].astype(float)
     return (numerator / routed.where(routed > 0)).fillna(0.0)
 
 
 def _nllb(stats: pd.DataFrame) -> pd.Series:
-    tokens = stats.groupby("layer")["top1_tokens"].transform("sum").astype(float)
+    tokens = stats.groupby(group_keys(stats), observed=True)["top1_tokens"].transform("sum").astype(float)
     share = (stats["top1_tokens"] / tokens.where(tokens > 0)).fillna(0.0)
     top1 = stats["top1_tokens"].astype(float)
     mean_top1_prob = (stats["top1_prob_sum"] / top1.where(top1 > 0)).fillna(0.0)
@@ -56,14 +61,14 @@ def check_criterion(name: str) -> None:
 
 
 def score(stats: pd.DataFrame, criterion: str, seed: int = 0) -> pd.DataFrame:
-    """Columns layer, expert, routed (bool), score for one run's expert_stats rows."""
+    """Columns [domain, run_id,] layer, expert, routed (bool), score for expert_stats rows of one or more runs."""
     check_criterion(criterion)
-    stats = stats.sort_values(["layer", "expert"]).reset_index(drop=True)
+    stats = stats.sort_values(group_keys(stats) + ["expert"]).reset_index(drop=True)
     values = CRITERIA[criterion][1](stats, seed)
-    return pd.DataFrame(
-        {"layer": stats["layer"], "expert": stats["expert"], "routed": stats["routed_tokens"] > 0,
-         "score": values.astype(float).to_numpy()}
-    )
+    out = stats[[c for c in ("domain", "run_id", "layer", "expert") if c in stats.columns]].copy()
+    out["routed"] = (stats["routed_tokens"] > 0).to_numpy()
+    out["score"] = values.astype(float).to_numpy()
+    return out
 
 
 def normalise_per_layer(scores: pd.DataFrame) -> pd.Series:
@@ -89,7 +94,8 @@ def mixed_scores(per_domain: dict[str, pd.DataFrame], weights: dict[str, float])
 
 
 def rank(scores: pd.DataFrame) -> pd.DataFrame:
-    """Add `rank` (0 = most important) within each layer, by the one ranking rule."""
-    ordered = scores.sort_values(["layer", "routed", "score", "expert"], ascending=[True, False, False, True])
-    ordered = ordered.assign(rank=ordered.groupby("layer").cumcount())
-    return ordered.sort_values(["layer", "expert"]).reset_index(drop=True)
+    """Add `rank` (0 = most important) within each layer (and run), by the one ranking rule."""
+    keys = group_keys(scores)
+    ordered = scores.sort_values(keys + ["routed", "score", "expert"], ascending=[True] * len(keys) + [False, False, True])
+    ordered = ordered.assign(rank=ordered.groupby(keys, observed=True).cumcount())
+    return ordered.sort_values(keys + ["expert"]).reset_index(drop=True)

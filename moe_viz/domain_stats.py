@@ -25,14 +25,14 @@ def mutual_information(stats: pd.DataFrame) -> pd.Series:
     p(e | d) is the domain's routed share; p(d) = 1/|D|; p(e) = mean_d p(e | d).
     """
     shares = domain_shares(stats)
-    out = {}
-    for layer, group in shares.groupby("layer"):
-        table = group.pivot(index="domain", columns="expert", values="share").to_numpy()
-        marginal = table.mean(axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(table > 0, table * np.log(table / marginal), 0.0)
-        out[layer] = terms.sum() / table.shape[0]
-    return pd.Series(out, name="mutual_information")
+    cube = shares.pivot_table(index="layer", columns=["domain", "expert"], values="share", observed=True).fillna(0.0)
+    layers = cube.index
+    domains = cube.columns.get_level_values(0).unique()
+    table = cube.to_numpy().reshape(len(layers), len(domains), -1)  # (layer, domain, expert)
+    marginal = table.mean(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(table > 0, table * np.log(table / marginal), 0.0)
+    return pd.Series(terms.sum(axis=(1, 2)) / len(domains), index=layers, name="mutual_information")
 
 
 def specific_experts(stats: pd.DataFrame, domain: str, count: int) -> dict[int, list[int]]:
@@ -49,19 +49,27 @@ def specific_experts(stats: pd.DataFrame, domain: str, count: int) -> dict[int, 
 def topk_jaccard(scores: pd.DataFrame, k: int) -> pd.DataFrame:
     """Jaccard overlap of each domain pair's top-k expert sets per layer.
 
-    `scores`: columns domain, layer, expert, score (higher = more important).
-    Returns columns layer, domain_a, domain_b, jaccard.
+    `scores`: columns domain, layer, expert, score (higher = more important;
+    ties to the lower expert index). Returns columns layer, domain_a, domain_b, jaccard.
     """
-    ranked = scores.sort_values(["domain", "layer", "score", "expert"], ascending=[True, True, False, True])
-    top = {(d, l): set(g.expert.head(k)) for (d, l), g in ranked.groupby(["domain", "layer"])}
-    domains = sorted(scores.domain.unique())
+    domains = sorted(scores.domain.astype(str).unique())
+    layers = sorted(int(l) for l in scores.layer.unique())
+    experts = int(scores.expert.max()) + 1
+    ranked = scores.assign(domain=scores.domain.astype(str)).sort_values(
+        ["domain", "layer", "score", "expert"], ascending=[True, True, False, True])
+    top = ranked.groupby(["domain", "layer"], observed=True).head(k)
+    member = np.zeros((len(domains), len(layers), experts), dtype=np.int32)
+    member[top.domain.map({d: i for i, d in enumerate(domains)}).to_numpy(),
+           top.layer.map({l: i for i, l in enumerate(layers)}).to_numpy(), top.expert.to_numpy()] = 1
+    inter = np.einsum("ale,ble->abl", member, member)
+    sizes = member.sum(axis=-1)
     rows = []
-    for layer in sorted(scores.layer.unique()):
-        for a, b in itertools.combinations(domains, 2):
-            sa, sb = top.get((a, layer), set()), top.get((b, layer), set())
-            union = sa | sb
-            rows.append({"layer": layer, "domain_a": a, "domain_b": b, "jaccard": len(sa & sb) / len(union) if union else 0.0})
-    return pd.DataFrame(rows)
+    for a, b in itertools.combinations(range(len(domains)), 2):
+        union = sizes[a] + sizes[b] - inter[a, b]
+        values = np.where(union > 0, inter[a, b] / np.maximum(union, 1), 0.0)
+        rows.extend({"layer": layers[i], "domain_a": domains[a], "domain_b": domains[b], "jaccard": float(v)}
+                    for i, v in enumerate(values))
+    return pd.DataFrame(rows).sort_values(["layer", "domain_a", "domain_b"], kind="stable").reset_index(drop=True)
 
 
 def random_jaccard(num_experts: int, k: int) -> float:

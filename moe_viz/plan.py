@@ -150,19 +150,23 @@ def _check_keep(keep: int, num_experts: int, constraints: RouterConstraints) -> 
     )
 
 
-def _select_uniform(ranked: pd.DataFrame, keep: int, constraints: RouterConstraints, protected: list[int]) -> list[int]:
-    num_experts = len(ranked)
+def _select_uniform(ranked: pd.DataFrame, keep: int, constraints: RouterConstraints,
+                    protected: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Per layer (and per contiguous group for group-limited routers): protected first, then best rank."""
+    num_experts = int(ranked.expert.max()) + 1
     groups = constraints.n_group if constraints.n_group > 1 else 1
-    size = num_experts // groups
     per_group = keep // groups
-    kept: list[int] = []
-    for g in range(groups):
-        block = ranked[(ranked.expert >= g * size) & (ranked.expert < (g + 1) * size)]
-        block = block.assign(protected=block.expert.isin(protected)).sort_values(["protected", "rank"], ascending=[False, True])
-        if block.protected.sum() > per_group:
-            raise MoeVizError(f"{int(block.protected.sum())} protected experts in one group but only {per_group} kept per group")
-        kept.extend(block.expert.head(per_group).tolist())
-    return sorted(int(e) for e in kept)
+    pinned = {(layer, e) for layer, experts in protected.items() for e in experts}
+    ranked = ranked.assign(
+        group=ranked.expert // (num_experts // groups),
+        protected=[(l, e) in pinned for l, e in zip(ranked.layer, ranked.expert)],
+    )
+    crowded = ranked.groupby(["layer", "group"]).protected.sum()
+    if (crowded > per_group).any():
+        raise MoeVizError(f"{int(crowded.max())} protected experts in one layer/group but only {per_group} are kept there")
+    chosen = ranked.sort_values(["layer", "group", "protected", "rank"], ascending=[True, True, False, True])
+    chosen = chosen.groupby(["layer", "group"]).head(per_group)
+    return {int(layer): sorted(int(e) for e in g.expert) for layer, g in chosen.groupby("layer")}
 
 
 def _select_global(ranked: pd.DataFrame, total_keep: int, constraints: RouterConstraints,
@@ -208,7 +212,8 @@ def build_plan(
     num_experts = {int(r.layer): int(r.num_experts) for r in layer_rows.drop_duplicates("layer").itertuples()}
     if len(set(num_experts.values())) != 1 and scope == "uniform":
         raise MoeVizError("layers have different expert counts: use --scope global")
-    per_domain = {d: criteria.score(stats[stats.run_id == run_ids[d]], criterion, seed) for d in domains}
+    scored = criteria.score(stats, criterion, seed)
+    per_domain = {d: scored[scored.run_id == run_ids[d]].drop(columns=["domain", "run_id"]) for d in domains}
     ranked = criteria.rank(criteria.mixed_scores(per_domain, domains))
     E = next(iter(num_experts.values()))
     total = sum(num_experts.values())
@@ -216,10 +221,7 @@ def build_plan(
     if scope == "uniform":
         keep = _keep_from_sparsity(sparsity, E) if keep is None else keep
         _check_keep(keep, E, constraints)
-        kept = {
-            layer: _select_uniform(ranked[ranked.layer == layer], keep, constraints, protected.get(layer, []))
-            for layer in sorted(num_experts)
-        }
+        kept = _select_uniform(ranked, keep, constraints, protected)
     else:
         total_keep = total - round(sparsity * total) if keep is None else keep * len(num_experts)
         if sparsity is not None and not 0 <= sparsity < 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from moe_viz import analysis, store
+from moe_viz import analysis, domain_stats, store
 from moe_viz.models import MoeVizError
 
 COLOR_SEQUENTIAL = "Viridis"
@@ -59,6 +59,27 @@ def _metric_values(path: str, stamp: float, run_ids: tuple[str, ...], metric: st
     stats = store.expert_stats(path, list(run_ids))
     layers = store.layer_stats(path, list(run_ids))
     return analysis.metric_values(stats, layers, metric)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _overlap(path: str, stamp: float, run_ids: tuple[str, ...], criterion: str, k: int) -> pd.DataFrame:
+    scores = _metric_values(path, stamp, run_ids, criterion).rename(columns={"value": "score"})
+    return domain_stats.topk_jaccard(scores, k)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _mutual_information(path: str, stamp: float, run_ids: tuple[str, ...]) -> pd.Series:
+    return domain_stats.mutual_information(_expert_stats(path, stamp, run_ids))
+
+
+def overlap(run_ids, criterion: str, k: int) -> pd.DataFrame:
+    path = store_path()
+    return _overlap(path, _stamp(path), tuple(run_ids), criterion, int(k))
+
+
+def mutual_information(run_ids) -> pd.Series:
+    path = store_path()
+    return _mutual_information(path, _stamp(path), tuple(run_ids))
 
 
 def runs() -> pd.DataFrame:

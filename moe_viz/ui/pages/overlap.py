@@ -6,8 +6,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz import criteria, domain_stats
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, domain_run_ids, expert_stats, layer_stats,
-                               metric_values, pick_model_runs)
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, domain_run_ids, layer_stats, mutual_information,
+                               overlap, pick_model_runs)
 
 st.title("Domain overlap")
 model_runs = pick_model_runs()
@@ -22,8 +22,7 @@ top_k = int(layers.top_k.max())
 c1, c2 = st.columns(2)
 criterion = c1.selectbox("Criterion", [c for c in criteria.CRITERIA if c != "random"], key="ov_criterion")
 k = c2.slider("k (experts per domain set)", 1, num_experts, min(max(top_k, 2), num_experts), key="ov_k")
-scores = metric_values(run_ids.values(), criterion).rename(columns={"value": "score"})
-jaccard = domain_stats.topk_jaccard(scores, k)
+jaccard = overlap(run_ids.values(), criterion, k)
 jaccard["pair"] = jaccard.domain_a + " / " + jaccard.domain_b
 reference = domain_stats.random_jaccard(num_experts, k)
 
@@ -52,7 +51,7 @@ st.plotly_chart(heat, key="overlap_matrix")
 st.subheader("Does expert choice depend on the domain?")
 st.caption("Top-k overlap is a weak signal on its own: busy generalist experts sit in every domain's top-k. "
            "Mutual information between domain and routed expert measures the dependence directly.")
-mi = domain_stats.mutual_information(expert_stats(run_ids.values())).rename_axis("layer").reset_index()
+mi = mutual_information(run_ids.values()).rename_axis("layer").reset_index()
 mi_figure = px.bar(mi, x="layer", y="mutual_information", title="Mutual information I(domain; expert) per layer",
                    labels={"layer": "MoE layer (decoder index)", "mutual_information": "nats"})
 mi_figure.update_layout(height=360)

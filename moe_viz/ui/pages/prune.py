@@ -19,8 +19,8 @@ from moe_viz.verify import evaluation_sequences, verify_export
 def model_config(model_id: str):
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(model_id)
+    try:  # never reach for the network from a page: a hub id without a local copy just has no config
+        return AutoConfig.from_pretrained(model_id, local_files_only=True)
     except (OSError, ValueError):
         return None
 

@@ -1,0 +1,151 @@
+"""Dashboard data queries on a synthetic big store: 94 layers x 512 experts x 10 domains.
+
+    python bench/dashboard.py [--store /tmp/moe_viz_big.duckdb] [--browser]
+
+Times each view's store query (what a page asks DuckDB for) and the analysis
+computed from it, median of 5 runs, and with --browser the page changes in
+headless Chromium (time from navigation until the page's main chart is drawn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moe_viz import analysis, criteria, domain_stats, store
+from moe_viz.plan import build_plan, preview
+
+LAYERS, EXPERTS, DOMAINS, TOP_K = 94, 512, 10, 8
+
+
+def build_store(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    layer_index = np.repeat(np.arange(LAYERS), EXPERTS)
+    expert_index = np.tile(np.arange(EXPERTS), LAYERS)
+    for d in range(DOMAINS):
+        routed = rng.poisson(rng.gamma(0.6, 400, size=LAYERS * EXPERTS)).astype("int64")
+        experts = pd.DataFrame({
+            "layer": layer_index, "expert": expert_index, "routed_tokens": routed, "top1_tokens": routed // 3,
+            "top1_prob_sum": routed * 0.2, "gate_sum": routed * 0.15, "prob_sum": routed * 0.12 + 1.0,
+            "ean_sum": routed * rng.uniform(1, 5, routed.size), "ean_sq_sum": routed * 9.0, "ean_max": rng.uniform(3, 9, routed.size),
+            "reap_sum": routed * rng.uniform(0.1, 1, routed.size), "contribution_sum": routed * 0.05,
+        })
+        layers = pd.DataFrame({"layer": np.arange(LAYERS), "module": [f"model.layers.{l}.mlp" for l in range(LAYERS)],
+                               "tokens": 200_000, "num_experts": EXPERTS, "top_k": TOP_K, "router_score": "softmax",
+                               "entropy_mean": rng.uniform(3, 6, LAYERS)})
+        a = rng.integers(0, EXPERTS, 200_000)
+        b = rng.integers(0, EXPERTS, 200_000)
+        pairs = pd.DataFrame({"layer": rng.integers(0, LAYERS, a.size), "expert_a": np.minimum(a, b), "expert_b": np.maximum(a, b)})
+        pairs = pairs[pairs.expert_a < pairs.expert_b].groupby(["layer", "expert_a", "expert_b"], as_index=False).size()
+        pairs = pairs.rename(columns={"size": "tokens"}).astype({"layer": "int32", "expert_a": "int32", "expert_b": "int32"})
+        run_id = store.begin_run(path, model_id="synthetic-94x512", model_fingerprint="synthetic", model_type="qwen3_moe",
+                                 domain=f"domain{d}", source="synthetic", settings={}, tool_version="bench")
+        store.complete_run(path, run_id, expert_stats=experts, layer_stats=layers, coactivation=pairs,
+                           tokens=200_000, sequences=400)
+
+
+def timed(fn, reps: int = 5) -> float:
+    values = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        values.append(time.perf_counter() - start)
+    return statistics.median(values) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default="/tmp/moe_viz_big.duckdb")
+    parser.add_argument("--browser", action="store_true")
+    args = parser.parse_args()
+    path = Path(args.store)
+    if not path.exists():
+        build_store(path)
+    runs = store.list_runs(path)
+    ids = runs.run_id.tolist()
+    one = ids[:1]
+    stats_all = store.expert_stats(path, ids)
+    layers_all = store.layer_stats(path, ids)
+    stats_one = stats_all[stats_all.run_id == one[0]]
+    rows = [
+        ("runs list", timed(lambda: store.list_runs(path)), None),
+        ("expert_stats, 1 domain", timed(lambda: store.expert_stats(path, one)),
+         ("heatmap matrix", timed(lambda: analysis.metric_matrix(analysis.metric_values(stats_one, layers_all, "reap"), "domain0")))),
+        ("expert_stats, 2 domains (difference)", timed(lambda: store.expert_stats(path, ids[:2])), None),
+        ("expert_stats, 10 domains", timed(lambda: store.expert_stats(path, ids)),
+         ("top-k Jaccard, 10 domains", timed(lambda: domain_stats.topk_jaccard(
+             analysis.metric_values(stats_all, layers_all, "frequency").rename(columns={"value": "score"}), 8)))),
+        ("layer_stats, 10 domains", timed(lambda: store.layer_stats(path, ids)),
+         ("router health, 10 domains", timed(lambda: analysis.router_health(stats_all, layers_all)))),
+        ("co-activation, 1 layer", timed(lambda: store.coactivation(path, one[0], 40)),
+         ("expert profile, 10 domains", timed(lambda: analysis.expert_profile(stats_all, layers_all, 40, 7)))),
+        ("ranking, 1 layer", timed(lambda: criteria.rank(criteria.score(stats_one[stats_one.layer == 40], "reap"))), None),
+        ("criteria agreement, 94 layers", timed(lambda: analysis.criteria_agreement(
+            stats_one, [c for c in criteria.CRITERIA if c != "random"], 64), reps=1), None),
+        ("prune plan (2-domain mix) + preview", timed(lambda: preview(build_plan(
+            path, "synthetic-94x512", "reap", {"domain0": 1.0, "domain1": 0.5}, keep=256), path), reps=3), None),
+    ]
+    print(f"store: {LAYERS} layers x {EXPERTS} experts x {DOMAINS} domains ({len(stats_all):,} expert rows), median ms")
+    for name, ms, derived in rows:
+        print(f"  {name:<40} {ms:8.1f} ms" + (f"   | {derived[0]:<28} {derived[1]:8.1f} ms" if derived else ""))
+    if args.browser:
+        browser_timings(path)
+
+
+def browser_timings(path: Path) -> None:
+    import shutil
+    import socket
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(root / "app.py"), "--server.address",
+                               "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+                               "--browser.gatherUsageStats", "false", "--", "--store", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.3)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=flags)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)
+            print("page change in Chromium (click in the sidebar until the main chart is drawn), first visit / second visit:")
+            for title in ["Domain overlap", "Saliency rankings", "Expert detail", "Router health", "Prune & export", "Heatmaps"]:
+                times = []
+                for _ in range(2):
+                    page.get_by_role("link", name=title).click()
+                    start = time.perf_counter()
+                    page.wait_for_function(
+                        "t => document.querySelector('h1') && document.querySelector('h1').innerText.length > 0"
+                        " && !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+                        " && document.querySelector('.js-plotly-plot .main-svg')", arg=title, timeout=120_000)
+                    times.append(time.perf_counter() - start)
+                    page.get_by_role("link", name="Runs").click()
+                    page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
+                print(f"  {title:<20} {times[0]:6.2f} s / {times[1]:6.2f} s")
+            browser.close()
+    finally:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    main()
