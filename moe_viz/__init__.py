@@ -1,9 +1,20 @@
 """moe_viz: analyse and prune the experts of Mixture-of-Experts language models.
 
-Public API (the CLI and the dashboard call only these):
+The flow, one module each (the CLI and the dashboard call only these):
 
-    from moe_viz.capture import capture, capture_model, CaptureSettings
-    from moe_viz import store   # DuckDB store: list_runs, expert_stats, ...
+    models      find MoE blocks in a Hugging Face model; load models
+    observe     watch real routing during forward passes (hooks)
+    capture     run calibration domains through a model into the store
+    sources     calibration sources (files, hf:, builtin:)
+    store       the DuckDB store: schema, migrations, queries
+    criteria    expert saliency criteria from stored statistics
+    plan        pruning plans, previews, sizes
+    export      pruned checkpoints (in memory or streaming)
+    masking     mask experts in a loaded model (the export's reference)
+    verify      check an export against its source
+    analysis    tables behind the dashboard's views
+    domain_stats  cross-domain measures (MI, Jaccard, ...)
+    demo        built-in domains and the shipped demo model
 """
 
 __version__ = "0.1.0"

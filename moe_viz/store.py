@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from .models import MoeVizError
@@ -157,10 +158,10 @@ def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, migrate: bool) -> 
         raise
 
 
-def settings_key(fingerprint: str, domain: str, source: str, settings: dict) -> str:
+def settings_key(model_id: str, fingerprint: str, domain: str, source: str, settings: dict) -> str:
     # Where a capture ran does not change what it measures, so it is not part of the key.
     keyed = {k: v for k, v in settings.items() if k != "device"}
-    payload = json.dumps([fingerprint, domain, source, keyed], sort_keys=True)
+    payload = json.dumps([model_id, fingerprint, domain, source, keyed], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -190,7 +191,7 @@ def begin_run(
                 domain,
                 source,
                 json.dumps(settings, sort_keys=True),
-                settings_key(model_fingerprint, domain, source, settings),
+                settings_key(model_id, model_fingerprint, domain, source, settings),
                 _now(),
                 tool_version,
             ],
@@ -296,9 +297,11 @@ def _rows_of_runs(path: str | Path, table: str, run_ids: list[str], order: str) 
             [run_ids, run_ids],
         ).df()
     codes = frame.pop("run_index").to_numpy()
+    names = [domains.get(r, "?") for r in run_ids]
+    unique = list(dict.fromkeys(names))  # two runs may share a domain (e.g. two models)
+    name_codes = np.array([unique.index(n) for n in names], dtype=np.int64)
     frame.insert(0, "run_id", pd.Categorical.from_codes(codes, categories=run_ids))
-    frame.insert(0, "domain", pd.Categorical.from_codes(codes, categories=[domains.get(r, "?") for r in run_ids])
-                 if len(set(domains.values())) == len(run_ids) else [domains.get(run_ids[c], "?") for c in codes])
+    frame.insert(0, "domain", pd.Categorical.from_codes(name_codes[codes] if len(codes) else codes, categories=unique))
     return frame
 
 

@@ -137,3 +137,14 @@ def test_reader_in_another_process_works_while_a_capture_runs(store_path, model_
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "running" in out and "complete" in out
+
+
+def test_runs_of_two_models_with_the_same_domain_read_back_together(store_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    docs = Documents(domain="code", source="inline", texts=[TEXT])
+    a = capture_model(model, tokenizer, "model-a", [docs], SETTINGS, store_path=store_path)[0]
+    b = capture_model(model, tokenizer, "model-b", [docs], SETTINGS, store_path=store_path)[0]
+    both = store.expert_stats(store_path, [a, b])
+    assert both.domain.astype(str).unique().tolist() == ["code"]
+    assert both.run_id.astype(str).value_counts().to_dict() == {a: 16, b: 16}
+    assert store.expert_stats(store_path, [b]).run_id.astype(str).unique().tolist() == [b]
