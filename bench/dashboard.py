@@ -74,27 +74,32 @@ def main() -> None:
     stats_all = store.expert_stats(path, ids)
     layers_all = store.layer_stats(path, ids)
     stats_one = stats_all[stats_all.run_id == one[0]]
-    rows = [
-        ("runs list", timed(lambda: store.list_runs(path)), None),
-        ("expert_stats, 1 domain", timed(lambda: store.expert_stats(path, one)),
+    reap_columns = analysis.metric_columns("reap")
+    rows = [  # (view: the store query it issues, ms, optional (computation on the result, ms))
+        ("runs list (every page)", timed(lambda: store.list_runs(path)), None),
+        ("heatmap: 1 domain, REAP columns", timed(lambda: store.expert_stats(path, one, reap_columns)),
          ("heatmap matrix", timed(lambda: analysis.metric_matrix(analysis.metric_values(stats_one, layers_all, "reap"), "domain0")))),
-        ("expert_stats, 2 domains (difference)", timed(lambda: store.expert_stats(path, ids[:2])), None),
-        ("expert_stats, 10 domains", timed(lambda: store.expert_stats(path, ids)),
+        ("difference heatmap: 2 domains", timed(lambda: store.expert_stats(path, ids[:2], reap_columns)), None),
+        ("overlap: 10 domains, frequency columns", timed(lambda: store.expert_stats(path, ids, analysis.metric_columns("frequency"))),
          ("top-k Jaccard, 10 domains", timed(lambda: domain_stats.topk_jaccard(
              analysis.metric_values(stats_all, layers_all, "frequency").rename(columns={"value": "score"}), 8)))),
-        ("layer_stats, 10 domains", timed(lambda: store.layer_stats(path, ids)),
+        ("overlap: 10 domains, REAP columns", timed(lambda: store.expert_stats(path, ids, reap_columns)),
+         ("mutual information, 10 domains", timed(lambda: domain_stats.mutual_information(stats_all)))),
+        ("health: layer_stats, 10 domains", timed(lambda: store.layer_stats(path, ids)),
          ("router health, 10 domains", timed(lambda: analysis.router_health(stats_all, layers_all)))),
-        ("co-activation, 1 layer", timed(lambda: store.coactivation(path, one[0], 40)),
+        ("expert detail: 10 domains, 1 layer", timed(lambda: store.expert_stats(path, ids, layer=40)),
          ("expert profile, 10 domains", timed(lambda: analysis.expert_profile(stats_all, layers_all, 40, 7)))),
-        ("ranking, 1 layer", timed(lambda: criteria.rank(criteria.score(stats_one[stats_one.layer == 40], "reap"))), None),
-        ("criteria agreement, 94 layers", timed(lambda: analysis.criteria_agreement(
-            stats_one, [c for c in criteria.CRITERIA if c != "random"], 64), reps=1), None),
-        ("prune plan (2-domain mix) + preview", timed(lambda: preview(build_plan(
+        ("expert detail: co-activation, 1 layer", timed(lambda: store.coactivation(path, one[0], 40)), None),
+        ("rankings: 1 domain, all columns", timed(lambda: store.expert_stats(path, one)),
+         ("criteria agreement, 94 layers", timed(lambda: analysis.criteria_agreement(
+             stats_one, [c for c in criteria.CRITERIA if c != "random"], 64), reps=3))),
+        ("all columns, 10 domains (no view asks this)", timed(lambda: store.expert_stats(path, ids)), None),
+        ("prune: plan (2-domain mix) + preview", timed(lambda: preview(build_plan(
             path, "synthetic-94x512", "reap", {"domain0": 1.0, "domain1": 0.5}, keep=256), path), reps=3), None),
     ]
     print(f"store: {LAYERS} layers x {EXPERTS} experts x {DOMAINS} domains ({len(stats_all):,} expert rows), median ms")
     for name, ms, derived in rows:
-        print(f"  {name:<40} {ms:8.1f} ms" + (f"   | {derived[0]:<28} {derived[1]:8.1f} ms" if derived else ""))
+        print(f"  {name:<46} {ms:7.1f} ms" + (f"   | {derived[0]:<30} {derived[1]:7.1f} ms" if derived else ""))
     if args.browser:
         browser_timings(path)
 

@@ -23,24 +23,31 @@ def _safe_div(a: pd.Series, b: pd.Series) -> pd.Series:
     return (a / b.where(b > 0)).fillna(0.0)
 
 
-# name -> (label with unit, function(stats with tokens/top_k columns) -> values)
+# name -> (label with unit, expert_stats column it reads, function(stats with tokens/top_k columns) -> values)
 STATISTICS = {
-    "frequency_share": ("routed-token share (fraction of the layer's k·T slots)",
+    "frequency_share": ("routed-token share (fraction of the layer's k·T slots)", "routed_tokens",
                         lambda s: _safe_div(s.routed_tokens, s.top_k * s.tokens)),
-    "top1_share": ("top-1 share (fraction of tokens)", lambda s: _safe_div(s.top1_tokens, s.tokens)),
-    "soft_count_mean": ("mean router score per token", lambda s: _safe_div(s.prob_sum, s.tokens)),
-    "gate_mass_mean": ("mean applied gate weight per token", lambda s: _safe_div(s.gate_sum, s.tokens)),
-    "ean_max": ("max ‖f_e(x)‖ over routed tokens", lambda s: s.ean_max),
+    "top1_share": ("top-1 share (fraction of tokens)", "top1_tokens", lambda s: _safe_div(s.top1_tokens, s.tokens)),
+    "soft_count_mean": ("mean router score per token", "prob_sum", lambda s: _safe_div(s.prob_sum, s.tokens)),
+    "gate_mass_mean": ("mean applied gate weight per token", "gate_sum", lambda s: _safe_div(s.gate_sum, s.tokens)),
+    "ean_max": ("max ‖f_e(x)‖ over routed tokens", "ean_max", lambda s: s.ean_max),
 }
 METRICS = {**{k: v[0] for k, v in STATISTICS.items()},
-           **{k: f"criterion: {v[0]}" for k, v in criteria.CRITERIA.items() if k != "random"}}
+           **{k: f"criterion: {v.description}" for k, v in criteria.CRITERIA.items() if k != "random"}}
+
+
+def metric_columns(metric: str) -> list[str]:
+    """The expert_stats columns a statistic or criterion reads (so views query only those)."""
+    if metric in STATISTICS:
+        return list(dict.fromkeys(["routed_tokens", STATISTICS[metric][1]]))
+    return criteria.columns_for([metric])
 
 
 def metric_values(stats: pd.DataFrame, layers: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Columns domain, layer, expert, value for a statistic or a criterion."""
     if metric in STATISTICS:
         merged = _per_layer_tokens(stats, layers)
-        return merged[["domain", "layer", "expert"]].assign(value=STATISTICS[metric][1](merged).to_numpy())
+        return merged[["domain", "layer", "expert"]].assign(value=STATISTICS[metric][2](merged).to_numpy())
     scored = criteria.score(stats, metric)
     return scored[["domain", "layer", "expert"]].assign(value=scored.score.to_numpy())
 
@@ -53,7 +60,7 @@ def metric_matrix(values: pd.DataFrame, domain: str) -> pd.DataFrame:
 def router_health(stats: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
     """Per (domain, layer): load imbalance (max/mean routed share), router entropy, experts never routed."""
     merged = _per_layer_tokens(stats, layers)
-    merged["share"] = STATISTICS["frequency_share"][1](merged)
+    merged["share"] = STATISTICS["frequency_share"][2](merged)
     out = merged.groupby(["domain", "run_id", "layer"], as_index=False).agg(
         max_share=("share", "max"), mean_share=("share", "mean"),
         never_routed=("routed_tokens", lambda r: int((r == 0).sum())), num_experts=("expert", "count"))
@@ -100,7 +107,7 @@ def expert_profile(stats: pd.DataFrame, layers: pd.DataFrame, layer: int, expert
     profile = pd.DataFrame({
         "domain": mine.domain.astype(str).to_numpy(),
         "routed_tokens": mine.routed_tokens.astype(int).to_numpy(),
-        "frequency_share": STATISTICS["frequency_share"][1](mine).to_numpy(),
+        "frequency_share": STATISTICS["frequency_share"][2](mine).to_numpy(),
     }, index=mine.index)
     for name in criteria.CRITERIA:
         if name == "random":

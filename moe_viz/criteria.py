@@ -8,6 +8,7 @@ last, then higher score first, then lower expert index first.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -41,18 +42,39 @@ def _random(stats: pd.DataFrame, seed: int) -> pd.Series:
     return pd.Series(values, index=stats.index)
 
 
-CRITERIA: dict[str, tuple[str, Callable[[pd.DataFrame, int], pd.Series]]] = {
-    "frequency": ("routed tokens (how often the expert is in the top-k)", lambda s, _: s["routed_tokens"].astype(float)),
-    "soft_count": ("router probability mass over all tokens (SEER-MoE)", lambda s, _: s["prob_sum"]),
-    "gate_mass": ("sum of applied gate weights, 'alpha' (Chen et al. 2022)", lambda s, _: s["gate_sum"]),
-    "ean_mean": ("mean activation norm ||f_e(x)|| over routed tokens (MC-Suite)", lambda s, _: _per_routed(s["ean_sum"], s)),
-    "ean_sum": ("summed activation norm over routed tokens (MC-Suite EAN)", lambda s, _: s["ean_sum"]),
-    "weighted_ean": ("sum of gate * ||f_e(x)|| over routed tokens", lambda s, _: s["reap_sum"]),
-    "reap": ("mean of gate * ||f_e(x)|| over routed tokens (REAP, Lasby et al. 2025)", lambda s, _: _per_routed(s["reap_sum"], s)),
-    "nllb": ("top-1 share * exp(mean top-1 probability) (Koishekenov et al. 2023)", lambda s, _: _nllb(s)),
-    "easy_ep": ("gate * ||f_e(x)|| weighted by token shift 1 - cos(h, h + r) (EASY-EP)", lambda s, _: s["contribution_sum"]),
-    "random": ("seeded uniform random baseline", _random),
+@dataclass(frozen=True)
+class Criterion:
+    description: str  # what it measures, and where it comes from
+    columns: tuple[str, ...]  # expert_stats columns it reads (besides routed_tokens, which ranking needs)
+    compute: Callable[[pd.DataFrame, int], pd.Series]
+
+
+CRITERIA: dict[str, Criterion] = {
+    "frequency": Criterion("routed tokens (how often the expert is in the top-k)", (),
+                           lambda s, _: s["routed_tokens"].astype(float)),
+    "soft_count": Criterion("router probability mass over all tokens (SEER-MoE)", ("prob_sum",),
+                            lambda s, _: s["prob_sum"]),
+    "gate_mass": Criterion("sum of applied gate weights, 'alpha' (Chen et al. 2022)", ("gate_sum",),
+                           lambda s, _: s["gate_sum"]),
+    "ean_mean": Criterion("mean activation norm ||f_e(x)|| over routed tokens (MC-Suite)", ("ean_sum",),
+                          lambda s, _: _per_routed(s["ean_sum"], s)),
+    "ean_sum": Criterion("summed activation norm over routed tokens (MC-Suite EAN)", ("ean_sum",),
+                         lambda s, _: s["ean_sum"]),
+    "weighted_ean": Criterion("sum of gate * ||f_e(x)|| over routed tokens", ("reap_sum",),
+                              lambda s, _: s["reap_sum"]),
+    "reap": Criterion("mean of gate * ||f_e(x)|| over routed tokens (REAP, Lasby et al. 2025)", ("reap_sum",),
+                      lambda s, _: _per_routed(s["reap_sum"], s)),
+    "nllb": Criterion("top-1 share * exp(mean top-1 probability) (Koishekenov et al. 2023)",
+                      ("top1_tokens", "top1_prob_sum"), lambda s, _: _nllb(s)),
+    "easy_ep": Criterion("gate * ||f_e(x)|| weighted by token shift 1 - cos(h, h + r) (EASY-EP)",
+                         ("contribution_sum",), lambda s, _: s["contribution_sum"]),
+    "random": Criterion("seeded uniform random baseline", (), _random),
 }
+
+
+def columns_for(names: list[str]) -> list[str]:
+    """The expert_stats columns these criteria read."""
+    return list(dict.fromkeys(["routed_tokens"] + [c for n in names for c in CRITERIA[n].columns]))
 
 
 def check_criterion(name: str) -> None:
@@ -64,7 +86,7 @@ def score(stats: pd.DataFrame, criterion: str, seed: int = 0) -> pd.DataFrame:
     """Columns [domain, run_id,] layer, expert, routed (bool), score for expert_stats rows of one or more runs."""
     check_criterion(criterion)
     stats = stats.sort_values(group_keys(stats) + ["expert"]).reset_index(drop=True)
-    values = CRITERIA[criterion][1](stats, seed)
+    values = CRITERIA[criterion].compute(stats, seed)
     out = stats[[c for c in ("domain", "run_id", "layer", "expert") if c in stats.columns]].copy()
     out["routed"] = (stats["routed_tokens"] > 0).to_numpy()
     out["score"] = values.astype(float).to_numpy()

@@ -52,15 +52,23 @@ def topk_jaccard(scores: pd.DataFrame, k: int) -> pd.DataFrame:
     `scores`: columns domain, layer, expert, score (higher = more important;
     ties to the lower expert index). Returns columns layer, domain_a, domain_b, jaccard.
     """
-    domains = sorted(scores.domain.astype(str).unique())
-    layers = sorted(int(l) for l in scores.layer.unique())
+    domain_codes = pd.Categorical(scores.domain.astype(str) if scores.domain.dtype == object else scores.domain)
+    domains = sorted(str(d) for d in domain_codes.categories)
+    domain_codes = domain_codes.rename_categories([str(d) for d in domain_codes.categories]).reorder_categories(domains)
+    layer_values = scores.layer.to_numpy()
+    layers = sorted(int(l) for l in np.unique(layer_values))
     experts = int(scores.expert.max()) + 1
-    ranked = scores.assign(domain=scores.domain.astype(str)).sort_values(
-        ["domain", "layer", "score", "expert"], ascending=[True, True, False, True])
-    top = ranked.groupby(["domain", "layer"], observed=True).head(k)
+    d = np.asarray(domain_codes.codes)
+    l = np.searchsorted(layers, layer_values)
+    e = scores.expert.to_numpy()
+    order = np.lexsort((e, -scores.score.to_numpy(), l, d))  # per (domain, layer): best score, then lower index
+    d, l, e = d[order], l[order], e[order]
+    group = d * len(layers) + l
+    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
+    position = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    keep = position < k
     member = np.zeros((len(domains), len(layers), experts), dtype=np.int32)
-    member[top.domain.map({d: i for i, d in enumerate(domains)}).to_numpy(),
-           top.layer.map({l: i for i, l in enumerate(layers)}).to_numpy(), top.expert.to_numpy()] = 1
+    member[d[keep], l[keep], e[keep]] = 1
     inter = np.einsum("ale,ble->abl", member, member)
     sizes = member.sum(axis=-1)
     rows = []

@@ -245,7 +245,7 @@ def preview(plan: PrunePlan, store_path: str | Path, domains: list[str] | None =
     if domains is not None:
         runs = runs[runs.domain.isin(domains)]
     runs = runs.drop_duplicates("domain")  # newest per domain
-    stats = store.expert_stats(store_path, runs.run_id.tolist())
+    stats = store.expert_stats(store_path, runs.run_id.tolist(), ["routed_tokens", "reap_sum"])
     dropped = pd.DataFrame(
         [(layer, e) for layer, experts in plan.dropped.items() for e in experts], columns=["layer", "expert"]
     ).assign(dropped=True)

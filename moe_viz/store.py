@@ -279,7 +279,8 @@ def list_runs(path: str | Path, status: str | None = None) -> pd.DataFrame:
         return con.execute(query, [status] if status else []).df()
 
 
-def _rows_of_runs(path: str | Path, table: str, run_ids: list[str], order: str) -> pd.DataFrame:
+def _rows_of_runs(path: str | Path, table: str, run_ids: list[str], order: str,
+                  columns: list[str] | None = None, layer: int | None = None) -> pd.DataFrame:
     """Rows of `table` for the given runs, with run_id and domain as categoricals.
 
     The runs are joined by a small integer index rather than returning the
@@ -287,14 +288,17 @@ def _rows_of_runs(path: str | Path, table: str, run_ids: list[str], order: str) 
     to Python objects was most of the query time on big stores.
     """
     run_ids = list(dict.fromkeys(run_ids))
+    picked = "t.* EXCLUDE (run_id)" if columns is None else ", ".join(
+        f"t.{c}" for c in dict.fromkeys([*order.split(", "), *columns]) if c.isidentifier())
     with connect(path, read_only=True) as con:
         domains = dict(con.execute(
             "SELECT run_id, domain FROM runs WHERE run_id IN (SELECT unnest(?))", [run_ids]).fetchall())
         frame = con.execute(
-            f"""SELECT w.i::INTEGER AS run_index, t.* EXCLUDE (run_id) FROM {table} t
+            f"""SELECT w.i::INTEGER AS run_index, {picked} FROM {table} t
                 JOIN (SELECT unnest(?) AS run_id, unnest(range(len(?))) AS i) w USING (run_id)
+                WHERE ? IS NULL OR t.layer = ?
                 ORDER BY run_index, {order}""",
-            [run_ids, run_ids],
+            [run_ids, run_ids, layer, layer],
         ).df()
     codes = frame.pop("run_index").to_numpy()
     names = [domains.get(r, "?") for r in run_ids]
@@ -305,9 +309,14 @@ def _rows_of_runs(path: str | Path, table: str, run_ids: list[str], order: str) 
     return frame
 
 
-def expert_stats(path: str | Path, run_ids: list[str]) -> pd.DataFrame:
-    """Per-(run, layer, expert) rows of the given runs, with the run's domain."""
-    return _rows_of_runs(path, "expert_stats", run_ids, "layer, expert")
+def expert_stats(path: str | Path, run_ids: list[str], columns: list[str] | None = None,
+                 layer: int | None = None) -> pd.DataFrame:
+    """Per-(run, layer, expert) rows of the given runs, with the run's domain.
+
+    `columns` limits the statistics returned (on big stores most of a query's time is
+    converting rows to pandas); `layer` limits the rows to one layer.
+    """
+    return _rows_of_runs(path, "expert_stats", run_ids, "layer, expert", columns, layer)
 
 
 def layer_stats(path: str | Path, run_ids: list[str]) -> pd.DataFrame:

@@ -227,6 +227,7 @@ def test_runs_page_captures_in_the_background(captured, monkeypatch):
     assert at.error and "missing.txt does not exist" in at.error[0].value
     at.text_area(key="cap_domains").set_value(f"extra={root / 'extra.txt'}")
     at.button[0].click().run()
+    deadline = time.time() + 180
     while time.time() < deadline:
         at.run()
         if "extra" in set(_frame(at, "run_id", "status").domain):

@@ -40,8 +40,9 @@ def _runs(path: str, stamp: float) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _expert_stats(path: str, stamp: float, run_ids: tuple[str, ...]) -> pd.DataFrame:
-    return store.expert_stats(path, list(run_ids))
+def _expert_stats(path: str, stamp: float, run_ids: tuple[str, ...], columns: tuple[str, ...] | None = None,
+                  layer: int | None = None) -> pd.DataFrame:
+    return store.expert_stats(path, list(run_ids), list(columns) if columns else None, layer)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -56,7 +57,7 @@ def _coactivation(path: str, stamp: float, run_id: str, layer: int) -> pd.DataFr
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _metric_values(path: str, stamp: float, run_ids: tuple[str, ...], metric: str) -> pd.DataFrame:
-    stats = store.expert_stats(path, list(run_ids))
+    stats = store.expert_stats(path, list(run_ids), analysis.metric_columns(metric))
     layers = store.layer_stats(path, list(run_ids))
     return analysis.metric_values(stats, layers, metric)
 
@@ -69,7 +70,7 @@ def _overlap(path: str, stamp: float, run_ids: tuple[str, ...], criterion: str, 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _mutual_information(path: str, stamp: float, run_ids: tuple[str, ...]) -> pd.Series:
-    return domain_stats.mutual_information(_expert_stats(path, stamp, run_ids))
+    return domain_stats.mutual_information(_expert_stats(path, stamp, run_ids, ("routed_tokens",)))
 
 
 def overlap(run_ids, criterion: str, k: int) -> pd.DataFrame:
@@ -87,9 +88,11 @@ def runs() -> pd.DataFrame:
     return _runs(path, _stamp(path))
 
 
-def expert_stats(run_ids) -> pd.DataFrame:
+def expert_stats(run_ids, columns: list[str] | None = None, layer: int | None = None) -> pd.DataFrame:
+    """expert_stats rows of these runs (only `columns` / one `layer` when given)."""
     path = store_path()
-    return _expert_stats(path, _stamp(path), tuple(run_ids))
+    return _expert_stats(path, _stamp(path), tuple(run_ids), tuple(columns) if columns else None,
+                         None if layer is None else int(layer))
 
 
 def layer_stats(run_ids) -> pd.DataFrame:

@@ -9,11 +9,11 @@ from moe_viz.ui.common import coactivation, domain_run_ids, expert_stats, layer_
 st.title("Expert detail")
 model_runs = pick_model_runs()
 run_ids = domain_run_ids(model_runs)
-stats = expert_stats(run_ids.values())
 layers = layer_stats(run_ids.values())
 c1, c2 = st.columns(2)
-layer = c1.selectbox("Layer", sorted(int(l) for l in stats.layer.unique()), key="ex_layer")
-expert = c2.selectbox("Expert", sorted(int(e) for e in stats[stats.layer == layer].expert.unique()), key="ex_expert")
+layer = c1.selectbox("Layer", sorted(int(l) for l in layers.layer.unique()), key="ex_layer")
+stats = expert_stats(run_ids.values(), layer=layer)
+expert = c2.selectbox("Expert", sorted(int(e) for e in stats.expert.unique()), key="ex_expert")
 
 profile = analysis.expert_profile(stats, layers, layer, expert)
 share = px.bar(profile, x="domain", y="frequency_share", title=f"Layer {layer}, expert {expert}: routed share by domain",

@@ -9,7 +9,7 @@ from moe_viz.ui.common import domain_run_ids, expert_stats, layer_stats, pick_mo
 st.title("Router health")
 model_runs = pick_model_runs()
 run_ids = domain_run_ids(model_runs)
-health = analysis.router_health(expert_stats(run_ids.values()), layer_stats(run_ids.values()))
+health = analysis.router_health(expert_stats(run_ids.values(), ["routed_tokens"]), layer_stats(run_ids.values()))
 labels = {"layer": "MoE layer (decoder index)", "load_imbalance": "max share / mean share",
           "entropy_normalised": "entropy / ln E", "never_routed": "experts"}
 c1, c2 = st.columns(2)

@@ -38,7 +38,7 @@ valid = constraints.valid_keeps(num_experts)
 
 c1, c2, c3 = st.columns(3)
 criterion = c1.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="pr_criterion",
-                         help="\n".join(f"{k}: {v[0]}" for k, v in criteria.CRITERIA.items()))
+                         help="\n".join(f"{k}: {v.description}" for k, v in criteria.CRITERIA.items()))
 scope = c2.radio("Scope", ["uniform", "global"], key="pr_scope", horizontal=True,
                  help="uniform: same count per layer (exportable); global: one ranking across layers (analysis)")
 half = min(valid, key=lambda k: (abs(k - num_experts / 2), k))  # default: sparsity closest to 0.5
