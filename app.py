@@ -2,9 +2,10 @@
 
 import streamlit as st
 
-from moe_viz.ui.common import store_path
+from moe_viz.ui.common import store_path, warm_imports
 
 st.set_page_config(page_title="moe_viz", layout="wide")
+warm_imports()
 PAGES = "moe_viz/ui/pages"
 navigation = st.navigation(
     [

@@ -133,16 +133,21 @@ def browser_timings(path: Path) -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(url)
             page.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)
+            page.wait_for_timeout(8000)  # a user reading the first page: the app warms its imports meanwhile
             print("page change in Chromium (click in the sidebar until the main chart is drawn), first visit / second visit:")
-            for title in ["Domain overlap", "Saliency rankings", "Expert detail", "Router health", "Prune & export", "Heatmaps"]:
+            headings = {"Domain overlap": "Domain overlap", "Saliency rankings": "Saliency rankings",
+                        "Expert detail": "Expert detail", "Router health": "Router health",
+                        "Prune & export": "Prune & export", "Heatmaps": "Expert heatmaps"}
+            for title, heading in headings.items():
                 times = []
                 for _ in range(2):
-                    page.get_by_role("link", name=title).click()
                     start = time.perf_counter()
-                    page.wait_for_function(
-                        "t => document.querySelector('h1') && document.querySelector('h1').innerText.length > 0"
+                    page.get_by_role("link", name=title).click()
+                    page.wait_for_function(  # the new page's heading is shown, the run is over, its chart drawn
+                        "h => { const t = document.querySelector('h1');"
+                        " return t && t.innerText.trim() === h"
                         " && !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-                        " && document.querySelector('.js-plotly-plot .main-svg')", arg=title, timeout=120_000)
+                        " && document.querySelector('.js-plotly-plot .main-svg'); }", arg=heading, timeout=120_000)
                     times.append(time.perf_counter() - start)
                     page.get_by_role("link", name="Runs").click()
                     page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)

@@ -19,20 +19,29 @@ def domain_shares(stats: pd.DataFrame) -> pd.DataFrame:
     return stats[["domain", "layer", "expert"]].assign(share=share.to_numpy())
 
 
+def _cube(frame: pd.DataFrame, column: str, fill: float = 0.0) -> tuple[list[str], list[int], np.ndarray]:
+    """`column` as an array (domain, layer, expert), with the sorted domain names and layers."""
+    d, domains = pd.factorize(frame.domain, sort=True)  # fast on categoricals: works on the codes
+    l, layers = pd.factorize(frame.layer, sort=True)
+    e = frame.expert.to_numpy()
+    cube = np.full((len(domains), len(layers), int(e.max()) + 1), fill, dtype=float)
+    cube[d, l, e] = frame[column].to_numpy(dtype=float)
+    return [str(x) for x in domains], [int(x) for x in layers], cube
+
+
 def mutual_information(stats: pd.DataFrame) -> pd.Series:
     """I(domain; expert) in nats per layer, domains weighted equally.
 
     p(e | d) is the domain's routed share; p(d) = 1/|D|; p(e) = mean_d p(e | d).
     """
-    shares = domain_shares(stats)
-    cube = shares.pivot_table(index="layer", columns=["domain", "expert"], values="share", observed=True).fillna(0.0)
-    layers = cube.index
-    domains = cube.columns.get_level_values(0).unique()
-    table = cube.to_numpy().reshape(len(layers), len(domains), -1)  # (layer, domain, expert)
-    marginal = table.mean(axis=1, keepdims=True)
+    domains, layers, counts = _cube(stats, "routed_tokens")
+    totals = counts.sum(axis=-1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)  # (domain, layer, expert)
+    marginal = shares.mean(axis=0, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(table > 0, table * np.log(table / marginal), 0.0)
-    return pd.Series(terms.sum(axis=(1, 2)) / len(domains), index=layers, name="mutual_information")
+        terms = np.where(shares > 0, shares * np.log(shares / marginal), 0.0)
+    return pd.Series(terms.sum(axis=(0, 2)) / len(domains), index=pd.Index(layers, name="layer"),
+                     name="mutual_information")
 
 
 def specific_experts(stats: pd.DataFrame, domain: str, count: int) -> dict[int, list[int]]:
@@ -52,23 +61,10 @@ def topk_jaccard(scores: pd.DataFrame, k: int) -> pd.DataFrame:
     `scores`: columns domain, layer, expert, score (higher = more important;
     ties to the lower expert index). Returns columns layer, domain_a, domain_b, jaccard.
     """
-    domain_codes = pd.Categorical(scores.domain.astype(str) if scores.domain.dtype == object else scores.domain)
-    domains = sorted(str(d) for d in domain_codes.categories)
-    domain_codes = domain_codes.rename_categories([str(d) for d in domain_codes.categories]).reorder_categories(domains)
-    layer_values = scores.layer.to_numpy()
-    layers = sorted(int(l) for l in np.unique(layer_values))
-    experts = int(scores.expert.max()) + 1
-    d = np.asarray(domain_codes.codes)
-    l = np.searchsorted(layers, layer_values)
-    e = scores.expert.to_numpy()
-    order = np.lexsort((e, -scores.score.to_numpy(), l, d))  # per (domain, layer): best score, then lower index
-    d, l, e = d[order], l[order], e[order]
-    group = d * len(layers) + l
-    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
-    position = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
-    keep = position < k
-    member = np.zeros((len(domains), len(layers), experts), dtype=np.int32)
-    member[d[keep], l[keep], e[keep]] = 1
+    domains, layers, cube = _cube(scores, "score", fill=-np.inf)
+    best = np.argsort(-cube, axis=-1, kind="stable")[..., :k]  # stable: equal scores keep the lower index first
+    member = np.zeros(cube.shape, dtype=np.int32)
+    np.put_along_axis(member, best, 1, axis=-1)
     inter = np.einsum("ale,ble->abl", member, member)
     sizes = member.sum(axis=-1)
     rows = []

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import __version__, criteria, store
@@ -205,7 +206,7 @@ def build_plan(
         raise MoeVizError("give exactly one of --sparsity or --keep")
     protected = {int(k): [int(e) for e in v] for k, v in (protected or {}).items()}
     run_ids, fingerprint = complete_runs_for(store_path, model_id, list(domains))
-    stats = store.expert_stats(store_path, list(run_ids.values()))
+    stats = store.expert_stats(store_path, list(run_ids.values()), criteria.columns_for([criterion]))
     layer_rows = store.layer_stats(store_path, list(run_ids.values()))
     observed_top_k = int(layer_rows.top_k.max())
     constraints = RouterConstraints.from_config(config, observed_top_k) if config else RouterConstraints(observed_top_k)
@@ -246,15 +247,17 @@ def preview(plan: PrunePlan, store_path: str | Path, domains: list[str] | None =
         runs = runs[runs.domain.isin(domains)]
     runs = runs.drop_duplicates("domain")  # newest per domain
     stats = store.expert_stats(store_path, runs.run_id.tolist(), ["routed_tokens", "reap_sum"])
-    dropped = pd.DataFrame(
-        [(layer, e) for layer, experts in plan.dropped.items() for e in experts], columns=["layer", "expert"]
-    ).assign(dropped=True)
-    stats = stats.merge(dropped, on=["layer", "expert"], how="left").fillna({"dropped": False})
-    stats["dropped_tokens"] = stats.routed_tokens.where(stats.dropped, 0)
-    stats["dropped_reap"] = stats.reap_sum.where(stats.dropped, 0.0)
-    out = stats.groupby(["domain", "layer"], as_index=False)[
+    width = int(stats.expert.max()) + 1 if len(stats) else 1
+    flags = np.zeros((max(plan.num_experts, default=0) + 1) * width, dtype=bool)
+    for layer, experts in plan.dropped.items():
+        flags[[layer * width + e for e in experts]] = True
+    dropped = flags[stats.layer.to_numpy() * width + stats.expert.to_numpy()]
+    stats = stats.assign(dropped_tokens=np.where(dropped, stats.routed_tokens, 0),
+                         dropped_reap=np.where(dropped, stats.reap_sum, 0.0))
+    out = stats.groupby(["domain", "layer"], as_index=False, observed=True)[
         ["routed_tokens", "dropped_tokens", "reap_sum", "dropped_reap"]
     ].sum()
+    out["domain"] = out.domain.astype(str)
     out["routed_share_lost"] = out.dropped_tokens / out.routed_tokens.where(out.routed_tokens > 0)
     out["reap_share_lost"] = out.dropped_reap / out.reap_sum.where(out.reap_sum > 0)
     return out[["domain", "layer", "routed_share_lost", "reap_share_lost"]].fillna(0.0)

@@ -279,28 +279,36 @@ def list_runs(path: str | Path, status: str | None = None) -> pd.DataFrame:
         return con.execute(query, [status] if status else []).df()
 
 
-def _rows_of_runs(path: str | Path, table: str, run_ids: list[str], order: str,
+def _rows_of_runs(path: str | Path, table: str, run_ids: list[str], order: list[str],
                   columns: list[str] | None = None, layer: int | None = None) -> pd.DataFrame:
-    """Rows of `table` for the given runs, with run_id and domain as categoricals.
+    """Rows of `table` for the given runs, in (run, *order) order, with run_id and domain as categoricals.
 
-    The runs are joined by a small integer index rather than returning the
-    run id string on every row: converting hundreds of thousands of strings
-    to Python objects was most of the query time on big stores.
+    On big stores most of a query's time went to converting rows to pandas. So
+    the runs are joined by a small integer index instead of returning the run id
+    string on every row, results come back as numpy arrays, and rows are sorted
+    in numpy (only if the scan did not already return them in order).
     """
     run_ids = list(dict.fromkeys(run_ids))
     picked = "t.* EXCLUDE (run_id)" if columns is None else ", ".join(
-        f"t.{c}" for c in dict.fromkeys([*order.split(", "), *columns]) if c.isidentifier())
+        f"t.{c}" for c in dict.fromkeys([*order, *columns]) if c.isidentifier())
     with connect(path, read_only=True) as con:
         domains = dict(con.execute(
             "SELECT run_id, domain FROM runs WHERE run_id IN (SELECT unnest(?))", [run_ids]).fetchall())
-        frame = con.execute(
+        arrays = con.execute(
             f"""SELECT w.i::INTEGER AS run_index, {picked} FROM {table} t
                 JOIN (SELECT unnest(?) AS run_id, unnest(range(len(?))) AS i) w USING (run_id)
-                WHERE ? IS NULL OR t.layer = ?
-                ORDER BY run_index, {order}""",
+                WHERE ? IS NULL OR t.layer = ?""",
             [run_ids, run_ids, layer, layer],
-        ).df()
-    codes = frame.pop("run_index").to_numpy()
+        ).fetchnumpy()
+    codes = arrays.pop("run_index")
+    key = codes.astype(np.int64)
+    for column in order:  # one int64 key; scans usually come back in insertion order already
+        key = key * (int(arrays[column].max(initial=0)) + 1) + arrays[column]
+    if len(key) and not (key[1:] >= key[:-1]).all():
+        sort = np.argsort(key, kind="stable")
+        arrays = {name: values[sort] for name, values in arrays.items()}
+        codes = codes[sort]
+    frame = pd.DataFrame(arrays)
     names = [domains.get(r, "?") for r in run_ids]
     unique = list(dict.fromkeys(names))  # two runs may share a domain (e.g. two models)
     name_codes = np.array([unique.index(n) for n in names], dtype=np.int64)
@@ -316,12 +324,12 @@ def expert_stats(path: str | Path, run_ids: list[str], columns: list[str] | None
     `columns` limits the statistics returned (on big stores most of a query's time is
     converting rows to pandas); `layer` limits the rows to one layer.
     """
-    return _rows_of_runs(path, "expert_stats", run_ids, "layer, expert", columns, layer)
+    return _rows_of_runs(path, "expert_stats", run_ids, ["layer", "expert"], columns, layer)
 
 
 def layer_stats(path: str | Path, run_ids: list[str]) -> pd.DataFrame:
     """Per-(run, layer) rows of the given runs, with the run's domain."""
-    return _rows_of_runs(path, "layer_stats", run_ids, "layer")
+    return _rows_of_runs(path, "layer_stats", run_ids, ["layer"])
 
 
 def coactivation(path: str | Path, run_id: str, layer: int) -> pd.DataFrame:

@@ -37,6 +37,7 @@ def test_schema_round_trip(store_path, model_and_tokenizer):
 
     stored = store.expert_stats(store_path, [run_id])
     assert len(stored) == 2 * 8
+    assert stored[["layer", "expert"]].equals(stored.sort_values(["layer", "expert"])[["layer", "expert"]].reset_index(drop=True))
     assert stored.routed_tokens.sum() == 2 * 2 * 400  # layers * top_k * tokens
     layers = store.layer_stats(store_path, [run_id])
     assert layers.tokens.tolist() == [400, 400] and layers.top_k.tolist() == [2, 2]

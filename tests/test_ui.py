@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from moe_viz.cli import main
 from moe_viz.domain_stats import random_jaccard
-from tiny_models import SAMPLE_TEXT, save_tiny_model
+from tiny_models import save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = "moe_viz/ui/pages"

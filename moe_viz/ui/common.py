@@ -21,6 +21,27 @@ COLOR_DIVERGING = "RdBu_r"
 CHART_HEIGHT = 460
 
 
+def warm_imports() -> None:
+    """Import the heavy libraries of later pages in the background, once per server process.
+
+    plotly.express, transformers and torch take seconds to import; doing it while the
+    user looks at the first page keeps every later page change fast. Only imports run
+    in the thread: no Streamlit call is made from it.
+    """
+    import threading
+
+    def load() -> None:
+        import plotly.express  # noqa: F401
+        import transformers  # noqa: F401
+
+        import moe_viz.export  # noqa: F401
+        import moe_viz.verify  # noqa: F401
+
+    if not getattr(warm_imports, "started", False):
+        warm_imports.started = True
+        threading.Thread(target=load, name="moe_viz-warm-imports", daemon=True).start()
+
+
 def store_path() -> str:
     """The store given as `streamlit run app.py -- --store PATH` (default cache/moe_viz.duckdb)."""
     parser = argparse.ArgumentParser(add_help=False)
