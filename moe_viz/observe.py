@@ -7,17 +7,17 @@ For each MoE layer three things are watched:
 - the block's output (a forward hook) gives the EASY-EP token shift, and
   triggers accumulation.
 
-||f_e(x)|| is computed only for routed (token, expert) pairs. For fused experts
-the unweighted per-slot outputs come from the module's own implementation,
-called with every token repeated k times, one expert each, weight 1:
+||f_e(x)|| is computed only for routed (token, expert) pairs, with the experts
+module's own kernels:
 
 - ``grouped_mm`` (the v5 default): the observer *replaces* the experts forward
   with the same sequence of operations as transformers' grouped_mm forward,
   split where the unweighted per-slot outputs exist so their norms can be
   taken. The GEMMs see exactly the same rows in the same order, so outputs are
   bit-identical and the extra cost is one norm over (T*k, H) (~1.0x).
-- any other implementation (eager, ...): the original forward runs untouched
-  and the per-slot call is made once more in a hook (~2x expert compute).
+- any other implementation (eager, ...): the original forward runs untouched,
+  and a hook calls the module's implementation once more with every token
+  repeated k times, one expert each, weight 1 (~2x expert compute).
 
 Llama4 runs every expert densely on gated inputs, so its per-pair outputs are
 read from the experts' own output rows.
