@@ -62,21 +62,11 @@ def _file_progress(path: Path, also):
 
 
 def _verify_and_report(export_dir, store_path: str, source_dir=None) -> int:
-    from transformers import AutoTokenizer
+    from .verify import format_report, verify_from_store
 
-    from .plan import PrunePlan
-    from .verify import PRUNE_MANIFEST, evaluation_sequences, format_report, verify_export
-
-    manifest = json.loads((Path(export_dir) / PRUNE_MANIFEST).read_text())
-    plan = PrunePlan.from_json(json.dumps(manifest["plan"]))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(export_dir)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    sequences, notes = evaluation_sequences(store_path, plan, tokenizer)
+    result, notes = verify_from_store(export_dir, store_path, source_dir)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    result = verify_export(export_dir, sequences, source_dir=source_dir)
     print(format_report(result))
     print(f"verification {'passed' if result['passed'] else 'FAILED'}; details in {Path(export_dir) / 'moe_viz_verify.json'}")
     return 0 if result["passed"] else 1
@@ -122,10 +112,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify an existing moe_viz export against its source model (see `prune`)."""
-    from .verify import PRUNE_MANIFEST
-
-    if not (Path(args.export) / PRUNE_MANIFEST).is_file():
-        raise MoeVizError(f"{args.export} has no {PRUNE_MANIFEST}: it is not a moe_viz export")
     return _verify_and_report(args.export, args.store, source_dir=args.model)
 
 

@@ -193,3 +193,22 @@ def evaluation_sequences(store_path, plan: PrunePlan, tokenizer, seq_len: int = 
         if source == runs.loc[run_id, "source"]:
             notes.append(f"{domain}: no held-out split; evaluated on its calibration text")
     return sequences, notes
+
+
+def verify_from_store(export_dir: str | Path, store_path, source_dir: str | Path | None = None) -> tuple[dict, list[str]]:
+    """Verify an export on evaluation text of its plan's domains (found through the store).
+
+    Returns (result, notes): notes say which domains had no held-out split or could not be used.
+    """
+    from transformers import AutoTokenizer
+
+    manifest_path = Path(export_dir) / PRUNE_MANIFEST
+    if not manifest_path.exists():
+        raise MoeVizError(f"{export_dir} has no {PRUNE_MANIFEST}: it is not a moe_viz export")
+    plan = PrunePlan.from_json(json.dumps(json.loads(manifest_path.read_text())["plan"]))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    sequences, notes = evaluation_sequences(store_path, plan, tokenizer)
+    return verify_export(export_dir, sequences, source_dir=source_dir), notes

@@ -168,3 +168,8 @@ def test_prune_into_existing_or_unwritable_out(tmp_path, captured, capsys):
     assert main(base + ["--out", "/sys/moe_viz_cannot_write_here"]) == 2
     assert "cannot write to /sys" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_verify_refuses_a_directory_that_is_not_an_export(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "not a moe_viz export" in capsys.readouterr().err

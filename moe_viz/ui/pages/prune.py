@@ -12,7 +12,7 @@ from moe_viz.export import export_pruned
 from moe_viz.models import MoeVizError
 from moe_viz.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, layer_stats, pick_model_runs, store_path
-from moe_viz.verify import evaluation_sequences, verify_export
+from moe_viz.verify import verify_from_store
 
 
 @st.cache_resource(show_spinner=False)
@@ -108,16 +108,10 @@ if st.button("Export and verify", type="primary", key="pr_export"):
             export_pruned(plan, model_id, out, force=force,
                           progress=lambda done, total: status.write(f"shard {done}/{total} written"))
             status.write("export written; verifying against the masked original …")
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(out)
-            except (OSError, ValueError, TypeError):
-                tokenizer = None
-            sequences, notes = evaluation_sequences(path, plan, tokenizer)
+            result, notes = verify_from_store(out, path)
             for note in notes:
                 status.write(note)
-            st.session_state["pr_result"] = verify_export(out, sequences)
+            st.session_state["pr_result"] = result
             status.update(label=f"Exported and verified: {out}", state="complete")
     except MoeVizError as exc:
         st.error(str(exc))
