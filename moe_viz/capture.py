@@ -51,8 +51,8 @@ def _input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _batches(sequences: list[list[int]], batch_size: int, pad_id: int):
-    """Right-padded (input_ids, attention_mask) CPU tensors."""
+def padded_batches(sequences: list[list[int]], batch_size: int, pad_id: int = 0):
+    """Right-padded (input_ids, attention_mask) CPU tensors of up to `batch_size` sequences."""
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         width = max(len(s) for s in chunk)
@@ -100,7 +100,7 @@ def collect_routing_stats(
     layers = find_moe_layers(model)
     device = _input_device(model)
     with RoutingObserver(layers, fast=fast) as observer:
-        for ids, mask in _batches(sequences, batch_size, pad_id):
+        for ids, mask in padded_batches(sequences, batch_size, pad_id):
             observer.set_attention_mask(mask)
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             if on_batch is not None:

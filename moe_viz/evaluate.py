@@ -5,18 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .capture import padded_batches
+from .sources import token_stream
+
 
 def heldout_sequences(texts: list[str], tokenizer, seq_len: int, max_tokens: int) -> list[list[int]]:
     """Deterministic evaluation sequences: documents in order, EOS-joined, cut to seq_len."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
-        if len(stream) >= max_tokens:
-            break
-    stream = stream[:max_tokens]
+    stream = token_stream(texts, tokenizer, max_tokens)
     return [stream[i : i + seq_len] for i in range(0, len(stream) - 1, seq_len) if len(stream[i : i + seq_len]) > 1]
 
 
@@ -25,14 +20,7 @@ def mean_loss(model: nn.Module, sequences: list[list[int]], batch_size: int = 8)
     """Mean next-token cross-entropy (nats/token) over all predicted positions."""
     device = model.get_input_embeddings().weight.device
     total, count = 0.0, 0
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+    for ids, mask in padded_batches(sequences, batch_size):
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)

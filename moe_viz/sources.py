@@ -172,16 +172,24 @@ def pack_sequences(docs: Documents, tokenizer, seq_len: int, max_tokens: int, se
         raise MoeVizError(f"domain {docs.domain} is text but the model has no tokenizer: give pre-tokenised jsonl (input_ids)")
     order = list(range(len(docs.texts)))
     random.Random(seed).shuffle(order)
+    stream = token_stream([docs.texts[i] for i in order], tokenizer, max_tokens)
+    return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+
+
+def token_stream(texts: list[str], tokenizer, max_tokens: int | None = None) -> list[int]:
+    """Texts tokenised without special tokens, each followed by EOS when the tokenizer has one.
+
+    Tokenising stops once `max_tokens` are collected, and the stream is cut there.
+    """
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
-    for i in order:
-        stream.extend(tokenizer(docs.texts[i], add_special_tokens=False)["input_ids"])
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
-        if len(stream) >= max_tokens:
+        if max_tokens is not None and len(stream) >= max_tokens:
             break
-    stream = stream[:max_tokens]
-    return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+    return stream if max_tokens is None else stream[:max_tokens]
 
 
 def evaluation_source(source: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from .capture import padded_batches
 from .export import PRUNE_MANIFEST
 from .masking import masked_experts
 from .models import MoeVizError
@@ -58,16 +59,6 @@ def load_checked(path: Path, dtype: torch.dtype):
     return model.eval(), problems
 
 
-def _batch(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 def _distinct2(tokens: list[int]) -> float:
     pairs = list(zip(tokens, tokens[1:]))
     return len(set(pairs)) / len(pairs) if pairs else 0.0
@@ -88,7 +79,7 @@ def _greedy(model, prompt: list[int], steps: int) -> list[int]:
 @torch.no_grad()
 def compare_on(original, pruned, dropped: dict[int, list[int]], sequences: list[list[int]]) -> dict:
     """All metrics for one domain's evaluation sequences."""
-    ids, mask = _batch(sequences)
+    ids, mask = next(padded_batches(sequences, len(sequences)))
     orig = original(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
     with masked_experts(original, dropped):
         reference = original(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()

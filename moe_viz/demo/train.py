@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..sources import token_stream
 from . import corpora
 
 SHIPPED_MODEL = Path(__file__).parent / "model"
@@ -59,14 +60,6 @@ def train_tokenizer(vocab_size: int = 4096):
     return byte_bpe_tokenizer(texts, vocab_size)
 
 
-def _stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def heldout_losses(model, tokenizer) -> dict[str, float]:
     from ..evaluate import heldout_sequences, mean_loss
 
@@ -86,7 +79,7 @@ def train(out: Path = SHIPPED_MODEL, steps: int = 700, batch_size: int = 16, lr:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = train_tokenizer()
-    streams = {d: _stream(tokenizer, corpora.documents(d, "train")) for d in corpora.DOMAINS}
+    streams = {d: torch.tensor(token_stream(corpora.documents(d, "train"), tokenizer)) for d in corpora.DOMAINS}
     log(f"tokenizer {len(tokenizer)} tokens; train tokens " + ", ".join(f"{d}={len(s)}" for d, s in streams.items()))
     config = model_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config)
