@@ -6,7 +6,7 @@ demo measures what removing experts costs, without copying any weights.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 import torch
@@ -37,15 +37,36 @@ class _MaskFirstLinear(TorchFunctionMode):
         return out
 
 
-def _wrap_router(layer: MoeLayer, dropped: torch.Tensor):
+@contextmanager
+def masked_layer(layer: MoeLayer, experts: list[int]) -> Iterator[None]:
+    """While active, the given experts of one MoE layer are never routed."""
+    if not experts:
+        yield
+        return
     router = layer.router
+    ids = torch.tensor(sorted(experts), dtype=torch.long)
     original = router.forward
 
     def forward(*args, **kwargs):
-        with _MaskFirstLinear(dropped):
+        with _MaskFirstLinear(ids):
             return original(*args, **kwargs)
 
+    saved_biases = []
     router.forward = forward
+    try:
+        for name in CORRECTION_BIAS_NAMES:
+            bias = getattr(router, name, None)
+            if isinstance(bias, torch.Tensor):
+                saved_biases.append((bias, bias.detach().clone()))
+                with torch.no_grad():
+                    bias[ids.to(bias.device)] = float("-inf")
+        yield
+    finally:
+        if "forward" in vars(router):
+            del router.forward
+        with torch.no_grad():
+            for bias, value in saved_biases:
+                bias.copy_(value)
 
 
 @contextmanager
@@ -55,27 +76,7 @@ def masked_experts(model: torch.nn.Module, dropped: dict[int, list[int]]) -> Ite
     unknown = sorted(set(dropped) - set(layers))
     if unknown:
         raise MoeVizError(f"layers {unknown} are not MoE layers of this model")
-    saved_biases = []
-    wrapped = []
-    try:
+    with ExitStack() as stack:
         for index, experts in dropped.items():
-            if not experts:
-                continue
-            layer = layers[index]
-            ids = torch.tensor(sorted(experts), dtype=torch.long)
-            _wrap_router(layer, ids)
-            wrapped.append(layer)
-            for name in CORRECTION_BIAS_NAMES:
-                bias = getattr(layer.router, name, None)
-                if isinstance(bias, torch.Tensor):
-                    saved_biases.append((bias, bias.detach().clone()))
-                    with torch.no_grad():
-                        bias[ids.to(bias.device)] = float("-inf")
+            stack.enter_context(masked_layer(layers[index], experts))
         yield
-    finally:
-        for layer in wrapped:
-            if "forward" in vars(layer.router):
-                del layer.router.forward
-        with torch.no_grad():
-            for bias, original in saved_biases:
-                bias.copy_(original)

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz import criteria
-from moe_viz.export import export_pruned
+from moe_viz.export import PRUNE_MANIFEST, export_pruned
 from moe_viz.models import MoeVizError
 from moe_viz.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, layer_stats, pick_model_runs, store_path
@@ -23,6 +23,19 @@ def model_config(model_id: str):
         return AutoConfig.from_pretrained(model_id, local_files_only=True)
     except (OSError, ValueError):
         return None
+
+
+def show_verification(result: dict) -> None:
+    """The verdict in the same words as the CLI and moe_viz_verify.json, then quality per domain."""
+    (st.success if result["verdict"] == "PASS" else st.error)(f"Verification {result['verdict']}: {result['reason']}")
+    st.caption(f"{result['export']} (checked in {result['dtype']}; details in moe_viz_verify.json)")
+    rows = [{"domain": d, "tokens": v["tokens"], "ppl original": v["ppl_original"], "ppl pruned": v["ppl_pruned"],
+             "KL(orig‖pruned)": v["kl_mean"], "top-1 agreement": v["top1_agreement"],
+             "first divergence": ", ".join("-" if g["first_divergence"] is None else str(g["first_divergence"])
+                                           for g in v["generation"])}
+            for d, v in result["domains"].items()]
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 
 st.title("Prune & export")
@@ -90,6 +103,23 @@ if config is not None:
     m2.metric(f"Size ({size['dtype']})", f"{size['bytes_after'] / 1e9:,.3f} GB", f"-{(size['bytes_before'] - size['bytes_after']) / 1e9:,.3f} GB")
     m3.metric("Routed experts removed", f"{plan.sparsity:.0%}")
 
+with st.expander("Verify an existing export"):
+    exports_dir = Path(path).resolve().parent / "exports"
+    existing = sorted(p.name for p in exports_dir.iterdir() if (p / PRUNE_MANIFEST).is_file()) if exports_dir.is_dir() else []
+    if not existing:
+        st.caption(f"No moe_viz exports under {exports_dir} yet.")
+    else:
+        picked = st.selectbox("Export", existing, key="pr_verify_pick")
+        if st.button("Verify", key="pr_verify"):
+            try:
+                with st.spinner(f"Verifying {picked} against the masked original …"):
+                    checked, notes = verify_from_store(exports_dir / picked, path)
+                for note in notes:
+                    st.caption(note)
+                show_verification(checked)
+            except MoeVizError as exc:
+                st.error(str(exc))
+
 st.subheader("Export")
 if not plan.exportable:
     st.warning("This global plan keeps different numbers of experts per layer, so it cannot be exported: "
@@ -112,19 +142,11 @@ if st.button("Export and verify", type="primary", key="pr_export"):
             for note in notes:
                 status.write(note)
             st.session_state["pr_result"] = result
-            status.update(label=f"Exported and verified: {out}", state="complete")
+            status.update(label=f"Exported {out}: verification {result['verdict']}",
+                          state="complete" if result["verdict"] == "PASS" else "error")
     except MoeVizError as exc:
         st.error(str(exc))
 
 result = st.session_state.get("pr_result")
 if result:
-    delta = result["max_abs_logit_delta_vs_masked"]
-    (st.success if result["passed"] else st.error)(
-        f"{result['export']}: max |logit Δ| vs masked original = {delta:.3g} "
-        f"({'exact' if result['exact'] else 'not exact'}, {result['dtype']}); "
-        f"load {'clean' if not result['load_problems'] else 'problems: ' + '; '.join(result['load_problems'])}")
-    rows = [{"domain": d, "tokens": v["tokens"], "ppl original": v["ppl_original"], "ppl pruned": v["ppl_pruned"],
-             "KL": v["kl_mean"], "top-1 agreement": v["top1_agreement"],
-             "first divergence": ", ".join("-" if g["first_divergence"] is None else str(g["first_divergence"]) for g in v["generation"])}
-            for d, v in result["domains"].items()]
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    show_verification(result)
