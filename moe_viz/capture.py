@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__, store
+from .checkpoint import checkpoint_digest, is_local, tokenizer_problem
 from .models import MoeVizError, canonical_model_id, find_moe_layers, load_model, model_fingerprint
 from .observe import RoutingObserver
 from .sources import Documents, pack_sequences, parse_domain, read_documents
@@ -212,6 +213,17 @@ def capture(
         raise MoeVizError(f"domain names must be unique; repeated: {', '.join(duplicates)}")
     documents = [read_documents(name, source) for name, source in parsed]
     model, tokenizer = load_model(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    text_domains = [docs.domain for docs in documents if not docs.pretokenised]
+    if text_domains:
+        problem = tokenizer_problem(tokenizer, model_id, model.get_input_embeddings().weight.shape[0])
+        if problem:
+            raise MoeVizError(
+                f"domain {text_domains[0]} is text but {model_id} has no usable tokenizer ({problem}): "
+                "add tokenizer files or give pre-tokenised .jsonl with input_ids"
+            )
+    extra = {"device": str(_input_device(model))}
+    if is_local(model_id):  # prune compares it before exporting: the files must be the ones captured
+        extra["checkpoint_digest"] = checkpoint_digest(model_id)
     return capture_model(
         model,
         tokenizer,
@@ -220,5 +232,5 @@ def capture(
         settings,
         store_path=store_path,
         progress=progress if progress is not None else tqdm_progress(),
-        extra_settings={"device": str(_input_device(model))},
+        extra_settings=extra,
     )

@@ -90,19 +90,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     it with the original model whose dropped experts are masked, and reports
     per-domain perplexity, KL and top-1 agreement (skip with --no-verify).
     """
-    from transformers import AutoConfig
-
+    from .checkpoint import load_config
     from .export import export_pruned
     from .models import canonical_model_id, check_model_path
     from .plan import build_plan, parse_domain_weights
 
     check_model_path(args.model)
+    config = load_config(args.model)  # broken config.json, uncached hub id offline: one line
+    model_id = canonical_model_id(args.model)
     plan = build_plan(
-        args.store, canonical_model_id(args.model), args.criterion, parse_domain_weights(args.domain),
-        config=AutoConfig.from_pretrained(args.model),
+        args.store, model_id, args.criterion, parse_domain_weights(args.domain), config=config,
         sparsity=args.sparsity, keep=args.keep, protected=_parse_protected(args.protect), seed=args.seed,
     )
-    out = export_pruned(plan, args.model, args.out, streaming=True if args.streaming else None, force=args.force)
+    out = export_pruned(plan, model_id, args.out, streaming=True if args.streaming else None, force=args.force)
     print(f"exported {out}: kept {plan.keep_per_layer} of {next(iter(plan.num_experts.values()))} experts per layer "
           f"({plan.criterion}, sparsity {plan.sparsity:.3f})")
     if args.no_verify:
@@ -119,6 +119,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     measured dtype-vs-float64 noise floor. Per-domain perplexity, KL and top-1
     agreement vs the unpruned original are reported beside the verdict.
     """
+    from .checkpoint import check_verify_inputs
+
+    check_verify_inputs(args.export, args.model)  # moved or broken source model: one line, nothing written
     return _verify_and_report(args.export, args.store, source_dir=args.model)
 
 
@@ -173,6 +176,8 @@ def cmd_demo_eval(args: argparse.Namespace) -> int:
 
 
 def _set_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise MoeVizError(f"--threads {threads} must be a positive integer (or leave it out for torch's choice)")
     if threads:
         import torch
 
@@ -257,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None:
         _interrupt_on_sigterm()
-    _set_threads(args.threads)
     try:
+        _set_threads(args.threads)
         return args.func(args)
     except MoeVizError as exc:
         print(f"moe-viz: error: {exc}", file=sys.stderr)

@@ -320,6 +320,11 @@ def export_pruned(
         raise MoeVizError("this plan keeps different numbers of experts per layer; only uniform plans export")
     if not (source_dir / "config.json").is_file():
         raise MoeVizError(f"{source_dir} is not a model directory (no config.json)")
+    from .checkpoint import check_checkpoint, check_unchanged, load_config
+
+    load_config(source_dir)  # a broken config.json: one line, before anything is written
+    check_checkpoint(source_dir)  # corrupt or truncated shards, a shard missing from the index
+    check_unchanged(source_dir, plan.checkpoint_digest, plan.model_id)  # the files the statistics came from
     if out.resolve() == source_dir.resolve():
         raise MoeVizError("--out must differ from the source model directory")
     streaming = should_stream(source_dir) if streaming is None else streaming

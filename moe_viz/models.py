@@ -182,9 +182,10 @@ def canonical_model_id(model_id: str) -> str:
 
 def check_model_path(model_id: str) -> None:
     """Fail early, before any loading, on a local path that cannot be a model."""
+    from .checkpoint import is_local
+
     path = Path(model_id)
-    looks_local = path.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
-    if not looks_local:
+    if not is_local(model_id):
         return  # a hub id: checked when loading
     if not path.is_dir():
         raise MoeVizError(f"model path {model_id} does not exist or is not a directory")
@@ -192,6 +193,19 @@ def check_model_path(model_id: str) -> None:
         raise MoeVizError(f"{model_id} has no config.json: point --model at a Hugging Face model directory")
     if not any(path.glob("*.safetensors")):
         raise MoeVizError(f"{model_id} has no .safetensors weights: moe_viz only loads safetensors checkpoints")
+
+
+def _loading_problems(info: dict) -> str:
+    """transformers' load report (missing / unexpected / mismatched keys, errors) as one short phrase."""
+    parts = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        keys = sorted(str(k[0] if isinstance(k, (tuple, list)) else k).splitlines()[0] for k in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            label = {"missing_keys": "missing", "unexpected_keys": "unexpected", "mismatched_keys": "mismatched shape",
+                     "error_msgs": "load errors"}[kind]
+            parts.append(f"{label} ({len(keys)}): {shown}")
+    return "; ".join(parts)
 
 
 def load_model(
@@ -203,22 +217,40 @@ def load_model(
     so models larger than one GPU spread over all GPUs (and CPU memory).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .checkpoint import check_checkpoint, load_config
 
     check_model_path(model_id)
+    check_checkpoint(model_id)  # truncated / corrupt shards, a shard missing from the index
+    config = load_config(model_id, trust_remote_code=trust_remote_code)
     concrete = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, concrete)
     device_map = "auto" if (device == "auto" and concrete == "cuda") else concrete
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would repeat, at length, the one-line error below
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             model_id,
+            config=config,
             dtype=torch_dtype,
             device_map=device_map,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below as an error instead of a RuntimeError
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoeVizError(f"could not load model {model_id}: {first_line}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = _loading_problems(info)
+    if problems:
+        raise MoeVizError(
+            f"{model_id} does not hold the weights its config declares ({problems}): the checkpoint is incomplete "
+            "or for another architecture; moe_viz never random-initialises missing weights"
+        )
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)

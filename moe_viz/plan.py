@@ -66,6 +66,7 @@ class PrunePlan:
     protected: dict[int, list[int]] = field(default_factory=dict)
     seed: int = 0
     tool_version: str = __version__
+    checkpoint_digest: str | None = None  # of the captured files (runs' settings); export refuses other files
 
     @property
     def exportable(self) -> bool:
@@ -181,6 +182,37 @@ def _select_global(ranked: pd.DataFrame, total_keep: int, constraints: RouterCon
     return {int(layer): sorted(int(e) for e in group.expert) for layer, group in chosen.groupby("layer")}
 
 
+def _ranges(numbers) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, numbers = [], sorted(numbers)
+    for n in numbers:
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def _check_protected(protected: dict[int, list[int]], num_experts: dict[int, int]) -> None:
+    """Every protected expert must exist: a typo must not silently protect nothing."""
+    for layer, experts in sorted(protected.items()):
+        if layer not in num_experts:
+            raise MoeVizError(f"--protect {layer}:{experts[0]}: layer {layer} is not a MoE layer of this model "
+                              f"(MoE layers: {_ranges(num_experts)})")
+        for expert in experts:
+            if not 0 <= expert < num_experts[layer]:
+                raise MoeVizError(f"--protect {layer}:{expert}: layer {layer} has no expert {expert} "
+                                  f"(experts 0-{num_experts[layer] - 1})")
+
+
+def _captured_digest(store_path: str | Path, run_ids: dict[str, str]) -> str | None:
+    """The checkpoint digest the runs recorded at capture: None if none did, comma-joined if they differ."""
+    runs = store.list_runs(store_path)
+    settings = runs[runs.run_id.isin(list(run_ids.values()))].settings
+    digests = {json.loads(s).get("checkpoint_digest") for s in settings} - {None}
+    return ",".join(sorted(digests)) or None
+
+
 def build_plan(
     store_path: str | Path,
     model_id: str,
@@ -211,6 +243,7 @@ def build_plan(
     observed_top_k = int(layer_rows.top_k.max())
     constraints = RouterConstraints.from_config(config, observed_top_k) if config else RouterConstraints(observed_top_k)
     num_experts = {int(r.layer): int(r.num_experts) for r in layer_rows.drop_duplicates("layer").itertuples()}
+    _check_protected(protected, num_experts)
     if len(set(num_experts.values())) != 1 and scope == "uniform":
         raise MoeVizError("layers have different expert counts: use --scope global")
     scored = criteria.score(stats, criterion, seed)
@@ -232,7 +265,7 @@ def build_plan(
     return PrunePlan(
         model_id=model_id, model_fingerprint=fingerprint, criterion=criterion, scope=scope,
         sparsity=removed / total, domains=dict(domains), run_ids=run_ids, num_experts=num_experts,
-        kept=kept, protected=protected, seed=seed,
+        kept=kept, protected=protected, seed=seed, checkpoint_digest=_captured_digest(store_path, run_ids),
     )
 
 

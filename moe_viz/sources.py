@@ -59,8 +59,13 @@ def _read_text_file(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, docs: Documents) -> None:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MoeVizError(f"{path} line {number} is not UTF-8 text (byte {exc.start + 1}): "
+                                  "a .jsonl source must be UTF-8 JSON, one object per line") from None
             if not line.strip():
                 continue
             try:
@@ -134,6 +139,8 @@ def read_documents(domain: str, source: str) -> Documents:
         path = Path(source).expanduser()
         if not path.exists():
             raise MoeVizError(f"domain {domain}: {source} does not exist")
+        path = path.resolve()
+        docs.source = str(path)  # stored absolute: verification may run from another directory
         if path.is_dir():
             _read_directory(path, docs)
         elif path.suffix == ".jsonl":
