@@ -46,9 +46,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)  # readers never see a half-written file
+    from .atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data))  # readers never see a half-written file
 
 
 def _file_progress(path: Path, also):
@@ -102,7 +102,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         args.store, model_id, args.criterion, parse_domain_weights(args.domain), config=config,
         sparsity=args.sparsity, keep=args.keep, protected=_parse_protected(args.protect), seed=args.seed,
     )
-    out = export_pruned(plan, model_id, args.out, streaming=True if args.streaming else None, force=args.force)
+    out = export_pruned(plan, model_id, args.out, streaming=True if args.streaming else None, force=args.force,
+                        protect=[args.store])
     print(f"exported {out}: kept {plan.keep_per_layer} of {next(iter(plan.num_experts.values()))} experts per layer "
           f"({plan.criterion}, sparsity {plan.sparsity:.3f})")
     if args.no_verify:
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write the pruned checkpoint to")
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
     p.add_argument("--streaming", action="store_true", help="rewrite shards without loading the model (automatic when it would not fit)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true", help="replace --out if it is a previous moe_viz export")
     p.add_argument("--no-verify", action="store_true", help="skip verification")
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
     p.set_defaults(func=cmd_prune)

@@ -19,15 +19,22 @@ import os
 import re
 import shutil
 import struct
+import unicodedata
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PureWindowsPath
+from typing import Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale partial dirs are then left alone (no way to tell a live export)
+    fcntl = None
 
 import torch
 
 from . import __version__
+from .atomic import fsync_dir, fsync_tree, write_text_atomic
 from .models import EXPERT_COUNT_KEYS, MoeVizError, find_moe_layers
 from .plan import PrunePlan
 
@@ -42,32 +49,175 @@ PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<rest>.+
 
 
 # -- atomic output directory -------------------------------------------------
+#
+# moe_viz only ever deletes or replaces what it can prove it made:
+# - `out` itself, with --force, only when it is a real directory holding PRUNE_MANIFEST (a previous
+#   export) and is neither a protected path (source model, store) nor an ancestor of one;
+# - `.NAME.partial-XXXXXXXX` siblings holding PARTIAL_MARKER that no live export holds a lock on;
+# - `.NAME.old-XXXXXXXX` siblings holding PRUNE_MANIFEST (a replaced export whose removal was cut short).
+# Ownership proofs are deleted last, so a removal cut short is finished by the next export.
+
+PARTIAL_MARKER = ".moe_viz_partial"  # written into every temp dir at creation, removed before publishing
+STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-[0-9a-f]{8}$")
+MAX_EXPORT_NAME = 100
+
+
+def is_moe_viz_export(path: Path) -> bool:
+    """A real directory (not a symlink) holding a readable moe_viz prune manifest."""
+    path = Path(path)
+    manifest = path / PRUNE_MANIFEST
+    if path.is_symlink() or not path.is_dir() or manifest.is_symlink() or not manifest.is_file():
+        return False
+    try:
+        return isinstance(json.loads(manifest.read_text()), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def _protected_inside(real: Path, protect: list[Path]) -> Path | None:
+    """The first protected (resolved) path that `real` is or contains."""
+    return next((p for p in protect if real == p or real in p.parents), None)
+
+
+def _check_replaceable(out: Path, real: Path, force: bool, protect: list[Path]) -> None:
+    if out.is_symlink():
+        raise MoeVizError(f"--out {out} is a symbolic link: refusing to write through it; choose another --out")
+    guarded = _protected_inside(real, protect)
+    if guarded is not None:
+        relation = "is" if real == guarded else "contains"
+        raise MoeVizError(f"--out {out} {relation} {guarded}, which an export must never replace; choose another --out")
+    if not out.exists():
+        return
+    if not force:
+        raise MoeVizError(f"{out} already exists: choose another --out or pass --force to replace it")
+    if not out.is_dir():
+        raise MoeVizError(f"--out {out} is a file, not a moe_viz export: refusing to replace it; choose another --out")
+    if not is_moe_viz_export(out):
+        raise MoeVizError(f"--out {out} is not a moe_viz export (no {PRUNE_MANIFEST}): "
+                          "refusing to replace it; choose another --out")
+
+
+def _remove_owned(directory: Path, proof: str) -> None:
+    """Delete a directory moe_viz made, its ownership proof last (see above)."""
+    for child in directory.iterdir():
+        if child.name == proof:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (directory / proof).unlink(missing_ok=True)
+    directory.rmdir()
+
+
+def _lock(fd: int, wait: bool) -> bool:
+    """Exclusive advisory lock on an open file, released by the kernel when the process dies."""
+    if fcntl is None:
+        return wait  # nothing to lock with: our own new marker counts as held, a stale one as live
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except OSError:
+        return False
+
+
+def _clean_stale(parent: Path, protect: list[Path]) -> None:
+    """Remove temp dirs that killed exports left in `parent`, only those proven to be moe_viz's."""
+    try:
+        candidates = [p for p in parent.iterdir() if STALE.match(p.name) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return
+    for stale in sorted(candidates):
+        try:
+            if _protected_inside(stale.resolve(), protect) is not None:
+                continue
+            if STALE.match(stale.name)["kind"] == "old":
+                if is_moe_viz_export(stale):
+                    _remove_owned(stale, PRUNE_MANIFEST)
+                continue
+            marker = stale / PARTIAL_MARKER
+            if fcntl is None or marker.is_symlink() or not marker.is_file():
+                continue  # not provably ours (or no way to tell whether an export still writes it)
+            fd = os.open(marker, os.O_RDONLY)
+            try:
+                if _lock(fd, wait=False):  # no live export holds it
+                    _remove_owned(stale, PARTIAL_MARKER)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue  # best effort: another export may be cleaning the same directory
+
 
 @contextmanager
-def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; rename it to `out` only if the block succeeds."""
+def atomic_directory(out: Path, force: bool, protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; publish it as `out` only if the block succeeds.
+
+    With `force`, an existing `out` is replaced only if it is a previous moe_viz
+    export; `out` may never be, nor contain, any path in `protect`. Every file
+    is fsynced before the rename that publishes it. Temp dirs left by killed
+    exports into the same parent are removed first.
+    """
     out = Path(out)
-    if out.exists() and not force:
-        raise MoeVizError(f"{out} already exists: choose another --out or pass --force to replace it")
-    parent = out.parent
-    tmp = parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    protected = [Path(p).resolve() for p in protect]
+    real = out.resolve()
+    _check_replaceable(out, real, force, protected)
+    parent, name = real.parent, real.name
+    tmp = parent / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(parent, protected)
         tmp.mkdir()
+        marker_fd = os.open(tmp / PARTIAL_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
-        raise MoeVizError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out directory") from exc
-    try:
-        yield tmp
-        if out.exists():
-            old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        raise MoeVizError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out directory") from exc
+    try:
+        _lock(marker_fd, wait=True)
+        os.write(marker_fd, f"moe_viz export in progress (pid {os.getpid()})\n".encode())
+        yield tmp
+        # Re-check: `out` may have changed while the export ran.
+        _check_replaceable(out, real, force, protected)
+        os.unlink(tmp / PARTIAL_MARKER)
+        fsync_tree(tmp)
+        if real.exists():
+            old = parent / f".{name}.old-{uuid.uuid4().hex[:8]}"
+            real.rename(old)
+            try:
+                tmp.rename(real)
+            except BaseException:
+                old.rename(real)
+                raise
+            fsync_dir(parent)
+            _remove_owned(old, PRUNE_MANIFEST)
+        else:
+            tmp.rename(real)
+        fsync_dir(parent)
+    finally:
+        os.close(marker_fd)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_name_path(exports_dir: str | Path, name: str) -> Path:
+    """`exports_dir / name` when `name` is one plain folder name; otherwise a one-line MoeVizError."""
+    problem = None
+    if not name or not name.strip():
+        problem = "is empty"
+    elif len(name) > MAX_EXPORT_NAME:
+        problem = f"is longer than {MAX_EXPORT_NAME} characters"
+    elif Path(name).is_absolute() or PureWindowsPath(name).anchor:
+        problem = "is an absolute path"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif name.startswith("."):
+        problem = "starts with '.'"
+    elif any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in name):
+        problem = "contains control characters"
+    if problem:
+        shown = name if len(name) <= 40 else name[:40] + "…"
+        raise MoeVizError(f"export name {shown!r} {problem}: use one plain folder name, e.g. my-model-keep4")
+    return Path(exports_dir) / name
 
 
 # -- config and side files ---------------------------------------------------
@@ -118,7 +268,7 @@ def write_manifest(out_dir: Path, plan: PrunePlan, source_dir: Path, method: str
         "tool_version": __version__,
         "plan": json.loads(plan.to_json()),
     }
-    (out_dir / PRUNE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out_dir / PRUNE_MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 # -- in-memory path ----------------------------------------------------------
@@ -309,11 +459,15 @@ def export_pruned(
     streaming: bool | None = None,
     force: bool = False,
     progress=None,
+    *,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write the pruned checkpoint to `out` (atomically) and return its path.
 
     `streaming=None` picks the streaming path when the model would not fit
-    comfortably in memory.
+    comfortably in memory. `force` replaces `out` only if it is a previous
+    moe_viz export; `out` may never be, contain or lie inside the source model,
+    nor be or contain any path in `protect` (pass the store).
     """
     source_dir, out = Path(source_dir), Path(out)
     if not plan.exportable:
@@ -325,10 +479,11 @@ def export_pruned(
     load_config(source_dir)  # a broken config.json: one line, before anything is written
     check_checkpoint(source_dir)  # corrupt or truncated shards, a shard missing from the index
     check_unchanged(source_dir, plan.checkpoint_digest, plan.model_id)  # the files the statistics came from
-    if out.resolve() == source_dir.resolve():
-        raise MoeVizError("--out must differ from the source model directory")
+    if source_dir.resolve() in out.resolve().parents:
+        raise MoeVizError(f"--out {out} is inside the source model directory {source_dir.resolve()}: "
+                          "choose an --out outside it")
     streaming = should_stream(source_dir) if streaming is None else streaming
-    with atomic_directory(out, force) as tmp:
+    with atomic_directory(out, force, protect=[source_dir, *protect]) as tmp:
         if streaming:
             export_streaming(plan, source_dir, tmp, progress)
         else:

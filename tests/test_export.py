@@ -92,13 +92,12 @@ def test_sharded_checkpoint_streams_with_a_new_index(tmp_path):
 
 def test_existing_out_is_refused_unless_forced(tmp_path):
     model_dir, plan = _saved_and_captured(tmp_path, "mixtral")
-    out = tmp_path / "out"
-    out.mkdir()
+    out = export_pruned(plan, model_dir, tmp_path / "out", streaming=True)
     (out / "keep.txt").write_text("mine")
     with pytest.raises(Exception, match="already exists"):
         export_pruned(plan, model_dir, out, streaming=True)
     assert (out / "keep.txt").read_text() == "mine"
-    export_pruned(plan, model_dir, out, streaming=True, force=True)
+    export_pruned(plan, model_dir, out, streaming=True, force=True)  # a previous export (tests/test_safe_writes.py: nothing else)
     assert not (out / "keep.txt").exists() and (out / PRUNE_MANIFEST).exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 

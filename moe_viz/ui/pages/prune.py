@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz import criteria
-from moe_viz.export import PRUNE_MANIFEST, export_pruned
+from moe_viz.export import PRUNE_MANIFEST, export_name_path, export_pruned
 from moe_viz.models import MoeVizError
 from moe_viz.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, layer_stats, pick_model_runs, store_path
@@ -130,12 +130,13 @@ if config is None or not Path(model_id).is_dir():
     st.stop()
 default_name = f"{Path(model_id).name}-{criterion}-keep{keep}"
 name = st.text_input("Export name (under cache/exports/)", value=default_name, key="pr_name")
-force = st.checkbox("Replace an existing export of that name", key="pr_force")
+force = st.checkbox("Replace an existing export of that name", key="pr_force",
+                    help="only ever replaces a previous moe_viz export (a folder holding moe_viz_prune.json)")
 if st.button("Export and verify", type="primary", key="pr_export"):
-    out = Path(path).resolve().parent / "exports" / name
     try:
+        out = export_name_path(Path(path).resolve().parent / "exports", name)  # one plain name, else refused
         with st.status(f"Exporting to {out} …", expanded=True) as status:
-            export_pruned(plan, model_id, out, force=force,
+            export_pruned(plan, model_id, out, force=force, protect=[path],
                           progress=lambda done, total: status.write(f"shard {done}/{total} written"))
             status.write("export written; verifying against the masked original …")
             result, notes = verify_from_store(out, path)
