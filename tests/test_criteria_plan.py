@@ -156,30 +156,39 @@ def test_group_limited_router_keeps_equal_counts_per_group(synthetic_store):
     config = DeepseekV3Config(n_routed_experts=E, num_experts_per_tok=2, n_group=2, topk_group=1)
     assert RouterConstraints.from_config(config, 2).valid_keeps(E) == [4, 6, 8]
     plan = build_plan(path, "m", "easy_ep", {"code": 1.0}, config=config, keep=4)
-    for kept in plan.kept.values():
-        assert sum(e < 4 for e in kept) == 2 and sum(e >= 4 for e in kept) == 2
+    # code's routed tokens (easy_ep ∝ them): layer 1 [4, 0, 7, 3 | 10, 6, 2, 9], layer 2 [5, 1, 8, 4 | 0, 7, 3, 10];
+    # the best 2 of each group of 4. Unconstrained, layer 1 would keep [2, 4, 5, 7].
+    assert plan.kept == {1: [0, 2, 4, 7], 2: [0, 2, 5, 7]}
     with pytest.raises(MoeVizError, match=r"not 2 equal groups.*nearest valid sparsities: 0.5 \(keep 4\), 0.25 \(keep 6\)"):
         build_plan(path, "m", "reap", {"code": 1.0}, config=config, keep=5)
 
 
 def test_global_scope_reports_per_layer_counts(synthetic_store):
     path, _ = synthetic_store
-    plan = build_plan(path, "m", "frequency", {"code": 1.0}, sparsity=0.5, scope="global")
-    assert sum(len(v) for v in plan.kept.values()) == 8
-    assert all(len(v) >= 2 for v in plan.kept.values())  # never fewer than top-k
+    plan = build_plan(path, "m", "frequency", {"code": 1.0}, sparsity=0.4375, scope="global")
+    # keep 16 - 7 = 9. Each layer's top-2 first: layer 1 {4, 7}, layer 2 {7, 2}. Then per-layer shares across
+    # layers (layer 1 sums to 41, layer 2 to 38): 7/38 (2:5), 7/41 (1:2), 6/41 (1:5), 5/38 (2:0), 4/38 (2:3),
+    # and 4/41 (1:0) is the first left out. Raw counts would take 1:0 (4, lower layer) before 2:3 (4).
+    assert plan.kept == {1: [2, 4, 5, 7], 2: [0, 2, 3, 5, 7]}
+    assert plan.sparsity == 7 / 16 and not plan.exportable and plan.keep_per_layer is None
+    assert build_plan(path, "m", "frequency", {"code": 1.0}, sparsity=0.75, scope="global").kept == {1: [4, 7], 2: [2, 7]}
 
 
 def test_preview_matches_hand_computation(synthetic_store):
-    path, ids = synthetic_store
+    path, _ = synthetic_store
     plan = build_plan(path, "m", "frequency", {"code": 1.0}, keep=4)
+    assert plan.dropped == {1: [0, 1, 3, 6], 2: [1, 3, 4, 6]}  # code's four least routed per layer
     table = preview(plan, path).set_index(["domain", "layer"])
-    stats = store.expert_stats(path, [ids["math"]])
-    layer = stats[stats.layer == 2]
-    dropped = layer.expert.isin(plan.dropped[2])
-    expected_tokens = layer.routed_tokens[dropped].sum() / layer.routed_tokens.sum()
-    expected_reap = layer.reap_sum[dropped].sum() / layer.reap_sum.sum()
-    assert table.loc[("math", 2), "routed_share_lost"] == pytest.approx(expected_tokens)
-    assert table.loc[("math", 2), "reap_share_lost"] == pytest.approx(expected_reap)
+    assert sorted(table.index) == [("code", 1), ("code", 2), ("math", 1), ("math", 2)]
+    for domain, seed in [("code", 1), ("math", 2)]:
+        for layer in (1, 2):
+            routed = [(e * 7 + seed * 3 + layer) % 11 for e in range(E)]  # as _write_run writes them
+            reap = [r * 0.4 * (1 + e % 3) for e, r in enumerate(routed)]
+            lost = plan.dropped[layer]
+            assert table.loc[(domain, layer), "routed_share_lost"] == pytest.approx(
+                sum(routed[e] for e in lost) / sum(routed), rel=1e-12)
+            assert table.loc[(domain, layer), "reap_share_lost"] == pytest.approx(
+                sum(reap[e] for e in lost) / sum(reap), rel=1e-12)
 
 
 def test_size_summary_counts_expert_and_router_parameters(synthetic_store):
