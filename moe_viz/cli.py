@@ -86,9 +86,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Score experts on captured domains, export a pruned checkpoint, and verify it.
 
     The export is written atomically to --out (refused if it exists, unless
-    --force), with moe_viz_prune.json beside the weights. Verification compares
-    it with the original model whose dropped experts are masked, and reports
-    per-domain perplexity, KL and top-1 agreement (skip with --no-verify).
+    --force), with moe_viz_prune.json beside the weights. Verification (skip
+    with --no-verify; see `verify`) ends with PASS or FAIL; exit code 1 on FAIL.
     """
     from .checkpoint import load_config
     from .export import export_pruned
@@ -124,6 +123,60 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     check_verify_inputs(args.export, args.model)  # moved or broken source model: one line, nothing written
     return _verify_and_report(args.export, args.store, source_dir=args.model)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a pruning plan without exporting it: per-domain quality vs the unpruned model.
+
+    The plan (from --criterion/--sparsity/--domain like `prune`, or --plan FILE)
+    is applied by masking the dropped experts, exactly the reference exports are
+    verified against. Per evaluation domain: tokens, mean NLL of the original and
+    pruned model (nats/token), KL(original || pruned) per token, top-1 agreement,
+    with 95% bootstrap intervals over sequences. Evaluation text: --eval-domain
+    NAME=SOURCE (capture source syntax), else text of the captured domains their
+    statistics did not see (built-in held-out splits; the rest of a file source).
+    """
+    from .checkpoint import load_config
+    from .evaluate import evaluate_plan, evaluation_sequences, named_sequences, reference_batches
+    from .models import canonical_model_id, check_model_path, load_model
+    from .plan import PrunePlan, build_plan, parse_domain_weights
+
+    check_model_path(args.model)
+    if args.plan:
+        try:
+            plan = PrunePlan.from_json(Path(args.plan).read_text())
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise MoeVizError(f"--plan {args.plan} is not a moe_viz plan JSON ({exc}): write one with `evaluate --json`") from exc
+    else:
+        if args.criterion is None or (args.sparsity is None) == (args.keep is None):
+            raise MoeVizError("give --criterion and one of --sparsity or --keep, or a --plan FILE")
+        plan = build_plan(args.store, canonical_model_id(args.model), args.criterion, parse_domain_weights(args.domain),
+                          config=load_config(args.model), sparsity=args.sparsity, keep=args.keep, scope=args.scope,
+                          seed=args.seed)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    notes: list[str] = []
+    if args.eval_domain:
+        sequences = named_sequences(args.eval_domain, tokenizer, vocab, args.seq_len, args.max_tokens)
+    else:
+        sequences, notes = evaluation_sequences(args.store, plan, tokenizer, vocab, args.seq_len, args.max_tokens)
+    sequences = {name: seqs for name, seqs in sequences.items() if seqs}
+    if not sequences:
+        raise MoeVizError("no evaluation text: " + ("; ".join(notes) or "give --eval-domain NAME=SOURCE"))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    references = {name: reference_batches(model, seqs, args.batch_size) for name, seqs in sequences.items()}
+    results = evaluate_plan(model, plan.dropped, references, seed=args.seed)
+    if args.json:
+        print(json.dumps({"plan": json.loads(plan.to_json()), "results": results}))
+        return 0
+    print(f"plan: {plan.criterion}, {plan.scope}, sparsity {plan.sparsity:.3f}")
+    print(f"{'domain':<14}{'tokens':>8}{'NLL orig':>10}{'NLL pruned':>12}{'KL':>9}{'KL 95% CI':>20}{'top1 agree':>12}")
+    for r in results:
+        ci = f"[{r['kl_ci'][0]:.4f}, {r['kl_ci'][1]:.4f}]"
+        print(f"{r['domain']:<14}{r['tokens']:>8}{r['nll_original']:>10.4f}{r['nll_pruned']:>12.4f}{r['kl']:>9.4f}"
+              f"{ci:>20}{r['top1_agreement']:>12.3f}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -227,6 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="source model directory (default: the one recorded in the export)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
     p.set_defaults(func=cmd_verify)
+
+    p = commands.add_parser("evaluate", help=cmd_evaluate.__doc__.splitlines()[0], description=cmd_evaluate.__doc__)
+    p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    p.add_argument("--criterion", default=None, help=f"one of: {', '.join(CRITERIA)}")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--sparsity", type=float, help="fraction of routed experts to remove, in [0, 1)")
+    amount.add_argument("--keep", type=int, help="experts to keep in every MoE layer")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME[:WEIGHT]", help="calibration domain(s) to score on")
+    p.add_argument("--scope", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--plan", default=None, help="a plan JSON (the `plan` object of `evaluate --json`) instead of a criterion")
+    p.add_argument("--eval-domain", action="append", default=[], metavar="NAME=SOURCE", help="evaluation text; repeat")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence (default 128)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="evaluation tokens per domain (default 2048)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and random-criterion seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object {plan, results}")
+    p.set_defaults(func=cmd_evaluate)
 
     p = commands.add_parser("demo", help=cmd_demo.__doc__.splitlines()[0], description=cmd_demo.__doc__)
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")

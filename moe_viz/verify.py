@@ -7,12 +7,14 @@ else. The checks, in order; the first that fails gives the verdict's reason:
 1. **load** — the export loads with `AutoModelForCausalLM.from_pretrained` with
    no missing, unexpected or mismatched keys, and every MoE layer (and the
    config) holds the plan's kept count.
-2. **exact, float64, block by block** — the inputs each MoE block received in
+2. **unchanged weights** — every tensor outside the routed experts and routers
+   equals the source's bit for bit.
+3. **exact, float64, block by block** — the inputs each MoE block received in
    the masked original's forward pass are replayed through a float64 copy of
    the masked original block and of the pruned block (eager experts, one block
    pair in memory at a time). Both compute the same function, so they must
    agree to float64 rounding: max |Δ| ≤ 2^-40 · max(1, max |output|).
-3. **end to end, checkpoint dtype** — the pruned model's logits vs the masked
+4. **end to end, checkpoint dtype** — the pruned model's logits vs the masked
    original's, both in the checkpoint's dtype. In float32/bf16 a softmax over
    fewer logits rounds differently, so these are not bit-identical; the
    tolerance is NOISE_FACTOR × the measured noise floor: max |Δ| between the
@@ -93,7 +95,7 @@ def checkpoint_dtype(model_dir: Path) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-# -- the three checks ----------------------------------------------------------
+# -- the checks ---------------------------------------------------------------
 
 def check_structure(pruned, plan: PrunePlan) -> list[str]:
     """Problems with the pruned model's MoE layers and config against the plan."""
@@ -115,7 +117,7 @@ def check_structure(pruned, plan: PrunePlan) -> list[str]:
     return problems
 
 
-def check_unchanged_weights(original, pruned, plan: PrunePlan) -> list[str]:
+def check_unchanged_weights(original, pruned) -> list[str]:
     """Tensors outside the routed experts and routers must equal the source's bit for bit;
     the routed experts' and routers' are checked by the float64 block replay."""
     pruned_tensors = dict(pruned.state_dict())
@@ -345,7 +347,7 @@ def verify_export(export_dir: str | Path, eval_sequences: dict[str, list[list[in
     pruned, result["load_problems"] = load_checked(export_dir, dtype)
     if pruned is None or result["load_problems"]:
         return _save(export_dir, _fail(result, "the export does not load cleanly: " + "; ".join(result["load_problems"])))
-    result["structure_problems"] = check_structure(pruned, plan) or check_unchanged_weights(original, pruned, plan)
+    result["structure_problems"] = check_structure(pruned, plan) or check_unchanged_weights(original, pruned)
     if result["structure_problems"]:
         return _save(export_dir, _fail(result, "; ".join(result["structure_problems"])))
 
@@ -436,37 +438,14 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluation_sequences(store_path, plan: PrunePlan, tokenizer, vocab_size: int, seq_len: int = 128,
-                         max_tokens: int = 2048) -> tuple[dict[str, list[list[int]]], list[str]]:
-    """Per plan domain: held-out sequences from the domain's source (its calibration text if it has no
-    held-out split). Returns (sequences, notes about domains that could not be used)."""
-    from . import store
-    from .sources import evaluation_source, pack_sequences, read_documents
-
-    runs = store.list_runs(store_path).set_index("run_id")
-    sequences, notes = {}, []
-    for domain, run_id in plan.run_ids.items():
-        if run_id not in runs.index:
-            notes.append(f"{domain}: run {run_id} is no longer in the store")
-            continue
-        source = evaluation_source(runs.loc[run_id, "source"])
-        try:
-            docs = read_documents(domain, source)
-            sequences[domain] = pack_sequences(docs, tokenizer, seq_len, max_tokens, plan.seed + 1, vocab_size)
-        except MoeVizError as exc:
-            notes.append(f"{domain}: {exc}")
-            continue
-        if source == runs.loc[run_id, "source"]:
-            notes.append(f"{domain}: no held-out split; evaluated on its calibration text")
-    return sequences, notes
-
-
 def verify_from_store(export_dir: str | Path, store_path, source_dir: str | Path | None = None) -> tuple[dict, list[str]]:
     """Verify an export on evaluation text of its plan's domains (found through the store).
 
     Returns (result, notes): notes say which domains had no held-out split or could not be used.
     """
     from transformers import AutoConfig, AutoTokenizer
+
+    from .evaluate import evaluation_sequences
 
     plan = PrunePlan.from_json(json.dumps(_read_manifest(Path(export_dir))["plan"]))
     try:
