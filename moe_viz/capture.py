@@ -8,7 +8,9 @@ the same for a model already in memory.
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -82,6 +84,32 @@ def tqdm_progress() -> ProgressCallback:
             bar.close()
 
     return report
+
+
+@contextmanager
+def _heartbeat(store_path: str | Path, run_id: str):
+    """Refresh the run's heartbeat every store.HEARTBEAT_INTERVAL_S from a daemon thread while the body runs.
+
+    Each beat is one short write; a beat that cannot get the lock is skipped. The
+    thread is stopped (and joined) before the run's final commit, so the two never
+    write the same row at once.
+    """
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(store.HEARTBEAT_INTERVAL_S):
+            try:
+                store.heartbeat(store_path, run_id)
+            except Exception:  # a missed beat only matters after HEARTBEAT_STALE_S of them
+                pass
+
+    thread = threading.Thread(target=beat, name=f"moe_viz-heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @torch.no_grad()
@@ -168,7 +196,8 @@ def capture_model(
                 progress(Progress(docs.domain, done, total, time.monotonic() - started))
 
         try:
-            expert_df, layer_df, coact_df = collect_routing_stats(model, sequences, settings.batch_size, pad_id, on_batch)
+            with _heartbeat(store_path, run_id):
+                expert_df, layer_df, coact_df = collect_routing_stats(model, sequences, settings.batch_size, pad_id, on_batch)
             store.complete_run(
                 store_path,
                 run_id,
@@ -178,8 +207,13 @@ def capture_model(
                 tokens=total,
                 sequences=len(sequences),
             )
+        except store.RunSavedToFile:
+            raise  # its statistics are in a file to import; the run reads `interrupted` until then
         except BaseException as exc:
-            store.fail_run(store_path, run_id, f"{type(exc).__name__}: {exc}")
+            try:
+                store.fail_run(store_path, run_id, f"{type(exc).__name__}: {exc}")
+            except MoeVizError:
+                pass  # store locked: the run reads `interrupted` once this process ends; keep the real error
             raise
         run_ids.append(run_id)
     return run_ids
@@ -202,6 +236,7 @@ def capture(
     is checked for MoE layers before the store is touched, so bad input never
     leaves anything behind.
     """
+    store.check_store_path(store_path, write=True)
     settings = settings or CaptureSettings()
     settings.check()
     if not domains:

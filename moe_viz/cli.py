@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .models import MoeVizError
-from .store import DEFAULT_STORE
+from .store import DEFAULT_STORE, check_store_path
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -94,6 +94,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .models import canonical_model_id, check_model_path
     from .plan import build_plan, parse_domain_weights
 
+    check_store_path(args.store, write=False)
     check_model_path(args.model)
     config = load_config(args.model)  # broken config.json, uncached hub id offline: one line
     model_id = canonical_model_id(args.model)
@@ -122,7 +123,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .checkpoint import check_verify_inputs
 
     check_verify_inputs(args.export, args.model)  # moved or broken source model: one line, nothing written
+    check_store_path(args.store, write=False)
     return _verify_and_report(args.export, args.store, source_dir=args.model)
+
+
+def cmd_import_run(args: argparse.Namespace) -> int:
+    """Import a run that `capture` saved to a directory because the store stayed locked.
+
+    `capture` prints the exact command when that happens. The run is completed in
+    one transaction (replacing older runs with the same settings, as a capture
+    would) and the saved directory is removed.
+    """
+    from .store import import_run_file
+
+    check_store_path(args.store, write=True)
+    run_id = import_run_file(args.path, args.store)
+    print(f"imported run {run_id} into {args.store}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -280,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="source model directory (default: the one recorded in the export)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
     p.set_defaults(func=cmd_verify)
+
+    p = commands.add_parser("import-run", help=cmd_import_run.__doc__.splitlines()[0], description=cmd_import_run.__doc__)
+    p.add_argument("path", help="the directory the capture saved (STORE.pending/RUN_ID)")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    p.set_defaults(func=cmd_import_run)
 
     p = commands.add_parser("evaluate", help=cmd_evaluate.__doc__.splitlines()[0], description=cmd_evaluate.__doc__)
     p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")

@@ -2,8 +2,13 @@
 
 Streamlit must not be driven from other threads, so long work runs as
 `python -m moe_viz capture ... --progress-file F` in its own process; the page
-polls `job_status`. A job directory holds the command, the pid, the progress
-JSON and stderr.
+polls `job_status`. A job directory holds the command, the process (pid and
+start time, in `pid`), the progress JSON and stderr.
+
+A pid alone does not name a process for long: once the job has ended, the
+system may give its pid to any other process. So the job records the child's
+start time too, and a pid whose process started at another time is not the
+job: it is never signalled and never reported as running.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+import psutil
 
 
 def jobs_dir(store_path: str | Path) -> Path:
@@ -36,22 +43,35 @@ def start_capture(store_path: str | Path, model: str, domains: list[str], max_to
     (folder / "command.json").write_text(json.dumps(command))
     with open(folder / "stderr.log", "wb") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-    (folder / "pid").write_text(str(process.pid))
+    # Not yet reaped, so the child exists (if only as a zombie) and its start time can be read.
+    started = psutil.Process(process.pid).create_time()
+    tmp = folder / "pid.tmp"
+    tmp.write_text(f"{process.pid} {started!r}\n")
+    tmp.replace(folder / "pid")  # list_jobs/job_status never see a half-written pid file
     return job_id
 
 
-def _alive(pid: int) -> bool:
+def _recorded_process(folder: Path) -> tuple[int, float | None]:
+    """(pid, start time) of a job; start time None for jobs recorded before it was kept."""
+    fields = (folder / "pid").read_text().split()
+    return int(fields[0]), (float(fields[1]) if len(fields) > 1 else None)
+
+
+def _is_the_job(pid: int, started: float | None) -> bool:
+    """Whether `pid` is still the job's process: alive (not a zombie) and started when the job did."""
     try:
-        finished, status = os.waitpid(pid, os.WNOHANG)  # reap our own finished children
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap our own finished children
         if finished:
             return False
     except ChildProcessError:
         pass  # not our child (another dashboard process started it)
+    if started is None:
+        return False  # cannot prove it is the job: never signal it, never call it running
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
         return False
-    return True
 
 
 def job_status(store_path: str | Path, job_id: str) -> dict:
@@ -63,10 +83,10 @@ def job_status(store_path: str | Path, job_id: str) -> dict:
             progress = json.loads((folder / "progress.json").read_text())
         except json.JSONDecodeError:
             progress = {}  # caught mid-replace; the next poll reads it
-    pid = int((folder / "pid").read_text())
+    pid, started = _recorded_process(folder)
     if (folder / "cancelled").exists():
         state = "cancelled"
-    elif _alive(pid):
+    elif _is_the_job(pid, started):
         state = "running"
     else:
         state = "done" if progress.get("finished") else "failed"
@@ -84,10 +104,30 @@ def list_jobs(store_path: str | Path) -> list[str]:
 
 
 def cancel(store_path: str | Path, job_id: str) -> None:
-    """Stop a running job; the capture marks its run failed on the way out."""
+    """Stop a running job; the capture marks its run failed on the way out.
+
+    Signals the job's process only if its pid still names it (same start time):
+    a job that already ended leaves its pid to others, and they are left alone.
+    """
     folder = jobs_dir(store_path) / job_id
     (folder / "cancelled").write_text("")
+    pid, started = _recorded_process(folder)
     try:
-        os.kill(int((folder / "pid").read_text()), signal.SIGTERM)
+        # A pidfd names one process for good, so the pid cannot change hands between check and signal.
+        handle = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    except ProcessLookupError:
+        return
+    except OSError:
+        handle = None  # kernel without pidfd: check, then signal by pid
+    try:
+        if not _is_the_job(pid, started):
+            return
+        if handle is not None:
+            signal.pidfd_send_signal(handle, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+    finally:
+        if handle is not None:
+            os.close(handle)

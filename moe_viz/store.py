@@ -5,27 +5,60 @@ reader. So nothing here keeps a connection open: each write opens the file,
 commits one short transaction and closes it, and every open retries while
 another process holds the lock. A dashboard can therefore read while a
 capture runs; it only waits for the few milliseconds of each commit.
+
+Writers do not starve behind readers that poll in a tight loop: a writer first
+takes an exclusive flock on a small sidecar file (STORE.writer-lock) and holds
+it until its connection closes; readers pass that gate before each open, so
+while a writer waits no new reader opens the file and the current ones finish
+within one short read.
+
+A run records where it runs (host, pid, the process's start time) and a
+heartbeat; `list_runs` reports a `running` run whose process is gone as
+`interrupted` (see docs/STORE.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
+import shlex
+import shutil
+import socket
+import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 import duckdb
 import numpy as np
 import pandas as pd
+import psutil
 
 from .models import MoeVizError
+from .store_location import location_problem
+
+try:
+    import fcntl
+except ImportError:  # Windows: no writer gate, plain retries
+    fcntl = None
 
 DEFAULT_STORE = Path("cache") / "moe_viz.duckdb"
 LOCK_TIMEOUT_S = 60.0
+# complete_run waits this long for the lock before saving the run to a file
+# (MOE_VIZ_COMMIT_TIMEOUT overrides it; so does complete_run(lock_timeout=...)).
+COMMIT_LOCK_TIMEOUT_S = 600.0
+HEARTBEAT_INTERVAL_S = 30.0  # a capture refreshes its run's heartbeat_at this often
+HEARTBEAT_LOCK_TIMEOUT_S = 5.0  # a heartbeat that cannot get the lock is skipped
+# A `running` run on another host whose heartbeat is older than this is `interrupted`
+# (generous: covers clock skew between hosts and long lock waits).
+HEARTBEAT_STALE_S = 600.0
+READER_GATE_WAIT_S = 10.0  # a reader waits at most this long for a waiting writer, then opens anyway
 
 # Forward-only migrations: version -> statements. Never edit a shipped entry;
 # add a new version instead.
@@ -85,9 +118,31 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX layer_stats_run ON layer_stats (run_id)",
         "CREATE INDEX coactivation_run ON coactivation (run_id, layer)",
     ],
+    # Where a run's process runs, so that readers can tell a live run from one whose process died.
+    2: [
+        "ALTER TABLE runs ADD COLUMN host VARCHAR",           # socket.gethostname()
+        "ALTER TABLE runs ADD COLUMN pid_namespace VARCHAR",  # boot id + pid namespace: where `pid` means something
+        "ALTER TABLE runs ADD COLUMN pid INTEGER",
+        "ALTER TABLE runs ADD COLUMN process_started DOUBLE",  # the process's start time (epoch s), tells pid reuse apart
+        "ALTER TABLE runs ADD COLUMN heartbeat_at TIMESTAMP",  # UTC, refreshed while the capture runs
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 STAT_TABLES = ("expert_stats", "layer_stats", "coactivation")
+STORE_TABLES = frozenset({"schema_version", "runs", *STAT_TABLES})
+RUN_STATUSES = ("running", "complete", "failed", "interrupted")  # `interrupted` is derived on read
+
+
+class StoreLockedError(MoeVizError):
+    """The store stayed locked by other processes for the whole timeout."""
+
+
+class RunSavedToFile(MoeVizError):
+    """complete_run could not get the lock; the run's rows were saved to `self.saved` instead."""
+
+    def __init__(self, message: str, saved: Path):
+        super().__init__(message)
+        self.saved = saved
 
 
 def _now() -> datetime:
@@ -96,7 +151,134 @@ def _now() -> datetime:
 
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
-    return "lock" in text and ("conflict" in text or "could not set" in text)
+    # The second: this process has the file open with the other mode (a reader thread
+    # beside a writer thread); like another process's lock, it ends when that closes.
+    return ("lock" in text and ("conflict" in text or "could not set" in text)) or "different configuration" in text
+
+
+def _gate_path(path: Path) -> Path:
+    return path.with_name(path.name + ".writer-lock")
+
+
+_gate_state = threading.local()  # writer gates this thread holds (so nested opens do not wait on themselves)
+
+
+def _holding_gate(path: Path) -> bool:
+    return str(path.absolute()) in getattr(_gate_state, "held", set())
+
+
+@contextmanager
+def _writer_gate(path: Path, deadline: float, timeout: float) -> Iterator[None]:
+    """Hold the writer gate (exclusive flock on STORE.writer-lock) for the duration.
+
+    While it is held, readers do not open the store (see _wait_for_writers), so
+    a writer waiting for DuckDB's lock only waits for the reads already under way.
+    Writers queue on the gate among themselves too.
+    """
+    fd = None
+    if fcntl is not None and not _holding_gate(path):
+        try:
+            fd = os.open(_gate_path(path), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            pass  # e.g. a read-only directory: DuckDB will say what is wrong
+    if fd is None:
+        yield
+        return
+    try:
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreLockedError(f"store {path} stayed locked by another process for {timeout:.0f}s") from None
+                time.sleep(random.uniform(0.5, 1.5) * delay)  # another writer: usually one short commit
+                delay = min(delay * 1.5, 0.02)
+        held = _gate_state.__dict__.setdefault("held", set())
+        key = str(path.absolute())
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _wait_for_writers(path: Path, deadline: float) -> None:
+    """Return once no writer holds the gate (or after READER_GATE_WAIT_S: a writer stuck
+    behind some other program's lock must not lock readers out for long)."""
+    if fcntl is None or _holding_gate(path):
+        return
+    try:
+        fd = os.open(_gate_path(path), os.O_RDONLY)
+    except OSError:
+        return  # no writer has ever written here, or the directory is not ours to read
+    try:
+        limit = min(deadline, time.monotonic() + READER_GATE_WAIT_S)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)  # only a test: readers never hold the gate
+                return
+            except BlockingIOError:
+                if time.monotonic() >= limit:
+                    return
+                time.sleep(0.003)
+    finally:
+        os.close(fd)
+
+
+@lru_cache(maxsize=1)
+def duckdb_threads() -> int:
+    """DuckDB worker threads per store connection: $MOE_VIZ_DUCKDB_THREADS, else half the usable CPUs.
+
+    Every query opens the store afresh, and each open starts (and on close joins)
+    a pool of threads-1 workers. With DuckDB's default (all CPUs), two dashboards
+    polling without pause kept 4 threads busy on a 2-core machine and slowed a
+    capture there 2.3x; with 1 thread per connection, 1.4x (docs/BENCHMARKS.md).
+    """
+    value = os.environ.get("MOE_VIZ_DUCKDB_THREADS")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise MoeVizError(f"MOE_VIZ_DUCKDB_THREADS={value!r} must be a positive integer")
+        return int(value)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
+
+
+def _connect_once(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only, config={"threads": duckdb_threads()})
+    except duckdb.Error as exc:
+        if "different configuration" not in str(exc).lower():
+            raise
+    # This process already has the file open with DuckDB's defaults (e.g. a notebook's own
+    # duckdb.connect): share that instance rather than wait for it to close.
+    return duckdb.connect(str(path), read_only=read_only)
+
+
+def _open(path: Path, read_only: bool, deadline: float, timeout: float) -> duckdb.DuckDBPyConnection:
+    delay = 0.002 if not read_only else 0.01
+    while True:
+        if read_only:
+            _wait_for_writers(path, deadline)
+        try:
+            return _connect_once(path, read_only)
+        except (duckdb.IOException, duckdb.Error) as exc:
+            if _is_lock_error(exc) and time.monotonic() < deadline:
+                # Jittered, short: a writer holding the gate only waits for reads already under way.
+                time.sleep(random.uniform(0.5, 1.5) * delay)
+                delay = min(delay * 1.5, 0.05 if not read_only else 0.1)
+                continue
+            if _is_lock_error(exc):
+                raise StoreLockedError(f"store {path} stayed locked by another process for {timeout:.0f}s") from exc
+            raise MoeVizError(f"cannot open store {path}: {str(exc).splitlines()[0]}") from exc
 
 
 @contextmanager
@@ -104,7 +286,9 @@ def connect(path: str | Path, read_only: bool = False, timeout: float = LOCK_TIM
     """Open the store briefly; waits while another process holds the file.
 
     A write connection creates the file and applies pending migrations. A
-    read-only connection to a missing file raises MoeVizError.
+    read-only connection to a missing file raises MoeVizError; so does a DuckDB
+    file that is not a moe_viz store. StoreLockedError (a MoeVizError) if the
+    file stays locked for `timeout` seconds.
     """
     path = Path(path)
     if read_only and not path.exists():
@@ -112,35 +296,49 @@ def connect(path: str | Path, read_only: bool = False, timeout: float = LOCK_TIM
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
+    with nullcontext() if read_only else _writer_gate(path, deadline, timeout):
+        con = _open(path, read_only, deadline, timeout)
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
-            break
-        except (duckdb.IOException, duckdb.Error) as exc:
-            if _is_lock_error(exc) and time.monotonic() < deadline:
-                time.sleep(delay)
-                delay = min(delay * 2, 0.25)
-                continue
-            if _is_lock_error(exc):
-                raise MoeVizError(f"store {path} stayed locked by another process for {timeout:.0f}s") from exc
-            raise MoeVizError(f"cannot open store {path}: {str(exc).splitlines()[0]}") from exc
-    try:
-        _check_schema(con, path, migrate=not read_only)
-        yield con
-    finally:
-        con.close()
+            _check_schema(con, path, migrate=not read_only)
+            yield con
+        finally:
+            con.close()
 
 
-def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
+def _schema_version(con: duckdb.DuckDBPyConnection, path: Path, full: bool = True) -> int:
+    """The store's schema version; 0 for a new, empty file. Refuses DuckDB files that are not stores.
+
+    `full=False` (plain reads, which are frequent) trusts a moe_viz schema_version table
+    without listing the tables: listing costs ~5 ms on a fresh connection.
+    """
+    if not full:
+        try:
+            version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+            if isinstance(version, int) and version >= 1:
+                return version
+        except duckdb.Error:
+            pass  # no (or someone else's) schema_version: the full check says which
+    tables = {r[0] for r in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
+    if not tables:
+        return 0
+    if "schema_version" not in tables:
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise MoeVizError(f"{path} is a DuckDB database but not a moe_viz store (tables {listed}, no schema_version): "
+                          "choose another --store")
     try:
-        return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-    except duckdb.CatalogException:
-        return 0  # a new, empty file
+        version = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+    except duckdb.Error:
+        version = None
+    missing = sorted(STORE_TABLES - tables)
+    if not isinstance(version, int) or version < 1 or (missing and version <= SCHEMA_VERSION):
+        detail = f"missing tables {', '.join(missing)}" if missing else "its schema_version table is not moe_viz's"
+        raise MoeVizError(f"{path} is a DuckDB database but not a moe_viz store ({detail}): choose another --store")
+    return version
 
 
 def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, migrate: bool) -> None:
-    version = _schema_version(con)
+    version = _schema_version(con, path, full=migrate)
     if version > SCHEMA_VERSION:
         raise MoeVizError(f"store {path} has schema v{version}, newer than this moe_viz (v{SCHEMA_VERSION}): upgrade moe_viz")
     if version == SCHEMA_VERSION or not migrate:
@@ -158,11 +356,57 @@ def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, migrate: bool) -> 
         raise
 
 
+def check_store_path(path: str | Path, write: bool) -> Path:
+    """Fail early, with one line, if `path` cannot be a store to read (or write); changes nothing.
+
+    Refused: a path under a regular file, a directory that is not writable (for
+    writing), a file that is not a DuckDB database, a DuckDB file that is not a
+    moe_viz store, or a store newer than this moe_viz. A missing file is fine for
+    writing (it is created on the first write), an error for reading.
+    """
+    path = Path(path)
+    problem = location_problem(path, write)
+    if problem:
+        raise MoeVizError(problem)
+    if path.exists():
+        with connect(path, read_only=True) as con:  # refuses newer schemas
+            _schema_version(con, path, full=True)  # and DuckDB files that are not moe_viz stores
+    return path
+
+
 def settings_key(model_id: str, fingerprint: str, domain: str, source: str, settings: dict) -> str:
     # Where a capture ran does not change what it measures, so it is not part of the key.
     keyed = {k: v for k, v in settings.items() if k != "device"}
     payload = json.dumps([model_id, fingerprint, domain, source, keyed], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def _pid_namespace() -> str:
+    """Boot id and pid namespace of this process: a pid names the same process only within both."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{boot}/{namespace}"
+
+
+def _process_identity() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid_namespace": _pid_namespace(),
+        "pid": os.getpid(),
+        "process_started": psutil.Process().create_time(),
+    }
+
+
+# Rows of the runs this process registered, so that complete_run can save a
+# self-contained file when it cannot reach the store.
+_registered: dict[str, dict] = {}
 
 
 def begin_run(
@@ -176,27 +420,50 @@ def begin_run(
     settings: dict,
     tool_version: str,
 ) -> str:
-    """Register a run as `running` and return its id."""
+    """Register a run as `running` (with this process's host, pid, start time and a heartbeat); return its id."""
     run_id = uuid.uuid4().hex[:12]
+    now = _now()
+    row = {
+        "run_id": run_id,
+        "model_id": model_id,
+        "model_fingerprint": model_fingerprint,
+        "model_type": model_type,
+        "domain": domain,
+        "source": source,
+        "settings": json.dumps(settings, sort_keys=True),
+        "settings_key": settings_key(model_id, model_fingerprint, domain, source, settings),
+        "status": "running",
+        "started_at": now,
+        "tool_version": tool_version,
+        **_process_identity(),
+        "heartbeat_at": now,
+    }
     with connect(path) as con:
-        con.execute(
-            """INSERT INTO runs (run_id, model_id, model_fingerprint, model_type, domain, source, settings,
-                                 settings_key, status, started_at, tool_version)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)""",
-            [
-                run_id,
-                model_id,
-                model_fingerprint,
-                model_type,
-                domain,
-                source,
-                json.dumps(settings, sort_keys=True),
-                settings_key(model_id, model_fingerprint, domain, source, settings),
-                _now(),
-                tool_version,
-            ],
-        )
+        _insert_run_row(con, row)
+    _registered[run_id] = row
     return run_id
+
+
+def _insert_run_row(con: duckdb.DuckDBPyConnection, row: dict) -> None:
+    columns = list(row)
+    con.execute(f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+                [row[c] for c in columns])
+
+
+def heartbeat(path: str | Path, run_id: str, timeout: float = HEARTBEAT_LOCK_TIMEOUT_S) -> None:
+    """Refresh a running run's heartbeat_at (one short write; StoreLockedError if locked for `timeout`)."""
+    with connect(path, timeout=timeout) as con:
+        con.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND status = 'running'", [_now(), run_id])
+
+
+def _commit_timeout(lock_timeout: float | None) -> float:
+    if lock_timeout is not None:
+        return lock_timeout
+    value = os.environ.get("MOE_VIZ_COMMIT_TIMEOUT")
+    try:
+        return float(value) if value else COMMIT_LOCK_TIMEOUT_S
+    except ValueError:
+        raise MoeVizError(f"MOE_VIZ_COMMIT_TIMEOUT={value!r} must be a number of seconds") from None
 
 
 def complete_run(
@@ -208,38 +475,155 @@ def complete_run(
     coactivation: pd.DataFrame,
     tokens: int,
     sequences: int,
+    lock_timeout: float | None = None,
 ) -> None:
     """Write all of a run's rows and mark it complete, in one transaction.
 
     Earlier runs with the same settings key (same model, domain, source and
     settings) are deleted in the same transaction, so a re-capture replaces
     the old data atomically.
+
+    Waits up to `lock_timeout` seconds for the store (default COMMIT_LOCK_TIMEOUT_S,
+    or $MOE_VIZ_COMMIT_TIMEOUT). If it stays locked, the run's rows are saved to
+    a directory beside the store (see `pending_dir`) and RunSavedToFile says
+    how to import them: the statistics are never thrown away.
     """
     frames = {"expert_stats": expert_stats, "layer_stats": layer_stats, "coactivation": coactivation}
-    with connect(path) as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            key = con.execute("SELECT settings_key FROM runs WHERE run_id = ?", [run_id]).fetchone()
-            if key is None:
-                raise MoeVizError(f"run {run_id} is not in the store")
-            old = [r[0] for r in con.execute(
-                "SELECT run_id FROM runs WHERE settings_key = ? AND run_id <> ?", [key[0], run_id]
-            ).fetchall()]
-            _delete_runs(con, old)
+    timeout = _commit_timeout(lock_timeout)
+    try:
+        with connect(path, timeout=timeout) as con:
+            _commit_run(con, run_id, frames, tokens, sequences)
+    except StoreLockedError as exc:
+        saved = save_run_file(path, run_id, frames, tokens, sequences)
+        command = f"moe-viz import-run {shlex.quote(str(saved))} --store {shlex.quote(str(path))}"
+        raise RunSavedToFile(
+            f"store {path} stayed locked for {timeout:.0f}s, so run {run_id} was saved to {saved}; "
+            f"import it with: {command}", saved) from exc
+    _registered.pop(run_id, None)
+
+
+def _commit_run(con: duckdb.DuckDBPyConnection, run_id: str, frames: dict[str, pd.DataFrame], tokens: int,
+                sequences: int, row: dict | None = None) -> None:
+    """The one transaction that completes a run (`row`: insert the run first if the store lacks it)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        key = con.execute("SELECT settings_key FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        if key is None and row is None:
+            raise MoeVizError(f"run {run_id} is not in the store")
+        if key is None:
+            _insert_run_row(con, row)
+            key = (row["settings_key"],)
+        old = [r[0] for r in con.execute(
+            "SELECT run_id FROM runs WHERE settings_key = ? AND run_id <> ?", [key[0], run_id]
+        ).fetchall()]
+        _delete_runs(con, old)
+        for table, frame in frames.items():
+            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])  # an import repeated
+            frame = frame.assign(run_id=run_id)
+            con.register("incoming", frame)
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
+            con.unregister("incoming")
+        con.execute(
+            """UPDATE runs SET status = 'complete', tokens = ?, sequences = ?, num_moe_layers = ?,
+                               finished_at = ?, error = NULL WHERE run_id = ?""",
+            [tokens, sequences, len(frames["layer_stats"]), _now(), run_id],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+# -- runs saved to files when the store stayed locked --------------------------
+
+PENDING_FORMAT = "moe_viz pending run"
+
+
+def pending_dir(path: str | Path) -> Path:
+    """Where complete_run saves runs it could not commit: STORE.pending/ beside the store."""
+    path = Path(path)
+    return path.with_name(path.name + ".pending")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_run_file(path: str | Path, run_id: str, frames: dict[str, pd.DataFrame], tokens: int,
+                  sequences: int) -> Path:
+    """Write a run's rows to STORE.pending/RUN_ID/ (Parquet per table + run.json), atomically.
+
+    Written into a hidden temporary directory, fsynced, then renamed into place:
+    the directory either holds everything or does not exist.
+    """
+    parent = pending_dir(path)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / run_id
+    if final.exists():
+        final = parent / f"{run_id}-{uuid.uuid4().hex[:6]}"
+    tmp = parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with duckdb.connect() as mem:  # in-memory: writes Parquet without pyarrow
             for table, frame in frames.items():
-                frame = frame.assign(run_id=run_id)
-                con.register("incoming", frame)
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
-                con.unregister("incoming")
-            con.execute(
-                """UPDATE runs SET status = 'complete', tokens = ?, sequences = ?, num_moe_layers = ?,
-                                   finished_at = ?, error = NULL WHERE run_id = ?""",
-                [tokens, sequences, len(layer_stats), _now(), run_id],
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+                mem.register("frame", frame.assign(run_id=run_id))
+                target = str(tmp / f"{table}.parquet").replace("'", "''")
+                mem.execute(f"COPY frame TO '{target}' (FORMAT parquet)")
+                mem.unregister("frame")
+        row = _registered.get(run_id)
+        meta = {
+            "format": PENDING_FORMAT,
+            "version": 1,
+            "run_id": run_id,
+            "store": str(Path(path).absolute()),
+            "tokens": int(tokens),
+            "sequences": int(sequences),
+            "saved_at": _now().isoformat(),
+            "run": {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()} if row else None,
+        }
+        (tmp / "run.json").write_text(json.dumps(meta, indent=1))
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        os.rename(tmp, final)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def import_run_file(saved: str | Path, path: str | Path) -> str:
+    """Complete a run from a directory written by save_run_file; returns its run id.
+
+    The same transaction as complete_run (older runs with the same settings are
+    replaced); the run is inserted if the store lacks it. The directory is removed
+    once the rows are committed.
+    """
+    saved = Path(saved)
+    if saved.is_file() and saved.name == "run.json":
+        saved = saved.parent
+    try:
+        meta = json.loads((saved / "run.json").read_text())
+        if meta.get("format") != PENDING_FORMAT:
+            raise ValueError("not a saved moe_viz run")
+        run_id, tokens, sequences = str(meta["run_id"]), int(meta["tokens"]), int(meta["sequences"])
+        frames = {}
+        with duckdb.connect() as mem:
+            for table in STAT_TABLES:
+                frames[table] = mem.execute("SELECT * EXCLUDE (run_id) FROM read_parquet(?)",
+                                            [str(saved / f"{table}.parquet")]).df()
+    except (OSError, ValueError, KeyError, TypeError, duckdb.Error) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MoeVizError(f"{saved} is not a run saved by moe_viz ({reason})") from exc
+    with connect(path) as con:
+        _commit_run(con, run_id, frames, tokens, sequences, row=meta.get("run"))
+    shutil.rmtree(saved, ignore_errors=True)
+    return run_id
 
 
 def _delete_runs(con: duckdb.DuckDBPyConnection, run_ids: list[str]) -> None:
@@ -260,6 +644,7 @@ def fail_run(path: str | Path, run_id: str, error: str) -> None:
             [error[:2000], _now(), run_id],
         )
         con.execute("COMMIT")
+    _registered.pop(run_id, None)
 
 
 def delete_runs(path: str | Path, run_ids: list[str]) -> None:
@@ -273,10 +658,60 @@ def delete_runs(path: str | Path, run_ids: list[str]) -> None:
 # -- queries -----------------------------------------------------------------
 
 def list_runs(path: str | Path, status: str | None = None) -> pd.DataFrame:
-    """All runs, newest first (optionally only one status)."""
-    query = "SELECT * FROM runs" + (" WHERE status = ?" if status else "") + " ORDER BY started_at DESC"
+    """All runs, newest first (optionally only one status).
+
+    `status` is as stored, except that a `running` run whose process is gone
+    reads as `interrupted` (see run_is_live).
+    """
+    if status is not None and status not in RUN_STATUSES:
+        raise MoeVizError(f"unknown run status {status!r}: one of {', '.join(RUN_STATUSES)}")
+    stored = {"running", "interrupted"} if status in ("running", "interrupted") else {status}
+    query = "SELECT * FROM runs" + (" WHERE status IN (SELECT unnest(?))" if status else "") + " ORDER BY started_at DESC"
     with connect(path, read_only=True) as con:
-        return con.execute(query, [status] if status else []).df()
+        runs = con.execute(query, [sorted(stored)] if status else []).df()
+    if (runs.status == "running").any():
+        now = _now()
+        dead = [i for i, row in runs[runs.status == "running"].iterrows() if not run_is_live(row.to_dict(), now)]
+        runs.loc[dead, "status"] = "interrupted"
+    if status:
+        runs = runs[runs.status == status].reset_index(drop=True)
+    return runs
+
+
+def _process_matches(pid, started) -> bool | None:
+    """Is process `pid` (on this host) the one that started at `started`? None if it cannot be told."""
+    try:
+        process = psutil.Process(int(pid))
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # create_time is boot time + start ticks: equal for the same process; a reused pid started later.
+        return abs(process.create_time() - float(started)) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, TypeError, ValueError):
+        return None
+
+
+def run_is_live(run: dict, now: datetime | None = None) -> bool:
+    """Whether the process of a `running` run may still finish it.
+
+    On the host (and pid namespace) that runs it: its pid is alive and started
+    when the run's process did (a reused pid is not). Elsewhere: its heartbeat is
+    younger than HEARTBEAT_STALE_S. A run without a recorded process (made before
+    schema v2) is not live: a v1 moe_viz cannot write to a v2 store.
+    """
+    host = run.get("host")
+    if not isinstance(host, str) or not host:
+        return False
+    if host == socket.gethostname() and run.get("pid_namespace") == _pid_namespace():
+        verdict = _process_matches(run.get("pid"), run.get("process_started"))
+        if verdict is not None:
+            return verdict
+    beat = run.get("heartbeat_at")
+    if beat is None or pd.isna(beat):
+        return False
+    age = ((now or _now()) - pd.Timestamp(beat).to_pydatetime()).total_seconds()
+    return age < HEARTBEAT_STALE_S
 
 
 def _rows_of_runs(path: str | Path, table: str, run_ids: list[str], order: list[str],

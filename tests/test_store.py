@@ -1,7 +1,12 @@
+import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -149,3 +154,208 @@ def test_runs_of_two_models_with_the_same_domain_read_back_together(store_path, 
     assert both.domain.astype(str).unique().tolist() == ["code"]
     assert both.run_id.astype(str).value_counts().to_dict() == {a: 16, b: 16}
     assert store.expert_stats(store_path, [b]).run_id.astype(str).unique().tolist() == [b]
+
+
+# -- complete_run atomicity --------------------------------------------------------
+
+def test_a_failing_insert_leaves_no_partial_run_and_keeps_the_old_one(store_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    [old] = _capture(model, tokenizer, store_path)
+    old_rows = store.expert_stats(store_path, [old])
+    [stored] = store.list_runs(store_path).to_dict("records")
+    new = store.begin_run(store_path, model_id="tiny", model_fingerprint=stored["model_fingerprint"],
+                          model_type="qwen3_moe", domain="code", source=stored["source"],
+                          settings=json.loads(stored["settings"]), tool_version="test")
+    keys = store.list_runs(store_path).set_index("run_id").settings_key
+    assert keys[new] == keys[old]  # completing `new` deletes `old` in the same transaction...
+    layers = store.layer_stats(store_path, [old]).drop(columns=["domain", "run_id"])
+    pairs = pd.DataFrame({"layer": [0, 0], "expert_a": [0, 1], "expert_b": [1, 2], "tokens": [4, None]})
+    with pytest.raises(duckdb.ConstraintException, match="NOT NULL"):  # ...unless an insert fails: the last one here
+        store.complete_run(store_path, new, expert_stats=old_rows.drop(columns=["domain", "run_id"]),
+                           layer_stats=layers, coactivation=pairs, tokens=400, sequences=13)
+    runs = store.list_runs(store_path).set_index("run_id")
+    assert runs.loc[old, "status"] == "complete"
+    assert runs.loc[new, "status"] == "running" and pd.isna(runs.loc[new, "tokens"])
+    pd.testing.assert_frame_equal(store.expert_stats(store_path, [old]), old_rows)
+    with duckdb.connect(str(store_path), read_only=True) as con:
+        for table in store.STAT_TABLES:
+            assert con.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [new]).fetchone()[0] == 0, table
+            assert con.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [old]).fetchone()[0] > 0, table
+
+
+# -- migrations --------------------------------------------------------------------
+
+def test_a_v1_store_migrates_to_v2_and_keeps_its_runs(store_path):
+    with duckdb.connect(str(store_path)) as con:  # a store as moe_viz v1 wrote it
+        con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL)")
+        for statement in store.MIGRATIONS[1]:
+            con.execute(statement)
+        con.execute("INSERT INTO schema_version VALUES (1, now()::TIMESTAMP)")
+        for run_id, status in [("done0000000a", "complete"), ("dead0000000b", "running")]:
+            con.execute("""INSERT INTO runs (run_id, model_id, model_fingerprint, domain, source, settings, settings_key,
+                           status, started_at, tool_version) VALUES (?, 'm', 'f', ?, 's', '{}', ?, ?, now()::TIMESTAMP, '0.0')""",
+                        [run_id, run_id, run_id, status])
+        con.execute("INSERT INTO layer_stats VALUES ('done0000000a', 0, 'mlp', 10, 4, 2, 'softmax', 1.0)")
+    runs = store.list_runs(store_path).set_index("run_id")  # a reader does not migrate...
+    assert runs.loc["dead0000000b", "status"] == "interrupted"  # ...and a v1 `running` row has no process to be alive
+    with store.connect(store_path):
+        pass
+    with duckdb.connect(str(store_path), read_only=True) as con:
+        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()] == [1, 2]
+        columns = {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
+    assert {"host", "pid_namespace", "pid", "process_started", "heartbeat_at"} <= columns
+    runs = store.list_runs(store_path).set_index("run_id")
+    assert runs.status.to_dict() == {"done0000000a": "complete", "dead0000000b": "interrupted"}
+    assert store.layer_stats(store_path, ["done0000000a"]).tokens.tolist() == [10]
+    new = store.begin_run(store_path, model_id="m", model_fingerprint="f", model_type="", domain="x", source="s",
+                          settings={}, tool_version="t")
+    assert store.list_runs(store_path).set_index("run_id").loc[new, "status"] == "running"
+
+
+# -- store path validation -----------------------------------------------------------
+
+def _tree_state(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_line_refusal(path, write, match):
+    with pytest.raises(MoeVizError) as info:
+        store.check_store_path(path, write=write)
+    assert "\n" not in str(info.value) and match in str(info.value), str(info.value)
+
+
+def test_store_under_a_regular_file_is_refused(tmp_path):
+    (tmp_path / "file.txt").write_text("hello")
+    before = _tree_state(tmp_path)
+    for write in (True, False):
+        _one_line_refusal(tmp_path / "file.txt" / "store.duckdb", write, "file.txt is a file, not a directory")
+        _one_line_refusal(tmp_path / "file.txt" / "deeper" / "store.duckdb", write, "is a file, not a directory")
+    _one_line_refusal("/etc/hosts/x.duckdb", True, "/etc/hosts is a file")
+    assert _tree_state(tmp_path) == before
+
+
+def test_files_that_are_not_moe_viz_stores_are_refused_untouched(tmp_path):
+    text = tmp_path / "notes.duckdb"
+    text.write_bytes(b"just some text\n" * 100)
+    empty = tmp_path / "empty.duckdb"
+    empty.write_bytes(b"")
+    foreign = tmp_path / "foreign.duckdb"
+    with duckdb.connect(str(foreign)) as con:
+        con.execute("CREATE TABLE people (name VARCHAR)")
+        con.execute("INSERT INTO people VALUES ('ada')")
+    lookalike = tmp_path / "lookalike.duckdb"  # a schema_version table, but someone else's
+    with duckdb.connect(str(lookalike)) as con:
+        con.execute("CREATE TABLE schema_version (name VARCHAR, applied VARCHAR)")
+    half = tmp_path / "half.duckdb"  # moe_viz's version table without moe_viz's tables
+    with duckdb.connect(str(half)) as con:
+        con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL)")
+        con.execute("INSERT INTO schema_version VALUES (1, now()::TIMESTAMP)")
+    directory = tmp_path / "adir.duckdb"
+    directory.mkdir()
+    before = _tree_state(tmp_path)
+    for write in (True, False):
+        _one_line_refusal(text, write, "is not a DuckDB database")
+        _one_line_refusal(empty, write, "is not a DuckDB database")
+        _one_line_refusal(foreign, write, "not a moe_viz store (tables people, no schema_version)")
+        _one_line_refusal(lookalike, write, "not a moe_viz store")
+        _one_line_refusal(half, write, "not a moe_viz store (missing tables coactivation, expert_stats")
+        _one_line_refusal(directory, write, "is a directory")
+    # writing through the store API is refused too: moe_viz never migrates its tables into someone's database
+    with pytest.raises(MoeVizError, match="not a moe_viz store"):
+        store.begin_run(foreign, model_id="m", model_fingerprint="f", model_type="", domain="d", source="s",
+                        settings={}, tool_version="t")
+    after = _tree_state(tmp_path)
+    assert {k: v for k, v in after.items() if not k.endswith(".writer-lock")} == before
+    with duckdb.connect(str(foreign), read_only=True) as con:
+        assert con.execute("SELECT table_name FROM duckdb_tables()").fetchall() == [("people",)]
+
+
+def test_good_store_paths_pass_and_create_nothing(tmp_path, store_path, model_and_tokenizer):
+    assert store.check_store_path(tmp_path / "new" / "dir" / "s.duckdb", write=True)
+    assert not (tmp_path / "new").exists()
+    _one_line_refusal(tmp_path / "new" / "s.duckdb", False, "no store at")
+    model, tokenizer = model_and_tokenizer
+    _capture(model, tokenizer, store_path)
+    for write in (True, False):
+        assert store.check_store_path(store_path, write=write) == store_path
+
+
+def test_cli_refuses_bad_stores_before_loading_anything(tmp_path, capsys):
+    from moe_viz.cli import main
+    from moe_viz.export import PRUNE_MANIFEST
+    from tiny_models import save_tiny_model
+
+    (tmp_path / "file.txt").write_text("x")
+    bad = str(tmp_path / "file.txt" / "store.duckdb")
+    text = tmp_path / "code.txt"
+    text.write_text(TEXT)
+    # verify first checks the export's manifest and source files (cheap, nothing loaded), then the store
+    model = save_tiny_model(tmp_path / "model")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / PRUNE_MANIFEST).write_text(json.dumps({"source_model": str(model), "plan": {}}))
+    commands = [
+        # the model does not exist either: the store error proves the store is checked first
+        ["capture", "--model", str(tmp_path / "no-model"), "--domain", f"code={text}", "--store", bad],
+        ["prune", "--model", str(tmp_path / "no-model"), "--criterion", "frequency", "--keep", "2",
+         "--out", str(tmp_path / "out"), "--store", bad],
+        ["verify", str(tmp_path / "export"), "--store", bad],
+        ["import-run", str(tmp_path / "no-run"), "--store", bad],
+    ]
+    before = _tree_state(tmp_path)
+    capsys.readouterr()  # what saving the model printed
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "file.txt is a file, not a directory" in err, (argv, err)
+    assert _tree_state(tmp_path) == before
+
+
+READ_ONLY_PROBE = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from moe_viz.store_location import location_problem
+ro = sys.argv[2]
+assert os.geteuid() != 0
+try:
+    open(os.path.join(ro, "probe"), "w")
+    print("WRITABLE")
+except PermissionError:
+    pass
+for path, write in [(os.path.join(ro, "s.duckdb"), True), (os.path.join(ro, "sub", "s.duckdb"), True),
+                    (os.path.join(ro, "existing.duckdb"), True), (os.path.join(ro, "existing.duckdb"), False)]:
+    print(repr(location_problem(path, write)))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to switch to an unprivileged user), setpriv and a system python3")
+def test_read_only_directory_is_refused_for_a_user_who_cannot_write_there():
+    """Root writes anywhere, so the directory is made read-only for `nobody` and the check runs as nobody.
+
+    The check itself needs only the standard library (moe_viz.store_location), which is
+    what lets it run in the system python3 that nobody can execute.
+    """
+    top = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        ro = top / "ro"
+        ro.mkdir()
+        with duckdb.connect(str(ro / "existing.duckdb")) as con:
+            con.execute("CREATE TABLE t (x INTEGER)")
+        (ro / "existing.duckdb").chmod(0o644)
+        ro.chmod(0o555)
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", READ_ONLY_PROBE,
+             str(root), str(ro)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert "WRITABLE" not in lines  # really read-only for that user
+        assert f"directory {ro} is not writable" in lines[0]
+        assert f"directory {ro} is not writable" in lines[1]  # the nearest existing ancestor decides
+        assert "existing.duckdb is read-only" in lines[2]
+        assert lines[3] == "None"  # reading a store in a read-only directory is fine
+    finally:
+        (top / "ro").chmod(0o755) if (top / "ro").exists() else None
+        shutil.rmtree(top)

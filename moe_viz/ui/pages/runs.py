@@ -22,6 +22,10 @@ if table is not None:
             hide_index=True,
             column_config={"tokens": st.column_config.NumberColumn("tokens", format="%d")},
         )
+        if (table.status == "interrupted").any():
+            st.caption("interrupted: the capture's process ended without finishing the run (killed, crashed, "
+                       "machine restarted); it has no statistics. Capture the domain again, or, if the capture "
+                       "printed a `moe-viz import-run` command, run that.")
 
 st.subheader("New capture")
 with st.form("capture"):
