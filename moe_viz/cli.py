@@ -142,6 +142,23 @@ def cmd_import_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_text(args: argparse.Namespace, plan, tokenizer, vocab: int) -> dict[str, list[list[int]]]:
+    """--eval-domain text, else what the plan's captured domains' statistics did not see."""
+    from .evaluate import evaluation_sequences, named_sequences
+
+    notes: list[str] = []
+    if args.eval_domain:
+        sequences = named_sequences(args.eval_domain, tokenizer, vocab, args.seq_len, args.max_tokens)
+    else:
+        sequences, notes = evaluation_sequences(args.store, plan, tokenizer, vocab, args.seq_len, args.max_tokens)
+    sequences = {name: seqs for name, seqs in sequences.items() if seqs}
+    if not sequences:
+        raise MoeVizError("no evaluation text: " + ("; ".join(notes) or "give --eval-domain NAME=SOURCE"))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return sequences
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a pruning plan without exporting it: per-domain quality vs the unpruned model.
 
@@ -154,10 +171,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     statistics did not see (built-in held-out splits; the rest of a file source).
     """
     from .checkpoint import load_config
-    from .evaluate import evaluate_plan, evaluation_sequences, named_sequences, reference_batches
+    from .evaluate import evaluate_plan, reference_batches
     from .models import canonical_model_id, check_model_path, load_model
     from .plan import PrunePlan, build_plan, parse_domain_weights
 
+    check_store_path(args.store, write=False)
     check_model_path(args.model)
     if args.plan:
         try:
@@ -171,17 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           config=load_config(args.model), sparsity=args.sparsity, keep=args.keep, scope=args.scope,
                           seed=args.seed)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    notes: list[str] = []
-    if args.eval_domain:
-        sequences = named_sequences(args.eval_domain, tokenizer, vocab, args.seq_len, args.max_tokens)
-    else:
-        sequences, notes = evaluation_sequences(args.store, plan, tokenizer, vocab, args.seq_len, args.max_tokens)
-    sequences = {name: seqs for name, seqs in sequences.items() if seqs}
-    if not sequences:
-        raise MoeVizError("no evaluation text: " + ("; ".join(notes) or "give --eval-domain NAME=SOURCE"))
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+    sequences = _evaluation_text(args, plan, tokenizer, model.get_input_embeddings().weight.shape[0])
     references = {name: reference_batches(model, seqs, args.batch_size) for name, seqs in sequences.items()}
     results = evaluate_plan(model, plan.dropped, references, seed=args.seed)
     if args.json:
@@ -193,6 +201,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ci = f"[{r['kl_ci'][0]:.4f}, {r['kl_ci'][1]:.4f}]"
         print(f"{r['domain']:<14}{r['tokens']:>8}{r['nll_original']:>10.4f}{r['nll_pruned']:>12.4f}{r['kl']:>9.4f}"
               f"{ci:>20}{r['top1_agreement']:>12.3f}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Quality vs sparsity for several criteria: evaluate every (criterion, sparsity, scope) plan.
+
+    Each plan is evaluated like `evaluate` (no export) on the same evaluation
+    text; the random baseline is always included. Every result is stored in the
+    store (table plan_evals), keyed by the weights, the kept experts, the seed
+    and the evaluation tokens, so a repeated sweep is served from the store.
+    """
+    from tqdm.auto import tqdm
+
+    from .checkpoint import load_config
+    from .models import canonical_model_id, check_model_path, load_model
+    from .plan import parse_domain_weights
+    from .sweep import run_sweep, sweep_plans
+
+    check_store_path(args.store, write=True)
+    check_model_path(args.model)
+    try:
+        sparsities = [float(x) for x in args.sparsities.split(",") if x.strip()]
+    except ValueError as exc:
+        raise MoeVizError(f"--sparsities {args.sparsities!r} must be numbers separated by commas, e.g. 0.25,0.5") from exc
+    criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
+    plans = sweep_plans(args.store, canonical_model_id(args.model), criteria, sparsities,
+                        parse_domain_weights(args.domain), load_config(args.model), scopes, args.seed)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    sequences = _evaluation_text(args, plans[0], tokenizer, model.get_input_embeddings().weight.shape[0])
+    bar = tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr)
+
+    def progress(p) -> None:
+        bar.update(p.done - bar.n)
+        bar.set_postfix(cached=p.cached)
+
+    rows = run_sweep(model, args.store, plans, sequences, args.batch_size, args.seed, progress)
+    bar.close()
+    if args.json:
+        print(json.dumps({"results": rows}))
+        return 0
+    print(f"{'criterion':<14}{'scope':<9}{'sparsity':>9}{'domain':>14}{'KL':>9}{'KL 95% CI':>20}{'ΔNLL':>9}{'top1':>7}")
+    for r in rows:
+        ci = f"[{r['kl_ci'][0]:.4f}, {r['kl_ci'][1]:.4f}]"
+        print(f"{r['criterion']:<14}{r['scope']:<9}{r['sparsity']:>9.3f}{r['domain']:>14}{r['kl']:>9.4f}{ci:>20}"
+              f"{r['nll_pruned'] - r['nll_original']:>9.4f}{r['top1_agreement']:>7.3f}")
     return 0
 
 
@@ -255,6 +309,19 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by `evaluate` and `sweep`."""
+    p.add_argument("--domain", action="append", default=[], metavar="NAME[:WEIGHT]", help="calibration domain(s) to score on")
+    p.add_argument("--eval-domain", action="append", default=[], metavar="NAME=SOURCE", help="evaluation text; repeat")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence (default 128)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="evaluation tokens per domain (default 2048)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and random-criterion seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-viz", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -310,18 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--sparsity", type=float, help="fraction of routed experts to remove, in [0, 1)")
     amount.add_argument("--keep", type=int, help="experts to keep in every MoE layer")
-    p.add_argument("--domain", action="append", default=[], metavar="NAME[:WEIGHT]", help="calibration domain(s) to score on")
     p.add_argument("--scope", default="uniform", choices=["uniform", "global"])
     p.add_argument("--plan", default=None, help="a plan JSON (the `plan` object of `evaluate --json`) instead of a criterion")
-    p.add_argument("--eval-domain", action="append", default=[], metavar="NAME=SOURCE", help="evaluation text; repeat")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence (default 128)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="evaluation tokens per domain (default 2048)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--seed", type=int, default=0, help="bootstrap and random-criterion seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print one JSON object {plan, results}")
+    _evaluation_arguments(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("sweep", help=cmd_sweep.__doc__.splitlines()[0], description=cmd_sweep.__doc__)
+    p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    p.add_argument("--criteria", default="frequency,soft_count,reap", help=f"comma-separated, from: {', '.join(CRITERIA)}")
+    p.add_argument("--sparsities", default="0.25,0.5,0.75", help="comma-separated fractions of experts removed")
+    p.add_argument("--scopes", default="uniform", help="comma-separated: uniform, global")
+    _evaluation_arguments(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = commands.add_parser("demo", help=cmd_demo.__doc__.splitlines()[0], description=cmd_demo.__doc__)
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import random
 import shlex
@@ -126,10 +127,51 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN process_started DOUBLE",  # the process's start time (epoch s), tells pid reuse apart
         "ALTER TABLE runs ADD COLUMN heartbeat_at TIMESTAMP",  # UTC, refreshed while the capture runs
     ],
+    # Plan evaluations (moe_viz/sweep.py): one row per evaluated plan and evaluation domain.
+    3: [
+        """CREATE TABLE plan_evals (
+            plan_key VARCHAR NOT NULL,       -- hash(model fingerprint, kept experts, bootstrap seed)
+            eval_domain VARCHAR NOT NULL,
+            eval_set VARCHAR NOT NULL,       -- hash of the evaluation tokens
+            model_id VARCHAR NOT NULL,
+            model_fingerprint VARCHAR NOT NULL,
+            criterion VARCHAR NOT NULL,
+            scope VARCHAR NOT NULL,
+            sparsity DOUBLE NOT NULL,        -- fraction of routed experts the plan removes
+            domains VARCHAR NOT NULL,        -- JSON: calibration domain -> weight
+            plan VARCHAR NOT NULL,           -- the plan's JSON (PrunePlan.to_json)
+            seed INTEGER NOT NULL,
+            tokens BIGINT NOT NULL,
+            sequences INTEGER NOT NULL,
+            nll_original DOUBLE NOT NULL,
+            nll_pruned DOUBLE NOT NULL,
+            kl DOUBLE NOT NULL,
+            top1_agreement DOUBLE NOT NULL,
+            kl_ci_low DOUBLE NOT NULL,
+            kl_ci_high DOUBLE NOT NULL,
+            nll_delta_ci_low DOUBLE NOT NULL,
+            nll_delta_ci_high DOUBLE NOT NULL,
+            top1_agreement_ci_low DOUBLE NOT NULL,
+            top1_agreement_ci_high DOUBLE NOT NULL,
+            created_at TIMESTAMP NOT NULL,
+            tool_version VARCHAR NOT NULL,
+            PRIMARY KEY (plan_key, eval_set)
+        )""",
+        "CREATE INDEX plan_evals_model ON plan_evals (model_id)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 STAT_TABLES = ("expert_stats", "layer_stats", "coactivation")
-STORE_TABLES = frozenset({"schema_version", "runs", *STAT_TABLES})
+
+
+def tables_at(version: int) -> frozenset[str]:
+    """The tables a store at schema `version` has: those its migrations created."""
+    created = {m.group(1) for v in range(1, version + 1) for statement in MIGRATIONS.get(v, [])
+               if (m := re.match(r"\s*CREATE TABLE (\w+)", statement))}
+    return frozenset({"schema_version", *created})
+
+
+STORE_TABLES = tables_at(SCHEMA_VERSION)
 RUN_STATUSES = ("running", "complete", "failed", "interrupted")  # `interrupted` is derived on read
 
 
@@ -330,7 +372,7 @@ def _schema_version(con: duckdb.DuckDBPyConnection, path: Path, full: bool = Tru
         version = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
     except duckdb.Error:
         version = None
-    missing = sorted(STORE_TABLES - tables)
+    missing = sorted(tables_at(version) - tables) if isinstance(version, int) else []
     if not isinstance(version, int) or version < 1 or (missing and version <= SCHEMA_VERSION):
         detail = f"missing tables {', '.join(missing)}" if missing else "its schema_version table is not moe_viz's"
         raise MoeVizError(f"{path} is a DuckDB database but not a moe_viz store ({detail}): choose another --store")

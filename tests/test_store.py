@@ -185,7 +185,7 @@ def test_a_failing_insert_leaves_no_partial_run_and_keeps_the_old_one(store_path
 
 # -- migrations --------------------------------------------------------------------
 
-def test_a_v1_store_migrates_to_v2_and_keeps_its_runs(store_path):
+def test_a_v1_store_migrates_to_the_current_schema_and_keeps_its_runs(store_path):
     with duckdb.connect(str(store_path)) as con:  # a store as moe_viz v1 wrote it
         con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP NOT NULL)")
         for statement in store.MIGRATIONS[1]:
@@ -201,7 +201,7 @@ def test_a_v1_store_migrates_to_v2_and_keeps_its_runs(store_path):
     with store.connect(store_path):
         pass
     with duckdb.connect(str(store_path), read_only=True) as con:
-        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()] == [1, 2]
+        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()] == list(range(1, store.SCHEMA_VERSION + 1))
         columns = {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
     assert {"host", "pid_namespace", "pid", "process_started", "heartbeat_at"} <= columns
     runs = store.list_runs(store_path).set_index("run_id")

@@ -1,0 +1,73 @@
+"""Sweeps: every (criterion, sparsity) plan evaluated like `evaluate`, stored, and served from the store."""
+
+import json
+
+import duckdb
+import pytest
+
+from transformers import AutoConfig
+
+from moe_viz.cli import main
+from moe_viz.sweep import plan_key, sweep_plans
+from tiny_models import SAMPLE_TEXT, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    model_dir = save_tiny_model(root / "model")
+    domains = []
+    for name, text in (("code", SAMPLE_TEXT * 30), ("prose", SAMPLE_TEXT[::-1] * 30)):
+        (root / f"{name}.txt").write_text(text)
+        domains += ["--domain", f"{name}={root / f'{name}.txt'}"]
+    store_path = root / "store.duckdb"
+    assert main(["capture", "--model", str(model_dir), *domains, "--store", str(store_path),
+                 "--seq-len", "64", "--max-tokens", "400"]) == 0
+    return model_dir, store_path
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sweep_equals_evaluate_and_is_served_from_the_store(captured, capsys):
+    model_dir, store_path = captured
+    common = ["--model", str(model_dir), "--store", str(store_path), "--domain", "code", "--domain", "prose:0.5",
+              "--seq-len", "32", "--dtype", "fp32", "--seed", "2", "--json"]
+    capsys.readouterr()
+    assert main(["sweep", *common, "--criteria", "frequency,reap", "--sparsities", "0.25,0.625"]) == 0
+    first = _json(capsys)["results"]
+    # 3 criteria (random always included) x 2 sparsities x 2 evaluation domains
+    assert sorted({(r["criterion"], r["sparsity"]) for r in first}) == [
+        (c, s) for c in ("frequency", "random", "reap") for s in (0.25, 0.625)]
+    assert len(first) == 12 and sorted({r["domain"] for r in first}) == ["code", "prose"]
+
+    for criterion, sparsity in (("reap", 0.625), ("random", 0.25)):
+        assert main(["evaluate", *common, "--criterion", criterion, "--sparsity", str(sparsity)]) == 0
+        evaluated = _json(capsys)["results"]
+        swept = [{k: v for k, v in r.items() if k not in ("criterion", "sparsity", "scope", "cached")}
+                 for r in first if (r["criterion"], r["sparsity"]) == (criterion, sparsity)]
+        assert swept == evaluated
+
+    assert main(["sweep", *common, "--criteria", "frequency,reap", "--sparsities", "0.25,0.625"]) == 0
+    again = _json(capsys)["results"]
+    assert [{**r, "cached": None} for r in again] == [{**r, "cached": None} for r in first]
+    assert all(r["cached"] for r in again) and not any(r["cached"] for r in first[:2])
+
+    # one stored row per distinct plan (plans keeping the same experts share a key) and evaluation domain
+    plans = sweep_plans(store_path, str(model_dir.resolve()), ["frequency", "reap"], [0.25, 0.625],
+                        {"code": 1.0, "prose": 0.5}, AutoConfig.from_pretrained(model_dir), seed=2)
+    keys = {plan_key(plan, 2) for plan in plans}
+    with duckdb.connect(str(store_path), read_only=True) as con:
+        stored = con.execute("SELECT count(*), count(DISTINCT plan_key), count(DISTINCT eval_set) FROM plan_evals").fetchone()
+        stored_keys = {r[0] for r in con.execute("SELECT DISTINCT plan_key FROM plan_evals").fetchall()}
+    assert stored == (2 * len(keys), len(keys), 2) and stored_keys == keys
+
+
+def test_bad_sparsities_fail_before_the_model_loads(captured, capsys):
+    model_dir, store_path = captured
+    code = main(["sweep", "--model", str(model_dir), "--store", str(store_path), "--domain", "code",
+                 "--sparsities", "0.5,x"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moe-viz: error: --sparsities '0.5,x' must be numbers separated by commas, e.g. 0.25,0.5"]
