@@ -101,6 +101,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan = build_plan(
         args.store, model_id, args.criterion, parse_domain_weights(args.domain), config=config,
         sparsity=args.sparsity, keep=args.keep, protected=_parse_protected(args.protect), seed=args.seed,
+        top_k=args.top_k,
     )
     out = export_pruned(plan, model_id, args.out, streaming=True if args.streaming else None, force=args.force,
                         protect=[args.store])
@@ -187,15 +188,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise MoeVizError("give --criterion and one of --sparsity or --keep, or a --plan FILE")
         plan = build_plan(args.store, canonical_model_id(args.model), args.criterion, parse_domain_weights(args.domain),
                           config=load_config(args.model), sparsity=args.sparsity, keep=args.keep, scope=args.scope,
-                          seed=args.seed)
+                          seed=args.seed, top_k=args.top_k)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     sequences = _evaluation_text(args, plan, tokenizer, model.get_input_embeddings().weight.shape[0])
     references = {name: reference_batches(model, seqs, args.batch_size) for name, seqs in sequences.items()}
-    results = evaluate_plan(model, plan.dropped, references, seed=args.seed)
+    results = evaluate_plan(model, plan.dropped, references, seed=args.seed, top_k=plan.top_k)
     if args.json:
         print(json.dumps({"plan": json.loads(plan.to_json()), "results": results}))
         return 0
-    print(f"plan: {plan.criterion}, {plan.scope}, sparsity {plan.sparsity:.3f}")
+    print(f"plan: {plan.criterion}, {plan.scope}, sparsity {plan.sparsity:.3f}"
+          + (f", top-k {plan.top_k}" if plan.top_k is not None else ""))
     print(f"{'domain':<14}{'tokens':>8}{'NLL orig':>10}{'NLL pruned':>12}{'KL':>9}{'KL 95% CI':>20}{'top1 agree':>12}")
     for r in results:
         ci = f"[{r['kl_ci'][0]:.4f}, {r['kl_ci'][1]:.4f}]"
@@ -228,7 +230,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
     plans = sweep_plans(args.store, canonical_model_id(args.model), criteria, sparsities,
-                        parse_domain_weights(args.domain), load_config(args.model), scopes, args.seed)
+                        parse_domain_weights(args.domain), load_config(args.model), scopes, args.seed, args.top_k)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     sequences = _evaluation_text(args, plans[0], tokenizer, model.get_input_embeddings().weight.shape[0])
     bar = tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr)
@@ -319,6 +321,7 @@ def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--seed", type=int, default=0, help="bootstrap and random-criterion seed (default 0)")
+    p.add_argument("--top-k", type=int, default=None, help="also lower the experts per token to this (default: keep it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -357,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it is a previous moe_viz export")
     p.add_argument("--no-verify", action="store_true", help="skip verification")
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
+    p.add_argument("--top-k", type=int, default=None, help="also lower the experts per token (config num_experts_per_tok)")
     p.set_defaults(func=cmd_prune)
 
     p = commands.add_parser("verify", help=cmd_verify.__doc__.splitlines()[0], description=cmd_verify.__doc__)

@@ -128,17 +128,17 @@ def _bootstrap(sums: np.ndarray, seed: int, samples: int = BOOTSTRAP_SAMPLES) ->
 
 
 def evaluate_plan(model: nn.Module, dropped: dict[int, list[int]], references: dict[str, list[ReferenceBatch]],
-                  seed: int = 0) -> list[dict]:
-    """Quality of `model` with the `dropped` experts masked, per evaluation domain.
+                  seed: int = 0, top_k: int | None = None) -> list[dict]:
+    """Quality of `model` with the `dropped` experts masked (and top-k lowered to `top_k`), per evaluation domain.
 
     Returns one dict per domain: tokens (predicted positions), sequences, nll_original and
     nll_pruned (nats/token), kl = mean KL(original ‖ pruned) per token, top1_agreement, and
     95% bootstrap intervals over sequences (kl_ci, nll_delta_ci, top1_agreement_ci).
     """
-    from .masking import masked_experts
+    from .masking import applied_plan
 
     results = []
-    with torch.no_grad(), masked_experts(model, dropped):
+    with torch.no_grad(), applied_plan(model, dropped, top_k):
         for domain, batches in references.items():
             sums = _sequence_sums(model, batches)
             tokens = sums[:, 0].sum()

@@ -39,6 +39,7 @@ from .models import EXPERT_COUNT_KEYS, MoeVizError, find_moe_layers
 from .plan import PrunePlan
 
 PRUNE_MANIFEST = "moe_viz_prune.json"
+TOP_K_KEY = "num_experts_per_tok"  # every supported family's config key for experts per token
 INDEX_FILE = "model.safetensors.index.json"
 # On-disk names vary by family (`mlp.experts.3.w1.weight`, `block_sparse_moe.input_linear.weight`,
 # `mlp.router.layer.weight`, ...). Within a MoE layer, a tensor belongs to the routed experts or
@@ -236,12 +237,17 @@ def _count_keys(config_dict: dict, model_type: str) -> set[str]:
     return keys
 
 
-def write_config(source_dir: Path, out_dir: Path, kept_count: int) -> None:
-    """Copy config.json with every expert-count key (and alias) set to the kept count."""
+def write_config(source_dir: Path, out_dir: Path, kept_count: int, top_k: int | None = None) -> None:
+    """Copy config.json with every expert-count key (and alias) set to the kept count, and the
+    experts-per-token key to `top_k` when the plan lowers it."""
     config = json.loads((source_dir / "config.json").read_text())
     target = config.get("text_config", config) if "text_config" in config else config
     for key in _count_keys(target, target.get("model_type", config.get("model_type", ""))):
         target[key] = kept_count
+    if top_k is not None:
+        if TOP_K_KEY not in target:
+            raise MoeVizError(f"{source_dir / 'config.json'} has no {TOP_K_KEY}: cannot lower this family's top-k")
+        target[TOP_K_KEY] = top_k
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -307,7 +313,7 @@ def prune_model_in_place(model: torch.nn.Module, kept: dict[int, list[int]]) -> 
 def export_in_memory(model: torch.nn.Module, plan: PrunePlan, source_dir: Path, tmp: Path) -> None:
     prune_model_in_place(model, plan.kept)
     model.save_pretrained(tmp)
-    write_config(source_dir, tmp, plan.keep_per_layer)
+    write_config(source_dir, tmp, plan.keep_per_layer, plan.top_k)
 
 
 # -- streaming path ----------------------------------------------------------
@@ -436,7 +442,7 @@ def export_streaming(plan: PrunePlan, source_dir: Path, tmp: Path, progress=None
         index["weight_map"] = dict(sorted(weight_map.items()))
         index.setdefault("metadata", {})["total_size"] = total
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    write_config(source_dir, tmp, plan.keep_per_layer)
+    write_config(source_dir, tmp, plan.keep_per_layer, plan.top_k)
 
 
 # -- entry point -------------------------------------------------------------

@@ -80,3 +80,51 @@ def masked_experts(model: torch.nn.Module, dropped: dict[int, list[int]]) -> Ite
         for index, experts in dropped.items():
             stack.enter_context(masked_layer(layers[index], experts))
         yield
+
+
+TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok")
+
+
+@contextmanager
+def reduced_top_k(model: torch.nn.Module, top_k: int | None) -> Iterator[None]:
+    """While active, every MoE block routes each token to `top_k` experts instead of the model's k.
+
+    Sets the block's and router's own top-k attributes, which is what a checkpoint whose config
+    says `num_experts_per_tok = top_k` builds. A family whose block ignores them (PhiMoE's
+    sparsemixer is always top-2) is refused on the first forward pass rather than evaluated wrongly.
+    """
+    if top_k is None:
+        yield
+        return
+    saved, hooks = [], []
+
+    def check(module, args):
+        if args[1].shape[-1] != top_k:
+            raise MoeVizError(f"{type(module).__name__} still routes {args[1].shape[-1]} experts per token with "
+                              f"top_k set to {top_k}: this family's router cannot lower its top-k")
+
+    try:
+        for layer in find_moe_layers(model):
+            for module in layer.block.modules():
+                for name in TOP_K_ATTRIBUTES:
+                    value = getattr(module, name, None)
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        if top_k > value:
+                            raise MoeVizError(f"top-k {top_k} is more than the model's {value}: it can only be lowered")
+                        saved.append((module, name, value))
+                        setattr(module, name, top_k)
+            if layer.adapter == "fused":
+                hooks.append(layer.experts.register_forward_pre_hook(check))
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+@contextmanager
+def applied_plan(model: torch.nn.Module, dropped: dict[int, list[int]], top_k: int | None = None) -> Iterator[None]:
+    """The reference for a plan: its dropped experts masked and, if it lowers top-k, top-k lowered."""
+    with reduced_top_k(model, top_k), masked_experts(model, dropped):
+        yield

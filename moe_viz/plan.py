@@ -8,7 +8,7 @@ the run ids of the statistics it used.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,7 @@ class PrunePlan:
     seed: int = 0
     tool_version: str = __version__
     checkpoint_digest: str | None = None  # of the captured files (runs' settings); export refuses other files
+    top_k: int | None = None  # experts per token after pruning (lowered top-k); None keeps the model's
 
     @property
     def exportable(self) -> bool:
@@ -224,6 +225,7 @@ def build_plan(
     scope: str = "uniform",
     protected: dict[int, list[int]] | None = None,
     seed: int = 0,
+    top_k: int | None = None,
 ) -> PrunePlan:
     """Score experts on the given domains and choose what each layer keeps.
 
@@ -242,6 +244,10 @@ def build_plan(
     layer_rows = store.layer_stats(store_path, list(run_ids.values()))
     observed_top_k = int(layer_rows.top_k.max())
     constraints = RouterConstraints.from_config(config, observed_top_k) if config else RouterConstraints(observed_top_k)
+    if top_k is not None:
+        if not 1 <= top_k <= constraints.top_k:
+            raise MoeVizError(f"--top-k {top_k} must be between 1 and the model's top-k {constraints.top_k}")
+        constraints = replace(constraints, top_k=top_k)
     num_experts = {int(r.layer): int(r.num_experts) for r in layer_rows.drop_duplicates("layer").itertuples()}
     _check_protected(protected, num_experts)
     if len(set(num_experts.values())) != 1 and scope == "uniform":
@@ -265,7 +271,7 @@ def build_plan(
     return PrunePlan(
         model_id=model_id, model_fingerprint=fingerprint, criterion=criterion, scope=scope,
         sparsity=removed / total, domains=dict(domains), run_ids=run_ids, num_experts=num_experts,
-        kept=kept, protected=protected, seed=seed, checkpoint_digest=_captured_digest(store_path, run_ids),
+        kept=kept, protected=protected, seed=seed, checkpoint_digest=_captured_digest(store_path, run_ids), top_k=top_k,
     )
 
 

@@ -49,9 +49,10 @@ def sequences_key(sequences: list[list[int]]) -> str:
 
 
 def plan_key(plan: PrunePlan, seed: int) -> str:
-    """What a plan's evaluation depends on: the weights, the kept experts and the bootstrap seed."""
+    """What a plan's evaluation depends on: the weights, the kept experts (and lowered top-k) and the bootstrap seed."""
     kept = {str(layer): experts for layer, experts in sorted(plan.kept.items())}
-    payload = json.dumps([plan.model_fingerprint, kept, seed], sort_keys=True)
+    payload = json.dumps([plan.model_fingerprint, kept, seed] + ([plan.top_k] if plan.top_k is not None else []),
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -102,7 +103,7 @@ def save_results(store_path: str | Path, key: str, plan: PrunePlan, results: lis
 
 def sweep_plans(store_path: str | Path, model_id: str, criteria: list[str], sparsities: list[float],
                 domains: dict[str, float], config, scopes: tuple[str, ...] = ("uniform",),
-                seed: int = 0) -> list[PrunePlan]:
+                seed: int = 0, top_k: int | None = None) -> list[PrunePlan]:
     """Every (criterion, sparsity, scope) plan, built before any forward pass so bad input fails at once.
 
     The `random` baseline is always included.
@@ -111,7 +112,7 @@ def sweep_plans(store_path: str | Path, model_id: str, criteria: list[str], spar
     if not sparsities:
         raise MoeVizError("give at least one sparsity, e.g. --sparsities 0.25,0.5")
     return [build_plan(store_path, model_id, criterion, domains, config=config, sparsity=sparsity, scope=scope,
-                       seed=seed)
+                       seed=seed, top_k=top_k)
             for criterion in criteria for sparsity in sparsities for scope in scopes]
 
 
@@ -121,7 +122,7 @@ def run_sweep(model, store_path: str | Path, plans: list[PrunePlan], sequences: 
     """Evaluate each plan (from the store when already evaluated on these tokens); one row per plan and domain.
 
     Rows carry the per-domain results of `evaluate_plan` plus criterion, sparsity (the fraction of
-    routed experts the plan removes), scope and cached.
+    routed experts the plan removes), scope, top_k (None: the model's) and cached.
     """
     eval_sets = {domain: sequences_key(seqs) for domain, seqs in sequences.items()}
     references: dict[str, list[ReferenceBatch]] | None = None
@@ -133,11 +134,11 @@ def run_sweep(model, store_path: str | Path, plans: list[PrunePlan], sequences: 
         if not cached:
             if references is None:  # the unpruned model's distributions, once, only if something is new
                 references = {d: reference_batches(model, seqs, batch_size) for d, seqs in sequences.items()}
-            results = evaluate_plan(model, plan.dropped, references, seed=seed)
+            results = evaluate_plan(model, plan.dropped, references, seed=seed, top_k=plan.top_k)
             save_results(store_path, key, plan, results, eval_sets, seed)
         cached_count += cached
         rows += [{**r, "criterion": plan.criterion, "sparsity": plan.sparsity, "scope": plan.scope,
-                  "cached": cached} for r in results]
+                  "top_k": plan.top_k, "cached": cached} for r in results]
         if progress is not None:
             progress(SweepProgress(number, len(plans), cached_count, time.monotonic() - started))
     return rows

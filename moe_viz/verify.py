@@ -39,8 +39,8 @@ from torch.overrides import TorchFunctionMode
 
 from .atomic import write_text_atomic
 from .capture import padded_batches
-from .export import PRUNE_MANIFEST
-from .masking import masked_experts, masked_layer
+from .export import PRUNE_MANIFEST, TOP_K_KEY
+from .masking import applied_plan, masked_layer, reduced_top_k
 from .models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, find_moe_layers
 from .plan import PrunePlan
 
@@ -114,6 +114,8 @@ def check_structure(pruned, plan: PrunePlan) -> list[str]:
         value = getattr(text_config, key, None)
         if isinstance(value, int) and value != plan.keep_per_layer:
             problems.append(f"config {key} = {value}, the plan keeps {plan.keep_per_layer}")
+    if plan.top_k is not None and getattr(text_config, TOP_K_KEY, None) != plan.top_k:
+        problems.append(f"config {TOP_K_KEY} = {getattr(text_config, TOP_K_KEY, None)}, the plan routes {plan.top_k}")
     return problems
 
 
@@ -181,16 +183,17 @@ def _to_float64(value):
 
 
 @torch.no_grad()
-def check_blocks_float64(original_layers: list[MoeLayer], pruned_layers: list[MoeLayer],
-                         dropped: dict[int, list[int]], inputs: dict[int, list[tuple]]) -> dict:
+def check_blocks_float64(original, pruned, dropped: dict[int, list[int]], inputs: dict[int, list[tuple]],
+                         top_k: int | None = None) -> dict:
     """Replay each block's recorded inputs through float64 copies of the masked original and pruned blocks.
 
     Returns {"max_abs_delta", "bound", "failed_layers", "layers": {layer: {max_abs_delta, bound}}}.
     """
-    pruned_by_index = {layer.layer: layer for layer in pruned_layers}
+    pruned_by_index = {layer.layer: layer for layer in find_moe_layers(pruned)}
     per_layer, failed = {}, []
-    for layer in original_layers:
-        reference_block = _float64_copy(layer)
+    for layer in find_moe_layers(original):
+        with reduced_top_k(original, top_k):  # the copy keeps the lowered top-k of a top-k plan
+            reference_block = _float64_copy(layer)
         pruned_block = _float64_copy(pruned_by_index[layer.layer])
         delta, scale = 0.0, 1.0
         for args, kwargs in inputs[layer.layer]:
@@ -360,7 +363,7 @@ def verify_export(export_dir: str | Path, eval_sequences: dict[str, list[list[in
         original_logits = _forward(original, ids, mask)
         recorder = _RecordInputs(original_layers)
         try:
-            with masked_experts(original, plan.dropped):
+            with applied_plan(original, plan.dropped, plan.top_k):
                 masked_logits[name] = _forward(original, ids, mask)
         finally:
             recorder.close()
@@ -371,7 +374,7 @@ def verify_export(export_dir: str | Path, eval_sequences: dict[str, list[list[in
                                    "generation": _generation(original, pruned, sequences)}
         del original_logits
 
-    blocks = check_blocks_float64(original_layers, find_moe_layers(pruned), plan.dropped, inputs)
+    blocks = check_blocks_float64(original, pruned, plan.dropped, inputs, plan.top_k)
     result["float64_blocks"] = blocks
     del inputs
     if blocks["failed_layers"]:
@@ -410,7 +413,7 @@ def _end_to_end(original, plan: PrunePlan, batches: dict, masked_logits: dict, p
         if hasattr(original.config, "_experts_implementation"):
             original.set_experts_implementation("eager")
         for name, (ids, mask) in batches.items():
-            with Float64Everywhere(), masked_experts(original, plan.dropped):
+            with Float64Everywhere(), applied_plan(original, plan.dropped, plan.top_k):
                 exact = _forward(original, ids, mask)
             floor = max(floor, _max_valid_delta(masked_logits[name], exact, mask))
     tolerance = max(NOISE_FACTOR * floor, FLOAT64_BOUND * max(1.0, scale))

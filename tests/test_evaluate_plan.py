@@ -152,3 +152,29 @@ def test_evaluate_cli_json_plan_file_and_eval_domains(tmp_path, capsys):
     assert main(["evaluate", "--model", str(model_dir), "--store", str(store_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["moe-viz: error: give --criterion and one of --sparsity or --keep, or a --plan FILE"]
+
+
+@pytest.mark.parametrize("family, keep", [("qwen3_moe", 8), ("granitemoe", 4)])
+def test_lowered_top_k_equals_the_exported_config_change(tmp_path, family, keep):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "src")
+    layers = {layer.layer: layer.num_experts for layer in find_moe_layers(model)}
+    kept = {l: list(range(8 - keep, 8)) for l in layers}
+    plan = PrunePlan(str(tmp_path / "src"), "fp", "random", "uniform", 1 - keep / 8, {}, {}, layers, kept, top_k=1)
+    references = {"rand": reference_batches(model, SEQUENCES, batch_size=2)}
+    (got,) = evaluate_plan(model, plan.dropped, references, top_k=1)
+    pruned = AutoModelForCausalLM.from_pretrained(export_pruned(plan, tmp_path / "src", tmp_path / "out")).eval()
+    assert pruned.config.num_experts_per_tok == 1
+    sums = _by_hand(model, pruned, SEQUENCES)
+    assert got["nll_pruned"] == pytest.approx(sums[:, 2].sum() / sums[:, 0].sum(), rel=1e-5)
+    assert got["kl"] == pytest.approx(sums[:, 3].sum() / sums[:, 0].sum(), rel=1e-4)
+    assert got["kl"] > 1e-3
+
+
+def test_a_router_that_ignores_top_k_is_refused():
+    from moe_viz.models import MoeVizError
+
+    model = tiny_model("phimoe")  # sparsemixer: always top-2
+    references = {"rand": reference_batches(model, SEQUENCES[:2])}
+    with pytest.raises(MoeVizError, match="still routes 2 experts per token with top_k set to 1"):
+        evaluate_plan(model, {}, references, top_k=1)

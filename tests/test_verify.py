@@ -326,3 +326,47 @@ def test_quality_matches_a_direct_computation():
     reverse = quality(pruned, original, ids, mask)["kl_mean"]
     assert abs(reverse - got["kl_mean"]) > 1e-3  # the direction matters on these logits
     assert got["top1_agreement"] == agree / n
+
+
+# -- lowering top-k: a config change, verified against the original routing fewer experts ------
+
+@pytest.mark.parametrize("family, keep", [("qwen3_moe", 8), ("qwen3_moe_nonorm", 5), ("deepseek_v3", 6),
+                                          ("gpt_oss", 3), ("mixtral", 8), ("olmoe", 4)])
+def test_top_k_exports_pass_and_a_stale_top_k_fails(tmp_path, saved, family, keep):
+    model_dir = saved(family)
+    plan = _plan(family, model_dir, keep, seed=keep)
+    plan.top_k = 1
+    out = export_pruned(plan, model_dir, tmp_path / "out", streaming=keep % 2 == 0)
+    assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 1
+    result = verify_export(out, SEQUENCES)
+    assert result["verdict"] == PASS, result["reason"]
+    assert result["end_to_end"]["max_abs_delta"] <= result["end_to_end"]["tolerance"]
+
+    stale = tmp_path / "stale"  # weights right, config still routes 2 experts per token
+    shutil.copytree(out, stale)
+    _set_config(stale, num_experts_per_tok=2)
+    result = verify_export(stale, SEQUENCES)
+    assert result["verdict"] == FAIL and result["reason"] == "config num_experts_per_tok = 2, the plan routes 1"
+
+    unrecorded = tmp_path / "unrecorded"  # config lowered, but the manifest's plan does not say so
+    shutil.copytree(out, unrecorded)
+    manifest = json.loads((unrecorded / PRUNE_MANIFEST).read_text())
+    manifest["plan"]["top_k"] = None
+    (unrecorded / PRUNE_MANIFEST).write_text(json.dumps(manifest))
+    result = verify_export(unrecorded, SEQUENCES)
+    assert result["verdict"] == FAIL and "differ from the masked original in float64" in result["reason"]
+
+
+def test_prune_cli_lowers_top_k_and_verifies(tmp_path, broken_setup, capsys):
+    _, store_path, setups = broken_setup
+    model_dir = setups["qwen3_moe"][0]
+    base = ["prune", "--model", str(model_dir), "--criterion", "reap", "--domain", "rand", "--store", str(store_path)]
+    assert main(base + ["--keep", "8", "--top-k", "1", "--out", str(tmp_path / "topk")]) == 0
+    report = json.loads((tmp_path / "topk" / VERIFY_FILE).read_text())
+    assert report["verdict"] == PASS and f"verification PASS: {report['reason']}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "topk" / PRUNE_MANIFEST).read_text())["plan"]["top_k"] == 1
+
+    assert main(base + ["--keep", "4", "--top-k", "3", "--out", str(tmp_path / "more")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "moe-viz: error: --top-k 3 must be between 1 and the model's top-k 2"]
+    assert not (tmp_path / "more").exists()
