@@ -85,9 +85,11 @@ def _parse_protected(specs: list[str]) -> dict[int, list[int]]:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Score experts on captured domains, export a pruned checkpoint, and verify it.
 
-    The export is written atomically to --out (refused if it exists, unless
-    --force), with moe_viz_prune.json beside the weights. Verification (skip
-    with --no-verify; see `verify`) ends with PASS or FAIL; exit code 1 on FAIL.
+    The plan comes from --criterion with --sparsity or --keep on --domain, or from
+    --plan FILE (a uniform plan JSON, e.g. written by `search --out`). The export is
+    written atomically to --out (refused if it exists, unless --force), with
+    moe_viz_prune.json beside the weights. Verification (skip with --no-verify;
+    see `verify`) ends with PASS or FAIL; exit code 1 on FAIL.
     """
     from .checkpoint import load_config
     from .export import export_pruned
@@ -98,11 +100,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_model_path(args.model)
     config = load_config(args.model)  # broken config.json, uncached hub id offline: one line
     model_id = canonical_model_id(args.model)
-    plan = build_plan(
-        args.store, model_id, args.criterion, parse_domain_weights(args.domain), config=config,
-        sparsity=args.sparsity, keep=args.keep, protected=_parse_protected(args.protect), seed=args.seed,
-        top_k=args.top_k,
-    )
+    if args.plan:
+        if (args.criterion or args.sparsity is not None or args.keep is not None or args.domain or args.protect
+                or args.top_k is not None):
+            raise MoeVizError("--plan FILE replaces --criterion, --sparsity/--keep, --domain, --protect and --top-k: "
+                              "give one or the other")
+        plan = _read_plan_file(args.plan)
+        if plan.model_id != model_id:
+            raise MoeVizError(f"--plan {args.plan} was made for {plan.model_id}, not {model_id}")
+    elif args.criterion is None or (args.sparsity is None) == (args.keep is None):
+        raise MoeVizError("give --criterion and one of --sparsity or --keep, or a --plan FILE")
+    else:
+        plan = build_plan(
+            args.store, model_id, args.criterion, parse_domain_weights(args.domain), config=config,
+            sparsity=args.sparsity, keep=args.keep, protected=_parse_protected(args.protect), seed=args.seed,
+            top_k=args.top_k,
+        )
     out = export_pruned(plan, model_id, args.out, streaming=True if args.streaming else None, force=args.force,
                         protect=[args.store])
     print(f"exported {out}: kept {plan.keep_per_layer} of {next(iter(plan.num_experts.values()))} experts per layer "
@@ -252,6 +265,182 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_plan_file(path: str):
+    from .plan import PrunePlan
+
+    try:
+        return PrunePlan.from_json(Path(path).read_text())
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise MoeVizError(f"--plan {path} is not a moe_viz plan JSON ({exc}): write one with `evaluate --json` "
+                          "or `search --out`") from exc
+
+
+def _search_args_problem(args: argparse.Namespace) -> str | None:
+    """One line on what is wrong with `search`'s numeric options and --out, before anything loads."""
+    if (args.sparsity is None) == (args.keep is None):
+        return "give one of --keep K or --sparsity X"
+    if args.generations < 0:
+        return f"--generations {args.generations} must be 0 or more"
+    if args.population < 2:
+        return f"--population {args.population} must be at least 2"
+    if args.time_budget is not None and args.time_budget <= 0:
+        return f"--time-budget {args.time_budget} must be a positive number of seconds"
+    if args.recon_tokens < 1 or args.max_tokens < 4 or args.seq_len < 2 or args.batch_size < 1:
+        return "--recon-tokens, --batch-size must be ≥ 1, --seq-len ≥ 2 and --max-tokens ≥ 4"
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
+        return f"--out {args.out} must be a file path in an existing directory"
+    return None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search for a pruning plan better than any single criterion (enumeration + evolutionary search).
+
+    Seed plans: one per --criteria (built from the stored statistics like `prune`;
+    by default every criterion the store can score, `random` included; others are
+    skipped with a note) and the Lu et al. enumeration plan (per layer, the
+    keep-set with the smallest block-output reconstruction error). The search
+    minimises the mean over evaluation domains of KL(original || pruned) per token,
+    measured on the FIRST half of each domain's evaluation sequences; the best plan
+    and every seed plan are then reported on the SECOND half, which neither the
+    search nor the enumeration saw. Evaluation text as in `evaluate` (--eval-domain,
+    else held-out text of the captured domains). --mode nonuniform lets layers keep
+    different counts with the same total: evaluable, not exportable. --out writes
+    the best plan (read by `evaluate --plan`, and by `prune --plan` when uniform).
+    """
+    from .checkpoint import load_config
+    from .criteria import CRITERIA, check_criterion
+    from .evaluate import evaluate_plan, reference_batches
+    from .models import canonical_model_id, check_model_path, load_model
+    from .plan import RouterConstraints, build_plan, parse_domain_weights
+    from .reconstruction import enumeration_plan, record_block_inputs
+    from .search import interleave, plan_problem, search, split_halves
+    from .store import layer_stats
+
+    check_store_path(args.store, write=False)
+    check_model_path(args.model)
+    problem = _search_args_problem(args)
+    if problem:
+        raise MoeVizError(problem)
+    names = list(dict.fromkeys(c.strip() for c in (args.criteria or ",".join(CRITERIA)).split(",") if c.strip()))
+    if not names:
+        raise MoeVizError("--criteria is empty: give a comma-separated list, e.g. reap,frequency,random")
+    for name in names:
+        check_criterion(name)
+    config = load_config(args.model)
+    model_id = canonical_model_id(args.model)
+    domains = parse_domain_weights(args.domain)
+    seeds, errors = [], []
+    for name in names:
+        try:
+            seeds.append(build_plan(args.store, model_id, name, domains, config=config, sparsity=args.sparsity,
+                                    keep=args.keep, seed=args.seed))
+        except MoeVizError as exc:
+            if args.criteria:  # asked for by name: its problem is the answer
+                raise
+            errors.append(exc)
+            print(f"note: criterion {name} skipped: {exc}", file=sys.stderr)
+    if not seeds:
+        raise errors[0]
+    names = [plan.criterion for plan in seeds]
+    keep = seeds[0].keep_per_layer
+    observed_top_k = int(layer_stats(args.store, list(seeds[0].run_ids.values())).top_k.max())
+    constraints = RouterConstraints.from_config(config, observed_top_k)
+    total = sum(len(v) for v in seeds[0].kept.values())
+    seed_names = list(names)
+    if args.mode == "nonuniform":  # global-scope plans: one ranking across layers, same total
+        for name in names:
+            plan = build_plan(args.store, model_id, name, domains, config=config, keep=keep, scope="global",
+                              seed=args.seed)
+            if plan_problem(plan, constraints, args.mode, total) is None:
+                seeds.append(plan)
+                seed_names.append(f"{name}/global")
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    sequences = _evaluation_text(args, seeds[0], tokenizer, model.get_input_embeddings().weight.shape[0])
+    search_text, heldout_text = split_halves(sequences)
+
+    inputs = record_block_inputs(model, interleave(search_text), args.batch_size, args.recon_tokens)
+    enumeration, enumeration_info = enumeration_plan(model, inputs, keep, template=seeds[0], constraints=constraints)
+    del inputs
+    seeds.append(enumeration)
+    seed_names.append("enumeration")
+
+    search_refs = {name: reference_batches(model, seqs, args.batch_size) for name, seqs in search_text.items()}
+    bar = _search_bar(args.generations)
+    result = search(model, search_refs, seeds, constraints, mode=args.mode, generations=args.generations,
+                    population=args.population, time_budget_s=args.time_budget, seed=args.seed, progress=bar,
+                    seed_names=seed_names)
+    bar.close()
+    del search_refs
+    heldout_refs = {name: reference_batches(model, seqs, args.batch_size) for name, seqs in heldout_text.items()}
+    results = evaluate_plan(model, result.plan.dropped, heldout_refs, seed=args.seed)
+    by_seed = [{**row, "results": evaluate_plan(model, plan.dropped, heldout_refs, seed=args.seed)}
+               for row, plan in zip(result.seeds, seeds)]
+    if args.out:
+        from .atomic import write_text_atomic
+
+        write_text_atomic(Path(args.out), result.plan.to_json())
+    if args.json:
+        print(json.dumps({
+            "plan": json.loads(result.plan.to_json()), "exportable": result.plan.exportable, "note": result.note,
+            "mode": result.mode, "fitness": result.fitness, "best_seed": result.best_seed,
+            "best_seed_fitness": result.best_seed_fitness, "best_is_seed": result.best_is_seed,
+            "results": results, "seeds": by_seed, "history": result.history, "evaluations": result.evaluations,
+            "stopped": result.stopped, "enumeration": {str(k): v for k, v in enumeration_info.items()},
+            "search_tokens": {d: sum(len(s) for s in seqs) for d, seqs in search_text.items()},
+            "heldout_tokens": {d: sum(len(s) for s in seqs) for d, seqs in heldout_text.items()},
+        }))
+        return 0
+    _print_search(result, results, by_seed, args.out)
+    return 0
+
+
+def _search_bar(generations: int):
+    """A tqdm bar over generations on stderr; also a progress callback for `search.search`."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=generations, desc="search", unit="gen", file=sys.stderr)
+
+    def report(p) -> None:
+        bar.update(p.generation - bar.n)
+        bar.set_postfix(best_kl=f"{p.best_fitness:.4f}", plans=p.evaluations)
+
+    report.close = bar.close
+    return report
+
+
+def _print_search(result, results: list[dict], by_seed: list[dict], out: str | None) -> None:
+    plan = result.plan
+    counts = [len(plan.kept[layer]) for layer in sorted(plan.kept)]
+    kept = str(counts[0]) if plan.exportable else "(" + ", ".join(map(str, counts)) + ")"
+    history = result.history[-1]
+    print(f"search ({result.mode}): keeps {kept} of {max(plan.num_experts.values())} experts per layer, "
+          f"sparsity {plan.sparsity:.3f}; {history['generation']} generation(s), {result.evaluations} "
+          f"plans evaluated in {history['elapsed_s']:.1f} s (stopped: {result.stopped})")
+    change = (result.fitness / result.best_seed_fitness - 1) * 100 if result.best_seed_fitness else 0.0
+    print(f"search fitness (mean KL, first half of the evaluation text): best seed {result.best_seed} "
+          f"{result.best_seed_fitness:.4f} -> search {result.fitness:.4f} ({change:+.1f}%)"
+          + (f"; the best plan is the seed {result.best_is_seed}" if result.best_is_seed else ""))
+    domains = [r["domain"] for r in results]
+    width = max([10] + [len(d) + 2 for d in domains])
+    print("held-out KL(original || pruned) per token (second half; lower is better):")
+    print(f"{'plan':<20}{'fitness':>10}" + "".join(f"{d:>{width}}" for d in domains) + f"{'mean':>10}")
+    rows = [("search", result.fitness, results)] + sorted(
+        ((row["name"], row["fitness"], row["results"]) for row in by_seed), key=lambda r: r[1])
+    for name, fitness, res in rows:
+        kls = [r["kl"] for r in res]
+        mark = " *" if name == result.best_seed else ""
+        print(f"{name + mark:<20}{fitness:>10.4f}" + "".join(f"{kl:>{width}.4f}" for kl in kls)
+              + f"{sum(kls) / len(kls):>10.4f}")
+    print("* best seed plan on the search fitness")
+    if not plan.exportable:
+        print(f"note: {result.note}")
+    if out:
+        hint = f"export it with `moe-viz prune --plan {out} --out DIR`" if plan.exportable else \
+            f"evaluate it with `moe-viz evaluate --plan {out}`"
+        print(f"wrote {out}: {hint}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make the offline demo ready and open the dashboard.
 
@@ -348,12 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("prune", help=cmd_prune.__doc__.splitlines()[0], description=cmd_prune.__doc__)
     p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
-    p.add_argument("--criterion", required=True, help=f"one of: {', '.join(CRITERIA)}")
-    amount = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--criterion", default=None, help=f"one of: {', '.join(CRITERIA)}")
+    amount = p.add_mutually_exclusive_group()
     amount.add_argument("--sparsity", type=float, help="fraction of routed experts to remove, in [0, 1)")
     amount.add_argument("--keep", type=int, help="experts to keep in every MoE layer")
     p.add_argument("--domain", action="append", default=[], metavar="NAME[:WEIGHT]", help="calibration domain(s) to score on")
     p.add_argument("--protect", action="append", default=[], metavar="LAYER:EXPERT", help="never drop this expert")
+    p.add_argument("--plan", default=None, help="a uniform plan JSON (e.g. from `search --out`) instead of --criterion")
     p.add_argument("--out", required=True, help="directory to write the pruned checkpoint to")
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
     p.add_argument("--streaming", action="store_true", help="rewrite shards without loading the model (automatic when it would not fit)")
@@ -394,6 +584,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scopes", default="uniform", help="comma-separated: uniform, global")
     _evaluation_arguments(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = commands.add_parser("search", help=cmd_search.__doc__.splitlines()[0], description=cmd_search.__doc__)
+    p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--keep", type=int, help="experts to keep per MoE layer (nonuniform: on average)")
+    amount.add_argument("--sparsity", type=float, help="fraction of routed experts to remove, in [0, 1)")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME[:WEIGHT]", help="calibration domain(s) to score on")
+    p.add_argument("--eval-domain", action="append", default=[], metavar="NAME=SOURCE", help="evaluation text; repeat")
+    p.add_argument("--criteria", default=None, help="seed criteria, comma-separated (default: every one the store can score)")
+    p.add_argument("--mode", default="uniform", choices=["uniform", "nonuniform"])
+    p.add_argument("--generations", type=int, default=10, help="generations after the seeds (default 10)")
+    p.add_argument("--population", type=int, default=8, help="plans per generation (default 8)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop starting generations after S seconds")
+    p.add_argument("--seed", type=int, default=0, help="search, random-criterion and bootstrap seed (default 0)")
+    p.add_argument("--out", default=None, help="write the best plan JSON here")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence (default 128)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens per domain, half searched on, "
+                   "half held out (default 4096)")
+    p.add_argument("--recon-tokens", type=int, default=4096, help="tokens for the enumeration's block replay (default 4096)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--json", action="store_true", help="print one JSON object {plan, results, seeds, history, ...}")
+    p.set_defaults(func=cmd_search)
 
     p = commands.add_parser("demo", help=cmd_demo.__doc__.splitlines()[0], description=cmd_demo.__doc__)
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
