@@ -220,6 +220,8 @@ def search(model: nn.Module, references: dict[str, list[ReferenceBatch]], seed_p
     space = _Space(num_experts, constraints, mode, sum(len(v) for v in template.kept.values()))
     seeds: dict[Individual, str] = {}
     for name, plan in zip(names, seed_plans):
+        if getattr(plan, "top_k", None) is not None:
+            raise MoeVizError(f"seed plan {name} lowers top-k to {plan.top_k}: the search keeps the model's top-k")
         ind = individual(plan.kept)
         problem = space.problem(ind) if plan.num_experts == template.num_experts else "other MoE layers or counts"
         if problem:

@@ -204,6 +204,10 @@ def test_uniform_search_refuses_a_nonuniform_seed():
     seeds[1].kept[0] = seeds[1].kept[0][:3]
     with pytest.raises(MoeVizError, match="seed plan random1 cannot seed a uniform search"):
         search(model, references, seeds, constraints, generations=1, population=2)
+    seeds[1].kept[0] = seeds[0].kept[0]
+    seeds[2].top_k = 1
+    with pytest.raises(MoeVizError, match="seed plan random2 lowers top-k to 1"):
+        search(model, references, seeds, constraints, generations=1, population=2)
 
 
 @pytest.fixture(scope="module")
