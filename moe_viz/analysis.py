@@ -110,7 +110,7 @@ def expert_profile(stats: pd.DataFrame, layers: pd.DataFrame, layer: int, expert
         "frequency_share": STATISTICS["frequency_share"][2](mine).to_numpy(),
     }, index=mine.index)
     for name in criteria.CRITERIA:
-        if name == "random":
+        if name == "random" or not criteria.measured(in_layer, name):
             continue
         ranked = criteria.rank(criteria.score(in_layer, name))
         row = ranked[ranked.expert == expert].set_index("run_id")

@@ -68,6 +68,9 @@ CRITERIA: dict[str, Criterion] = {
                       ("top1_tokens", "top1_prob_sum"), lambda s, _: _nllb(s)),
     "easy_ep": Criterion("gate * ||f_e(x)|| weighted by token shift 1 - cos(h, h + r) (EASY-EP)",
                          ("contribution_sum",), lambda s, _: s["contribution_sum"]),
+    "reconstruction": Criterion("relative block-output error when the expert alone is dropped (causal; "
+                                "measured by `moe-viz importance`, blank until then)", ("recon_error",),
+                                lambda s, _: s["recon_error"].astype(float)),
     "random": Criterion("seeded uniform random baseline", (), _random),
 }
 
@@ -75,6 +78,11 @@ CRITERIA: dict[str, Criterion] = {
 def columns_for(names: list[str]) -> list[str]:
     """The expert_stats columns these criteria read."""
     return list(dict.fromkeys(["routed_tokens"] + [c for n in names for c in CRITERIA[n].columns]))
+
+
+def measured(stats: pd.DataFrame, name: str) -> bool:
+    """Whether every row has what the criterion reads (causal scores exist only once measured)."""
+    return all(c in stats.columns and stats[c].notna().all() for c in CRITERIA[name].columns)
 
 
 def check_criterion(name: str) -> None:

@@ -176,7 +176,13 @@ def heldout_after_calibration(docs: Documents, tokenizer, run_settings: dict, ca
 
 def evaluation_sequences(store_path, plan, tokenizer, vocab_size: int, seq_len: int = 128,
                          max_tokens: int = 2048) -> tuple[dict[str, list[list[int]]], list[str]]:
-    """Per plan domain, evaluation text its statistics did not see: a built-in domain's held-out
+    """Evaluation text for each domain of a plan (see `heldout_text`)."""
+    return heldout_text(store_path, plan.run_ids, tokenizer, vocab_size, seq_len, max_tokens, plan.seed + 1)
+
+
+def heldout_text(store_path, run_ids: dict[str, str], tokenizer, vocab_size: int, seq_len: int = 128,
+                 max_tokens: int = 2048, seed: int = 1) -> tuple[dict[str, list[list[int]]], list[str]]:
+    """Per domain (-> run id), evaluation text its statistics did not see: a built-in domain's held-out
     split, else the part of the source its capture did not use, else (with a note) the calibration
     text itself. Returns (sequences, notes about domains that could not be used or were reused)."""
     import json
@@ -186,7 +192,7 @@ def evaluation_sequences(store_path, plan, tokenizer, vocab_size: int, seq_len: 
 
     runs = store.list_runs(store_path).set_index("run_id")
     sequences, notes = {}, []
-    for domain, run_id in plan.run_ids.items():
+    for domain, run_id in run_ids.items():
         if run_id not in runs.index:
             notes.append(f"{domain}: run {run_id} is no longer in the store")
             continue
@@ -195,14 +201,14 @@ def evaluation_sequences(store_path, plan, tokenizer, vocab_size: int, seq_len: 
         try:
             docs = read_documents(domain, source)
             if source != run["source"]:
-                sequences[domain] = pack_sequences(docs, tokenizer, seq_len, max_tokens, plan.seed + 1, vocab_size)
+                sequences[domain] = pack_sequences(docs, tokenizer, seq_len, max_tokens, seed, vocab_size)
                 continue
             heldout = heldout_after_calibration(docs, tokenizer, json.loads(run["settings"]), int(run["tokens"]),
                                                 seq_len, max_tokens, vocab_size)
             if heldout:
                 sequences[domain] = heldout
                 continue
-            sequences[domain] = pack_sequences(docs, tokenizer, seq_len, max_tokens, plan.seed + 1, vocab_size)
+            sequences[domain] = pack_sequences(docs, tokenizer, seq_len, max_tokens, seed, vocab_size)
             notes.append(f"{domain}: its capture used all of {source}; evaluated on its calibration text")
         except MoeVizError as exc:
             notes.append(f"{domain}: {exc}")

@@ -253,6 +253,10 @@ def build_plan(
     if len(set(num_experts.values())) != 1 and scope == "uniform":
         raise MoeVizError("layers have different expert counts: use --scope global")
     scored = criteria.score(stats, criterion, seed)
+    unmeasured = sorted(d for d in domains if scored[scored.run_id == run_ids[d]].score.isna().any())
+    if unmeasured:
+        raise MoeVizError(f"criterion {criterion} has no scores for domain(s) {', '.join(unmeasured)}: "
+                          f"run `moe-viz importance --model {model_id} --domain {unmeasured[0]}` first")
     per_domain = {d: scored[scored.run_id == run_ids[d]].drop(columns=["domain", "run_id"]) for d in domains}
     ranked = criteria.rank(criteria.mixed_scores(per_domain, domains))
     E = next(iter(num_experts.values()))

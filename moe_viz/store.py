@@ -159,9 +159,26 @@ MIGRATIONS: dict[int, list[str]] = {
         )""",
         "CREATE INDEX plan_evals_model ON plan_evals (model_id)",
     ],
+    # Causal importance (moe_viz/importance.py): measured after a capture, on its calibration tokens.
+    4: [
+        "ALTER TABLE expert_stats ADD COLUMN recon_error DOUBLE",  # NULL until `moe-viz importance` measures it
+        """CREATE TABLE expert_knockout (
+            run_id VARCHAR NOT NULL,
+            layer INTEGER NOT NULL,
+            expert INTEGER NOT NULL,
+            eval_set VARCHAR NOT NULL,       -- hash of the evaluation tokens
+            tokens BIGINT NOT NULL,
+            kl DOUBLE NOT NULL,              -- mean KL(original || expert masked) per token
+            kl_ci_low DOUBLE NOT NULL,
+            kl_ci_high DOUBLE NOT NULL,
+            created_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (run_id, layer, expert, eval_set)
+        )""",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
-STAT_TABLES = ("expert_stats", "layer_stats", "coactivation")
+STAT_TABLES = ("expert_stats", "layer_stats", "coactivation")  # written by a capture
+RUN_TABLES = STAT_TABLES + ("expert_knockout",)  # every table whose rows belong to a run
 
 
 def tables_at(version: int) -> frozenset[str]:
@@ -671,7 +688,7 @@ def import_run_file(saved: str | Path, path: str | Path) -> str:
 def _delete_runs(con: duckdb.DuckDBPyConnection, run_ids: list[str]) -> None:
     if not run_ids:
         return
-    for table in STAT_TABLES + ("runs",):
+    for table in RUN_TABLES + ("runs",):
         con.execute(f"DELETE FROM {table} WHERE run_id IN (SELECT unnest(?))", [run_ids])
 
 
@@ -679,7 +696,7 @@ def fail_run(path: str | Path, run_id: str, error: str) -> None:
     """Mark a run failed; any rows it may have are removed."""
     with connect(path) as con:
         con.execute("BEGIN TRANSACTION")
-        for table in STAT_TABLES:
+        for table in RUN_TABLES:
             con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
         con.execute(
             "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE run_id = ?",
@@ -815,3 +832,48 @@ def coactivation(path: str | Path, run_id: str, layer: int) -> pd.DataFrame:
             "SELECT expert_a, expert_b, tokens FROM coactivation WHERE run_id = ? AND layer = ? ORDER BY 1, 2",
             [run_id, layer],
         ).df()
+
+
+# -- causal importance ---------------------------------------------------------
+
+def _write(path: str | Path, statements: list[tuple[str, list]], frame: pd.DataFrame) -> None:
+    """Run statements (the frame registered as `incoming`) in one transaction."""
+    with connect(path) as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.register("incoming", frame)
+            for statement, params in statements:
+                con.execute(statement, params)
+            con.unregister("incoming")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+def set_reconstruction(path: str | Path, run_id: str, scores: pd.DataFrame) -> None:
+    """Store per-(layer, expert) `recon_error` for a complete run; every expert of the run must be given."""
+    with connect(path, read_only=True) as con:
+        expected = con.execute("SELECT count(*) FROM expert_stats WHERE run_id = ?", [run_id]).fetchone()[0]
+    if expected == 0 or len(scores) != expected:
+        raise MoeVizError(f"run {run_id} has {expected} experts in the store, the scores cover {len(scores)}")
+    _write(path, [("""UPDATE expert_stats s SET recon_error = i.recon_error FROM incoming i
+                      WHERE s.run_id = ? AND s.layer = i.layer AND s.expert = i.expert""", [run_id])],
+           scores[["layer", "expert", "recon_error"]])
+
+
+def save_knockout(path: str | Path, run_id: str, eval_set: str, rows: pd.DataFrame) -> None:
+    """Store end-to-end knockout KL rows (layer, expert, tokens, kl, kl_ci_low, kl_ci_high) of one run."""
+    frame = rows.assign(run_id=run_id, eval_set=eval_set, created_at=_now())
+    _write(path, [("""DELETE FROM expert_knockout k WHERE run_id = ? AND eval_set = ? AND EXISTS
+                      (SELECT 1 FROM incoming i WHERE i.layer = k.layer AND i.expert = k.expert)""", [run_id, eval_set]),
+                  ("INSERT INTO expert_knockout BY NAME SELECT * FROM incoming", [])], frame)
+
+
+def knockout(path: str | Path, run_ids: list[str]) -> pd.DataFrame:
+    """Stored knockout rows of the given runs (newest evaluation set per run, layer and expert)."""
+    with connect(path, read_only=True) as con:
+        return con.execute("""SELECT * EXCLUDE (rn) FROM (
+                                SELECT *, row_number() OVER (PARTITION BY run_id, layer, expert ORDER BY created_at DESC) rn
+                                FROM expert_knockout WHERE run_id IN (SELECT unnest(?))) WHERE rn = 1
+                              ORDER BY run_id, layer, expert""", [list(run_ids)]).df()

@@ -25,6 +25,7 @@ METRIC_SQL = {
     "ean_mean": "coalesce(s.ean_sum / nullif(s.routed_tokens, 0), 0)",
     "ean_sum": "s.ean_sum",
     "weighted_ean": "s.reap_sum",
+    "reconstruction": "s.recon_error",
     "reap": "coalesce(s.reap_sum / nullif(s.routed_tokens, 0), 0)",
     "nllb": """coalesce(s.top1_tokens / nullif(sum(s.top1_tokens) OVER (PARTITION BY s.run_id, s.layer), 0), 0)
                * exp(coalesce(s.top1_prob_sum / nullif(s.top1_tokens, 0), 0))""",

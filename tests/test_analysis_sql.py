@@ -63,7 +63,9 @@ def _simulate(domain: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.Da
                          "top1_prob_sum": float(p[top1, e].sum()), "gate_sum": float(gate[hit].sum()),
                          "prob_sum": float(p[:, e].sum()), "ean_sum": float(n.sum()), "ean_sq_sum": float((n ** 2).sum()),
                          "ean_max": float(n.max(initial=0.0)), "reap_sum": float((gate[hit] * n).sum()),
-                         "contribution_sum": float((gate * norm * shift[:, None])[hit].sum())})
+                         "contribution_sum": float((gate * norm * shift[:, None])[hit].sum()),
+                         # a measured causal score (moe-viz importance), distinct from every routing statistic
+                         "recon_error": float((gate[hit] * n ** 2).sum() / T)})
         experts += rows
         entropy = float(-(p * np.log(p)).sum(axis=1).mean())
         layers.append({"layer": layer, "module": f"model.layers.{layer}.mlp", "tokens": T, "num_experts": E,
@@ -295,6 +297,7 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
         np.testing.assert_allclose(_array(heat.customdata), expected, rtol=1e-12, atol=1e-15, err_msg=metric)
         assert list(heat.y) == [str(l) for l in LAYERS] and list(heat.x) == [str(e) for e in range(E)]
 
+    at.selectbox(key="hm_metric").set_value("easy_ep").run()
     at.selectbox(key="hm_layer").set_value(3).run()  # the picked cell's value: the never-routed expert of math
     at.selectbox(key="hm_expert").set_value(DEAD["math"]).run()
     assert at.metric[0].value == f"{metric_matrix(path, 'easy_ep', ids['math']).loc[3, DEAD['math']]:.6g}"

@@ -24,6 +24,7 @@ STATS = pd.DataFrame({
     "ean_max": [3.0, 9.0, 4.0, 0.0],
     "reap_sum": [8.0, 12.0, 10.0, 0.0],
     "contribution_sum": [1.0, 0.5, 2.0, 0.0],
+    "recon_error": [0.02, 0.3, 0.1, 0.0],  # measured (moe-viz importance): never-routed experts change nothing
 })
 
 HAND = {
@@ -36,6 +37,7 @@ HAND = {
     "reap": [1.0, 1.5, 2.5, 0.0],
     "nllb": [0.6 * math.exp(0.5), 0.2 * math.exp(0.6), 0.2 * math.exp(0.8), 0.0],
     "easy_ep": [1.0, 0.5, 2.0, 0.0],
+    "reconstruction": [0.02, 0.3, 0.1, 0.0],
 }
 
 

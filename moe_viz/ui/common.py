@@ -131,6 +131,15 @@ def metric_values(run_ids, metric: str) -> pd.DataFrame:
     return _metric_values(path, _stamp(path), tuple(run_ids), metric)
 
 
+def measured_criteria(run_ids) -> list[str]:
+    """Criteria (but the random baseline) that every expert of these runs has scores for."""
+    from moe_viz import criteria
+
+    names = [c for c in criteria.CRITERIA if c != "random"]
+    stats = expert_stats(run_ids, criteria.columns_for(names))
+    return [c for c in names if criteria.measured(stats, c)]
+
+
 def require_runs() -> pd.DataFrame:
     """Complete runs, or a friendly start message and stop."""
     try:

@@ -21,7 +21,7 @@ share = px.bar(profile, x="domain", y="frequency_share", title=f"Layer {layer}, 
 share.add_hline(y=1 / int(layers.num_experts.max()), line_dash="dash", line_color="grey", annotation_text="uniform 1/E")
 st.plotly_chart(share, key="expert_share")
 
-ranks = profile.set_index("domain")[[f"rank:{c}" for c in criteria.CRITERIA if c != "random"]]
+ranks = profile.set_index("domain")[[c for c in profile.columns if c.startswith("rank:")]]
 ranks.columns = [c.removeprefix("rank:") for c in ranks.columns]
 st.subheader("Rank under each criterion (0 = most important)")
 st.dataframe(ranks)

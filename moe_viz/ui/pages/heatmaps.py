@@ -24,6 +24,10 @@ if mode != "One domain":
     domain_b = c5.selectbox("Domain B", domains, index=min(1, len(domains) - 1), key="hm_domain_b")
 
 values = metric_values(run_ids.values(), metric)
+if values.value.isna().all():
+    st.info(f"{metric} is measured, not derived from routing: run `moe-viz importance --model "
+            f"{model_runs.model_id.iloc[0]} --domain {domain}` to fill it in.")
+    st.stop()
 matrix = analysis.metric_matrix(values, domain)
 if domain_b is not None:
     matrix = matrix - analysis.metric_matrix(values, domain_b)

@@ -5,9 +5,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import criteria, domain_stats
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, domain_run_ids, layer_stats, mutual_information,
-                               overlap, pick_model_runs)
+from moe_viz import domain_stats
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, domain_run_ids, layer_stats, measured_criteria,
+                               mutual_information, overlap, pick_model_runs)
 
 st.title("Domain overlap")
 model_runs = pick_model_runs()
@@ -20,7 +20,7 @@ num_experts = int(layers.num_experts.max())
 top_k = int(layers.top_k.max())
 
 c1, c2 = st.columns(2)
-criterion = c1.selectbox("Criterion", [c for c in criteria.CRITERIA if c != "random"], key="ov_criterion")
+criterion = c1.selectbox("Criterion", measured_criteria(run_ids.values()), key="ov_criterion")
 k = c2.slider("k (experts per domain set)", 1, num_experts, min(max(top_k, 2), num_experts), key="ov_k")
 jaccard = overlap(run_ids.values(), criterion, k)
 jaccard["pair"] = jaccard.domain_a + " / " + jaccard.domain_b

@@ -24,6 +24,10 @@ layer = c2.selectbox("Layer", sorted(stats.layer.unique()), key="rk_layer")
 criterion = c3.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="rk_criterion")
 sparsity = c4.slider("Sparsity (fraction dropped)", 0.0, 0.95, 0.5, 0.05, key="rk_sparsity")
 
+if not criteria.measured(stats, criterion):
+    st.info(f"{criterion} is measured, not derived from routing: run `moe-viz importance --model "
+            f"{model_runs.model_id.iloc[0]} --domain {domain}` to fill it in.")
+    st.stop()
 ranked = criteria.rank(criteria.score(stats[stats.layer == layer], criterion)).sort_values("rank")
 num_experts = len(ranked)
 keep = num_experts - round(sparsity * num_experts)
@@ -40,7 +44,7 @@ st.dataframe(ranked[["rank", "expert", "score", "routed", "status"]], hide_index
 
 st.subheader("Criteria agreement")
 top_k = int(layers.top_k.max())
-names = tuple(c for c in criteria.CRITERIA if c != "random")
+names = tuple(c for c in criteria.CRITERIA if c != "random" and criteria.measured(stats, c))
 k = st.slider("k for top-k overlap", 1, num_experts, max(1, keep), key="rk_agree_k")
 table = agreement(stats, names, k)
 overall = table.groupby(["criterion_a", "criterion_b"], as_index=False)[["spearman", "topk_overlap"]].mean()
@@ -55,5 +59,7 @@ heat = go.Figure(go.Heatmap(z=matrix.to_numpy(), x=list(names), y=list(names), z
 heat.update_layout(title=f"Rank correlation between criteria, mean over layers ({domain})", height=CHART_HEIGHT,
                    xaxis_title="criterion", yaxis_title="criterion")
 st.plotly_chart(heat, key="agreement_matrix")
-st.caption(f"Per layer {layer}: Spearman ρ of the rankings and top-{k} overlap |A∩B|/k.")
+st.caption(f"Per layer {layer}: Spearman ρ of the rankings and top-{k} overlap |A∩B|/k."
+           + (" `reconstruction` is causal (measured by masking each expert); its row shows where routing "
+              "statistics agree with what removing an expert really does." if "reconstruction" in names else ""))
 st.dataframe(table[table.layer == layer].drop(columns="layer"), hide_index=True)
