@@ -15,6 +15,7 @@ navigation = st.navigation(
         st.Page(f"{PAGES}/expert.py", url_path="expert", title="Expert detail", icon=":material/person_search:"),
         st.Page(f"{PAGES}/health.py", url_path="health", title="Router health", icon=":material/monitor_heart:"),
         st.Page(f"{PAGES}/prune.py", url_path="prune", title="Prune & export", icon=":material/content_cut:"),
+        st.Page(f"{PAGES}/compare.py", url_path="compare", title="Compare plans", icon=":material/compare_arrows:"),
         st.Page(f"{PAGES}/runs.py", url_path="runs", title="Runs", icon=":material/database:"),
     ]
 )

@@ -183,14 +183,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with 95% bootstrap intervals over sequences. Evaluation text: --eval-domain
     NAME=SOURCE (capture source syntax), else text of the captured domains their
     statistics did not see (built-in held-out splits; the rest of a file source).
+    --store-result also stores the numbers in the store's plan_evals (as `sweep` does),
+    where the dashboard's Compare plans and Prune & export pages show them.
     """
     from .checkpoint import load_config
     from .evaluate import evaluate_plan, reference_batches
     from .models import canonical_model_id, check_model_path, load_model
     from .plan import PrunePlan, build_plan, parse_domain_weights
 
-    check_store_path(args.store, write=False)
+    check_store_path(args.store, write=args.store_result)
     check_model_path(args.model)
+    progress_file = Path(args.progress_file) if args.progress_file else None
     if args.plan:
         try:
             plan = PrunePlan.from_json(Path(args.plan).read_text())
@@ -202,10 +205,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         plan = build_plan(args.store, canonical_model_id(args.model), args.criterion, parse_domain_weights(args.domain),
                           config=load_config(args.model), sparsity=args.sparsity, keep=args.keep, scope=args.scope,
                           seed=args.seed, top_k=args.top_k)
+    if args.store_result and plan.model_id != canonical_model_id(args.model):
+        raise MoeVizError(f"--plan {args.plan} was made for {plan.model_id}, not {canonical_model_id(args.model)}: "
+                          "its numbers cannot be stored for that plan")
+    if progress_file:
+        _write_json(progress_file, {"stage": "loading model", "finished": False})
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     sequences = _evaluation_text(args, plan, tokenizer, model.get_input_embeddings().weight.shape[0])
+    if progress_file:
+        _write_json(progress_file, {"stage": "evaluating", "finished": False})
     references = {name: reference_batches(model, seqs, args.batch_size) for name, seqs in sequences.items()}
     results = evaluate_plan(model, plan.dropped, references, seed=args.seed, top_k=plan.top_k)
+    if args.store_result:
+        from .sweep import plan_key, save_results, sequences_key
+
+        save_results(args.store, plan_key(plan, args.seed), plan, results,
+                     {name: sequences_key(seqs) for name, seqs in sequences.items()}, args.seed)
+    if progress_file:
+        _write_json(progress_file, {"stage": "stored" if args.store_result else "evaluated", "finished": True})
     if args.json:
         print(json.dumps({"plan": json.loads(plan.to_json()), "results": results}))
         return 0
@@ -227,6 +244,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store (table plan_evals), keyed by the weights, the kept experts, the seed
     and the evaluation tokens, so a repeated sweep is served from the store.
     """
+    import math
+
     from tqdm.auto import tqdm
 
     from .checkpoint import load_config
@@ -244,6 +263,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
     plans = sweep_plans(args.store, canonical_model_id(args.model), criteria, sparsities,
                         parse_domain_weights(args.domain), load_config(args.model), scopes, args.seed, args.top_k)
+    # for the dashboard's jobs: plans done of total, served from the store, seconds elapsed and to go
+    state = {"done": 0, "total": len(plans), "cached": 0, "elapsed_s": 0.0, "eta_s": None, "finished": False}
+    progress_file = Path(args.progress_file) if args.progress_file else None
+    if progress_file:
+        _write_json(progress_file, {**state, "stage": "loading model"})
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     sequences = _evaluation_text(args, plans[0], tokenizer, model.get_input_embeddings().weight.shape[0])
     bar = tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr)
@@ -251,9 +275,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def progress(p) -> None:
         bar.update(p.done - bar.n)
         bar.set_postfix(cached=p.cached)
+        state.update(done=p.done, total=p.total, cached=p.cached, elapsed_s=round(p.elapsed_s, 2),
+                     eta_s=None if math.isnan(p.eta_s) else round(p.eta_s, 1))
+        if progress_file:
+            _write_json(progress_file, {**state, "stage": "evaluating"})
 
     rows = run_sweep(model, args.store, plans, sequences, args.batch_size, args.seed, progress)
     bar.close()
+    if progress_file:
+        _write_json(progress_file, {**state, "eta_s": 0.0, "stage": "stored", "finished": True})
     if args.json:
         print(json.dumps({"results": rows}))
         return 0
@@ -636,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--keep", type=int, help="experts to keep in every MoE layer")
     p.add_argument("--scope", default="uniform", choices=["uniform", "global"])
     p.add_argument("--plan", default=None, help="a plan JSON (the `plan` object of `evaluate --json`) instead of a criterion")
+    p.add_argument("--store-result", action="store_true", help="also store the numbers in the store (plan_evals)")
+    p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # for the dashboard's jobs
     _evaluation_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -645,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criteria", default="frequency,soft_count,reap", help=f"comma-separated, from: {', '.join(CRITERIA)}")
     p.add_argument("--sparsities", default="0.25,0.5,0.75", help="comma-separated fractions of experts removed")
     p.add_argument("--scopes", default="uniform", help="comma-separated: uniform, global")
+    p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # for the dashboard's jobs
     _evaluation_arguments(p)
     p.set_defaults(func=cmd_sweep)
 

@@ -1,9 +1,11 @@
-"""Background capture jobs for the dashboard: a subprocess per job, progress in a file.
+"""Background jobs for the dashboard: a subprocess per job, progress in a file.
 
 Streamlit must not be driven from other threads, so long work runs as
-`python -m moe_viz capture ... --progress-file F` in its own process; the page
-polls `job_status`. A job directory holds the command, the process (pid and
-start time, in `pid`), the progress JSON and stderr.
+`python -m moe_viz COMMAND ... --progress-file F` in its own process; the page
+polls `job_status`. A job has a kind, the `moe-viz` command it runs (`capture`,
+`sweep`, `evaluate`). A job directory holds the kind, the command, the process
+(pid and start time, in `pid`), the progress JSON (`finished: true` once the
+command completed), stderr, and any input file the command reads (a plan).
 
 A pid alone does not name a process for long: once the job has ended, the
 system may give its pid to any other process. So the job records the child's
@@ -29,17 +31,19 @@ def jobs_dir(store_path: str | Path) -> Path:
     return Path(store_path).resolve().parent / "jobs"
 
 
-def start_capture(store_path: str | Path, model: str, domains: list[str], max_tokens: int, seq_len: int,
-                  batch_size: int, device: str = "auto") -> str:
-    """Start a capture in the background; returns the job id."""
+def _new_job(store_path: str | Path, kind: str) -> tuple[str, Path]:
+    """A fresh job directory (id: start time + random suffix) with its kind recorded."""
     job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     folder = jobs_dir(store_path) / job_id
     folder.mkdir(parents=True)
-    command = [sys.executable, "-m", "moe_viz", "capture", "--model", model, "--store", str(store_path),
-               "--max-tokens", str(max_tokens), "--seq-len", str(seq_len), "--batch-size", str(batch_size),
-               "--device", device, "--progress-file", str(folder / "progress.json")]
-    for domain in domains:
-        command += ["--domain", domain]
+    (folder / "kind").write_text(kind)
+    return job_id, folder
+
+
+def _launch(folder: Path, kind: str, arguments: list[str], threads: int | None = None) -> None:
+    """Start `python -m moe_viz [--threads N] KIND ARGUMENTS --progress-file F`; record pid and start time."""
+    command = [sys.executable, "-m", "moe_viz", *(["--threads", str(threads)] if threads else []), kind,
+               *arguments, "--progress-file", str(folder / "progress.json")]
     (folder / "command.json").write_text(json.dumps(command))
     with open(folder / "stderr.log", "wb") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
@@ -48,7 +52,61 @@ def start_capture(store_path: str | Path, model: str, domains: list[str], max_to
     tmp = folder / "pid.tmp"
     tmp.write_text(f"{process.pid} {started!r}\n")
     tmp.replace(folder / "pid")  # list_jobs/job_status never see a half-written pid file
+
+
+def start_capture(store_path: str | Path, model: str, domains: list[str], max_tokens: int, seq_len: int,
+                  batch_size: int, device: str = "auto", threads: int | None = None) -> str:
+    """Start a capture in the background; returns the job id."""
+    job_id, folder = _new_job(store_path, "capture")
+    arguments = ["--model", model, "--store", str(store_path), "--max-tokens", str(max_tokens),
+                 "--seq-len", str(seq_len), "--batch-size", str(batch_size), "--device", device]
+    for domain in domains:
+        arguments += ["--domain", domain]
+    _launch(folder, "capture", arguments, threads)
     return job_id
+
+
+def _evaluation_options(domains: dict[str, float], eval_domains: list[str], seq_len: int, max_tokens: int,
+                        batch_size: int, device: str, seed: int) -> list[str]:
+    out = [f"--domain={name}:{weight:g}" for name, weight in domains.items()]
+    out += [f"--eval-domain={spec}" for spec in eval_domains]
+    return out + ["--seq-len", str(seq_len), "--max-tokens", str(max_tokens), "--batch-size", str(batch_size),
+                  "--device", device, "--seed", str(seed)]
+
+
+def start_sweep(store_path: str | Path, model: str, criteria: list[str], sparsities: list[float],
+                domains: dict[str, float], eval_domains: list[str] | None = None, scopes: list[str] | None = None,
+                seq_len: int = 128, max_tokens: int = 2048, batch_size: int = 8, device: str = "auto",
+                seed: int = 0, threads: int | None = None) -> str:
+    """Start `moe-viz sweep` in the background (results land in the store's plan_evals); returns the job id.
+
+    `domains`: calibration domain -> weight; `eval_domains`: NAME=SOURCE evaluation text (default:
+    held-out text of the calibration domains). Progress: done, total, cached, elapsed_s, eta_s.
+    """
+    job_id, folder = _new_job(store_path, "sweep")
+    arguments = ["--model", model, "--store", str(store_path), "--criteria", ",".join(criteria),
+                 "--sparsities", ",".join(f"{s:g}" for s in sparsities), "--scopes", ",".join(scopes or ["uniform"]),
+                 *_evaluation_options(domains, eval_domains or [], seq_len, max_tokens, batch_size, device, seed)]
+    _launch(folder, "sweep", arguments, threads)
+    return job_id
+
+
+def start_evaluate(store_path: str | Path, model: str, plan_json: str, eval_domains: list[str] | None = None,
+                   seq_len: int = 128, max_tokens: int = 2048, batch_size: int = 8, device: str = "auto",
+                   seed: int = 0, threads: int | None = None) -> str:
+    """Evaluate one plan (its JSON) in the background and store the result in plan_evals; returns the job id."""
+    job_id, folder = _new_job(store_path, "evaluate")
+    (folder / "plan.json").write_text(plan_json)
+    arguments = ["--model", model, "--store", str(store_path), "--plan", str(folder / "plan.json"), "--store-result",
+                 *_evaluation_options({}, eval_domains or [], seq_len, max_tokens, batch_size, device, seed)]
+    _launch(folder, "evaluate", arguments, threads)
+    return job_id
+
+
+def job_kind(store_path: str | Path, job_id: str) -> str:
+    """What a job runs; jobs recorded before kinds were kept are captures."""
+    path = jobs_dir(store_path) / job_id / "kind"
+    return path.read_text().strip() if path.exists() else "capture"
 
 
 def _recorded_process(folder: Path) -> tuple[int, float | None]:
@@ -75,8 +133,9 @@ def _is_the_job(pid: int, started: float | None) -> bool:
 
 
 def job_status(store_path: str | Path, job_id: str) -> dict:
-    """state (running | done | failed | cancelled), progress dict, and a one-line error."""
+    """kind, state (running | done | failed | cancelled), progress dict, and a one-line error."""
     folder = jobs_dir(store_path) / job_id
+    kind = job_kind(store_path, job_id)
     progress = {}
     if (folder / "progress.json").exists():
         try:
@@ -94,17 +153,21 @@ def job_status(store_path: str | Path, job_id: str) -> dict:
     if state == "failed":
         lines = (folder / "stderr.log").read_text(errors="replace").strip().splitlines()
         errors = [l for l in lines if l.startswith("moe-viz: error:")]
-        error = (errors[-1] if errors else (lines[-1] if lines else "the capture process exited")).removeprefix("moe-viz: error: ")
-    return {"job_id": job_id, "state": state, "progress": progress, "error": error}
+        error = (errors[-1] if errors else (lines[-1] if lines else f"the {kind} process exited")).removeprefix("moe-viz: error: ")
+    return {"job_id": job_id, "kind": kind, "state": state, "progress": progress, "error": error}
 
 
-def list_jobs(store_path: str | Path) -> list[str]:
+def list_jobs(store_path: str | Path, kind: str | None = "capture") -> list[str]:
+    """Job ids of one kind (all kinds with kind=None), newest first."""
     folder = jobs_dir(store_path)
-    return sorted((p.name for p in folder.iterdir() if (p / "pid").exists()), reverse=True) if folder.exists() else []
+    if not folder.exists():
+        return []
+    started = (p.name for p in folder.iterdir() if (p / "pid").exists())
+    return sorted((j for j in started if kind is None or job_kind(store_path, j) == kind), reverse=True)
 
 
 def cancel(store_path: str | Path, job_id: str) -> None:
-    """Stop a running job; the capture marks its run failed on the way out.
+    """Stop a running job; a capture marks its run failed on the way out, a sweep keeps the plans it stored.
 
     Signals the job's process only if its pid still names it (same start time):
     a job that already ended leaves its pid to others, and they are left alone.

@@ -144,8 +144,28 @@ def run_sweep(model, store_path: str | Path, plans: list[PrunePlan], sequences: 
     return rows
 
 
+def _read_evals(store_path: str | Path, where: str, params: list) -> pd.DataFrame:
+    """plan_evals rows without the plan JSON, plus `plan_top_k` (its lowered top-k, -1 for the model's);
+    an empty frame from a store older than the table (readers do not migrate: it has no evaluations yet)."""
+    with store.connect(store_path, read_only=True) as con:
+        has_table = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+                                "AND table_name = 'plan_evals'").fetchone()[0]
+        if not has_table:
+            return pd.DataFrame()
+        return con.execute("SELECT * EXCLUDE (plan), coalesce(json_extract(plan, '$.top_k')::INTEGER, -1) AS plan_top_k "
+                           f"FROM plan_evals WHERE {where} "
+                           "ORDER BY criterion, sparsity, eval_domain", params).df()
+
+
 def stored_sweeps(store_path: str | Path, model_id: str) -> pd.DataFrame:
     """Every stored plan evaluation of a model (for the dashboard's Compare plans page)."""
-    with store.connect(store_path, read_only=True) as con:
-        return con.execute("SELECT * EXCLUDE (plan) FROM plan_evals WHERE model_id = ? ORDER BY criterion, sparsity",
-                           [model_id]).df()
+    return _read_evals(store_path, "model_id = ?", [model_id])
+
+
+def stored_plan_results(store_path: str | Path, plan: PrunePlan, seed: int = 0) -> pd.DataFrame:
+    """The stored evaluations of exactly this plan (its kept experts on its weights, bootstrap `seed`):
+    one row per evaluation domain and evaluation set, newest first; empty when never evaluated."""
+    rows = _read_evals(store_path, "plan_key = ?", [plan_key(plan, seed)])
+    if rows.empty:
+        return rows
+    return rows.sort_values(["eval_domain", "created_at"], ascending=[True, False]).reset_index(drop=True)

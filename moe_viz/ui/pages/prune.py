@@ -7,10 +7,11 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import criteria
+from moe_viz import compare, criteria, jobs
 from moe_viz.export import PRUNE_MANIFEST, export_name_path, export_pruned
 from moe_viz.models import MoeVizError
 from moe_viz.plan import RouterConstraints, build_plan, preview, size_summary
+from moe_viz.sweep import plan_key, stored_plan_results
 from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, layer_stats, pick_model_runs, store_path
 from moe_viz.verify import verify_from_store
 
@@ -102,6 +103,55 @@ if config is not None:
     m1.metric("Parameters", f"{size['params_after'] / 1e6:,.2f}M", f"-{(size['params_before'] - size['params_after']) / 1e6:,.2f}M")
     m2.metric(f"Size ({size['dtype']})", f"{size['bytes_after'] / 1e9:,.3f} GB", f"-{(size['bytes_before'] - size['bytes_after']) / 1e9:,.3f} GB")
     m3.metric("Routed experts removed", f"{plan.sparsity:.0%}")
+
+
+# -- evaluated quality of the current plan (plan_evals; `moe-viz sweep` / `evaluate --store-result`) --
+@st.fragment(run_every=1.0)
+def evaluation_job(job_id: str) -> None:
+    """Follows the "Evaluate this plan" job; the page redraws with the stored numbers when it ends."""
+    status = jobs.job_status(path, job_id)
+    if status["state"] == "running":
+        stage = status["progress"].get("stage", "starting")
+        st.info(f"Evaluating this plan in the background ({stage}) …")
+        if st.button("Cancel", key="pr_eval_cancel"):
+            jobs.cancel(path, job_id)
+            st.rerun()
+    elif status["state"] == "failed":
+        st.error(f"Evaluation failed: {status['error']}")
+    elif status["state"] == "done":
+        del st.session_state["pr_eval_job"]
+        st.rerun()
+    else:
+        st.caption("Evaluation cancelled.")
+
+
+st.subheader("Evaluated quality")
+try:
+    evaluated = stored_plan_results(path, plan, plan.seed)
+except MoeVizError as exc:
+    st.error(str(exc))
+    evaluated = None
+if evaluated is not None and not evaluated.empty:
+    newest = evaluated.drop_duplicates("eval_domain")
+    st.dataframe(compare.results_table(newest.drop(columns=["criterion", "sparsity"])), hide_index=True,
+                 key="pr_evaluated")
+    others = sorted(set(newest.criterion) - {criterion})
+    st.caption(f"From the store (evaluated {newest.created_at.max():%Y-%m-%d %H:%M} UTC by masking the dropped "
+               "experts, no export): nats per token with 95% bootstrap intervals; KL(original ‖ pruned)."
+               + (f" Stored under {', '.join(others)}, which keeps the same experts." if others else "")
+               + " Compare criteria and sparsities on the **Compare plans** page.")
+elif evaluated is not None:
+    st.caption("This plan has not been evaluated yet: evaluate it (masking the dropped experts on held-out text "
+               "of its calibration domains, no export), or run a sweep on the **Compare plans** page.")
+job = st.session_state.get("pr_eval_job")  # (job id, plan key) of the last "Evaluate this plan"
+job = job if job and job[1] == plan_key(plan, plan.seed) else None  # only this plan's job is shown here
+if Path(model_id).is_dir() and evaluated is not None and (evaluated.empty or job):
+    if st.button("Evaluate this plan", key="pr_evaluate",
+                 disabled=bool(job) and jobs.job_status(path, job[0])["state"] == "running"):
+        job = (jobs.start_evaluate(path, model_id, plan.to_json(), seed=plan.seed), plan_key(plan, plan.seed))
+        st.session_state["pr_eval_job"] = job
+    if job:
+        evaluation_job(job[0])
 
 with st.expander("Verify an existing export"):
     exports_dir = Path(path).resolve().parent / "exports"
