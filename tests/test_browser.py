@@ -27,6 +27,7 @@ PAGES = {  # url path -> what the page's main content is
     "expert": "stPlotlyChart",
     "health": "stPlotlyChart",
     "prune": "stPlotlyChart",
+    "compare": "stPlotlyChart",  # the cut trade-off draws without any stored evaluation
     "runs": "stDataFrame",
 }
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
