@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from moe_viz import store
 from moe_viz.cli import main
 from moe_viz.evaluate import evaluate_plan, heldout_text, reference_batches
-from moe_viz.importance import calibration_sequences
+from moe_viz.importance import calibration_sequences, causal_agreement
 from moe_viz.masking import masked_experts
 from moe_viz.models import find_moe_layers
 from moe_viz.plan import build_plan
@@ -136,6 +136,11 @@ def test_rankings_page_sets_reconstruction_against_the_routing_criteria(measured
     agreement = _frame(at, "criterion_a", "spearman")
     assert "reconstruction" in set(agreement.criterion_a) | set(agreement.criterion_b)
     assert len(agreement) == 10 * 9 // 2  # nine routing criteria and the measured one
+    causal = _frame(at, "causal", "layer", "frequency")
+    assert causal[["causal", "layer"]].values.tolist() == [["knockout_kl", 1], ["reconstruction", 0], ["reconstruction", 1]]
+    expected = causal_agreement(store_path, run_id).pivot_table(index=["causal", "layer"], columns="criterion",
+                                                                values="spearman").reset_index()
+    assert causal.reap.tolist() == pytest.approx(expected.reap.tolist(), rel=1e-12)
 
 
 def test_a_deleted_run_takes_its_knockout_rows_along(measured):
