@@ -141,6 +141,9 @@ def test_rankings_page_sets_reconstruction_against_the_routing_criteria(measured
     expected = causal_agreement(store_path, run_id).pivot_table(index=["causal", "layer"], columns="criterion",
                                                                 values="spearman").reset_index()
     assert causal.reap.tolist() == pytest.approx(expected.reap.tolist(), rel=1e-12)
+    at.switch_page("moe_viz/ui/pages/compare.py").run()  # the same view beside the plan curves
+    assert not at.exception, [e.value for e in at.exception]
+    assert _frame(at, "causal", "layer", "frequency").equals(causal)
 
 
 def test_a_deleted_run_takes_its_knockout_rows_along(measured):

@@ -140,6 +140,25 @@ def measured_criteria(run_ids) -> list[str]:
     return [c for c in names if criteria.measured(stats, c)]
 
 
+def causal_vs_observational(model_id: str, run_id: str, domain: str) -> None:
+    """The Spearman table between causal measures and routing criteria of one run, or how to measure them."""
+    from moe_viz.importance import causal_agreement
+
+    st.subheader("Causal vs observational")
+    try:
+        causal = causal_agreement(store_path(), run_id)
+    except MoeVizError:
+        st.info(f"No causal measurements for {domain} yet: `moe-viz importance --model {model_id} --domain {domain} "
+                "[--knockout-layer L]` measures what masking each expert does (block reconstruction error; "
+                "end-to-end KL for one layer).")
+        return
+    st.caption("Spearman ρ, per layer, between each causal measure (reconstruction error; knockout KL where a "
+               "layer was knocked out) and each routing criterion's scores. Low ρ: the criterion misjudges "
+               "which experts matter there.")
+    pivot = causal.pivot_table(index=["causal", "layer"], columns="criterion", values="spearman")
+    st.dataframe(pivot.reset_index(), hide_index=True)
+
+
 def require_runs() -> pd.DataFrame:
     """Complete runs, or a friendly start message and stop."""
     try:

@@ -15,7 +15,8 @@ from moe_viz.checkpoint import load_config
 from moe_viz.models import MoeVizError
 from moe_viz.plan import RouterConstraints
 from moe_viz.sweep import stored_sweeps
-from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, layer_stats, pick_model_runs, store_path
+from moe_viz.ui.common import (CHART_HEIGHT, causal_vs_observational, domain_run_ids, layer_stats, pick_model_runs,
+                               store_path)
 
 # Paul Tol's "muted" qualitative scheme (distinguishable with the common colour-vision deficiencies);
 # each criterion also has its own marker symbol. The random baseline is grey and dashed.
@@ -336,3 +337,5 @@ except MoeVizError as exc:
     st.error(str(exc).splitlines()[0])
 sweep_form(path, model_id, run_ids)
 sweep_jobs(path)
+causal_domain = st.selectbox("Domain for the causal view", list(run_ids), key="cp_causal_domain")
+causal_vs_observational(model_id, run_ids[causal_domain], causal_domain)

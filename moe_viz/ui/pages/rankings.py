@@ -5,10 +5,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz import analysis, criteria
-from moe_viz.importance import causal_agreement
-from moe_viz.models import MoeVizError
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, domain_run_ids, expert_stats, layer_stats,
-                               pick_model_runs, store_path)
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, causal_vs_observational, domain_run_ids, expert_stats,
+                               layer_stats, pick_model_runs)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -67,16 +65,4 @@ st.caption(f"Per layer {layer}: Spearman ρ of the rankings and top-{k} overlap 
               "statistics agree with what removing an expert really does." if "reconstruction" in names else ""))
 st.dataframe(table[table.layer == layer].drop(columns="layer"), hide_index=True)
 
-st.subheader("Causal vs observational")
-try:
-    causal = causal_agreement(store_path(), run_ids[domain])
-except MoeVizError:
-    st.info("No causal measurements for this domain yet: `moe-viz importance --model "
-            f"{model_runs.model_id.iloc[0]} --domain {domain} [--knockout-layer L]` measures what masking each "
-            "expert does (block reconstruction error; end-to-end KL for one layer).")
-else:
-    pivot = causal.pivot_table(index=["causal", "layer"], columns="criterion", values="spearman")
-    st.caption("Spearman ρ, per layer, between each causal measure (reconstruction error; knockout KL where a "
-               "layer was knocked out) and each routing criterion's scores. Low ρ: the criterion misjudges "
-               "which experts matter there.")
-    st.dataframe(pivot.reset_index(), hide_index=True)
+causal_vs_observational(model_runs.model_id.iloc[0], run_ids[domain], domain)
