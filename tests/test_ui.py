@@ -320,3 +320,23 @@ def test_missing_and_corrupted_stores_get_one_line_messages(tmp_path, monkeypatc
     bad.write_bytes(b"garbage" * 1000)
     at = _app(bad, monkeypatch)
     assert "cannot open store" in at.info[0].value and "\n" not in at.info[0].value
+
+
+def test_rankings_bars_in_rank_order_and_never_below_top_k(captured, monkeypatch):
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch, "rankings")
+    at.selectbox(key="rk_criterion").set_value("frequency").run()
+    at.selectbox(key="rk_layer").set_value(1).run()
+    expected = _sql(store_path, """SELECT s.expert FROM expert_stats s JOIN runs r USING (run_id)
+        WHERE r.domain = 'code' AND s.layer = 1 ORDER BY s.routed_tokens DESC, s.expert""")
+    order = [str(e) for e in expected.expert]
+    bars = _charts(at)[0]
+    assert bars.layout.xaxis.type == "category"  # not a linear axis in expert-index order
+    assert list(bars.layout.xaxis.categoryarray) == order  # best first, as the axis title says
+    top_k = int(_sql(store_path, "SELECT max(top_k) AS k FROM layer_stats").k[0])
+    slider = at.slider(key="rk_sparsity")
+    assert slider.max == pytest.approx(1 - top_k / 8)  # 0.75: keep at least top-k = 2 of 8
+    slider.set_value(slider.max).run()
+    assert _frame(at, "rank", "status").status.tolist() == ["kept"] * top_k + ["dropped"] * (8 - top_k)
+    assert f"keep {top_k} of 8" in _charts(at)[0].layout.title.text
+    assert any(f"never fewer than {top_k}" in c.value for c in at.caption)

@@ -1,5 +1,7 @@
 """Saliency rankings: experts of a layer ranked by a criterion, and how much criteria agree."""
 
+import math
+
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
@@ -23,15 +25,26 @@ stats = expert_stats([run_ids[domain]])
 layers = layer_stats([run_ids[domain]])
 layer = c2.selectbox("Layer", sorted(stats.layer.unique()), key="rk_layer")
 criterion = c3.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="rk_criterion")
-sparsity = c4.slider("Sparsity (fraction dropped)", 0.0, 0.95, 0.5, 0.05, key="rk_sparsity")
+layer_row = layers[layers.layer == layer].iloc[0]
+num_experts, top_k = int(layer_row.num_experts), int(layer_row.top_k)
+# a layer routes every token to top-k experts, so a plan never keeps fewer than top-k of them
+max_sparsity = math.floor(round((1 - top_k / num_experts) / 0.05, 6)) * 0.05
+if max_sparsity > 0:
+    sparsity = c4.slider("Sparsity (fraction dropped)", 0.0, round(max_sparsity, 2), min(0.5, round(max_sparsity, 2)), 0.05,
+                         key="rk_sparsity", help=f"at most {1 - top_k / num_experts:.2f}: never fewer than top-k = "
+                                                 f"{top_k} experts kept per layer")
+else:
+    sparsity = 0.0
+    c4.caption(f"Top-k = {top_k} of {num_experts} experts: none can be dropped.")
 
 if not criteria.measured(stats, criterion):
     st.info(f"{criterion} is measured, not derived from routing: run `moe-viz importance --model "
             f"{model_runs.model_id.iloc[0]} --domain {domain}` to fill it in.")
     st.stop()
 ranked = criteria.rank(criteria.score(stats[stats.layer == layer], criterion)).sort_values("rank")
-num_experts = len(ranked)
-keep = num_experts - round(sparsity * num_experts)
+keep = max(top_k, num_experts - round(sparsity * num_experts))
+st.caption(f"Keep {keep} of {num_experts} experts. A layer routes every token to its top-k = {top_k} experts, "
+           f"so never fewer than {top_k} are kept.")
 ranked["status"] = ["kept" if r < keep else "dropped" for r in ranked["rank"]]
 ranked["expert_label"] = ranked.expert.astype(str)
 figure = px.bar(ranked, x="expert_label", y="score", color="status",
@@ -40,11 +53,12 @@ figure = px.bar(ranked, x="expert_label", y="score", color="status",
                 title=f"Layer {layer}, {domain}: experts by {criterion} (keep {keep} of {num_experts})",
                 labels={"expert_label": "expert (best first)", "score": f"{criterion} score"})
 figure.update_layout(height=CHART_HEIGHT)
+# numeric-looking labels would make Plotly use a linear axis in expert-index order: bars in rank order
+figure.update_xaxes(type="category", categoryorder="array", categoryarray=ranked.expert_label.tolist())
 st.plotly_chart(figure, key="ranking_bars")
 st.dataframe(ranked[["rank", "expert", "score", "routed", "status"]], hide_index=True)
 
 st.subheader("Criteria agreement")
-top_k = int(layers.top_k.max())
 names = tuple(c for c in criteria.CRITERIA if c != "random" and criteria.measured(stats, c))
 k = st.slider("k for top-k overlap", 1, num_experts, max(1, keep), key="rk_agree_k")
 table = agreement(stats, names, k)
