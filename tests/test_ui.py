@@ -340,3 +340,20 @@ def test_rankings_bars_in_rank_order_and_never_below_top_k(captured, monkeypatch
     assert _frame(at, "rank", "status").status.tolist() == ["kept"] * top_k + ["dropped"] * (8 - top_k)
     assert f"keep {top_k} of 8" in _charts(at)[0].layout.title.text
     assert any(f"never fewer than {top_k}" in c.value for c in at.caption)
+
+
+def test_expert_partners_chart_sorted_by_probability(captured, monkeypatch):
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch, "expert")
+    at.selectbox(key="ex_layer").set_value(1).run()
+    at.selectbox(key="ex_expert").set_value(2).run()
+    run_id = _sql(store_path, "SELECT run_id FROM runs WHERE domain = 'code' AND status = 'complete'").run_id[0]
+    coact = sql_partners(store_path, run_id, 1, 2).head(10)
+    coact = coact.sort_values(["p", "partner"], ascending=[False, True])
+    chart = _charts(at)[1]
+    assert chart.layout.xaxis.type == "category"  # no gaps for partner indices that are absent
+    assert list(chart.layout.xaxis.categoryarray) == [str(p) for p in coact.partner]
+    bars = chart.data[0]
+    assert list(bars.x) == [str(p) for p in coact.partner]
+    np.testing.assert_allclose(_array(bars.y), coact.p, rtol=1e-12)
+    assert (np.diff(_array(bars.y)) <= 0).all()

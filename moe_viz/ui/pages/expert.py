@@ -35,6 +35,8 @@ if partners.empty:
 else:
     bars = px.bar(partners, x=partners.partner.astype(str), y="p_given_expert",
                   title=f"Top partners of expert {expert} on {domain}: P(partner also routed | expert routed)",
-                  labels={"x": "partner expert", "p_given_expert": "probability"})
+                  labels={"x": "partner expert (most likely first)", "p_given_expert": "probability"})
+    # numeric-looking labels would make Plotly use a linear axis (index order, gaps): categories by probability
+    bars.update_xaxes(type="category", categoryorder="array", categoryarray=partners.partner.astype(str).tolist())
     st.plotly_chart(bars, key="expert_partners")
     st.dataframe(partners, hide_index=True)
