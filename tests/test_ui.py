@@ -357,3 +357,51 @@ def test_expert_partners_chart_sorted_by_probability(captured, monkeypatch):
     assert list(bars.x) == [str(p) for p in coact.partner]
     np.testing.assert_allclose(_array(bars.y), coact.p, rtol=1e-12)
     assert (np.diff(_array(bars.y)) <= 0).all()
+
+
+def test_prune_export_name_follows_the_plan_until_typed(captured, monkeypatch):
+    _, model_dir, store_path = captured
+    at = _app(store_path, monkeypatch, "prune")
+    keep = at.select_slider(key="pr_keep").value
+    assert at.text_input(key="pr_name").value == f"{model_dir.name}-reap-keep{keep}"
+    at.select_slider(key="pr_keep").set_value(3).run()
+    assert at.text_input(key="pr_name").value == f"{model_dir.name}-reap-keep3"
+    at.selectbox(key="pr_criterion").set_value("frequency").run()
+    assert at.text_input(key="pr_name").value == f"{model_dir.name}-frequency-keep3"
+    at.selectbox(key="pr_criterion").set_value("reap").run()
+    at.select_slider(key="pr_keep").set_value(4).run()
+    assert at.text_input(key="pr_name").value == f"{model_dir.name}-reap-keep4"  # never a stale keep in the name
+    at.text_input(key="pr_name").set_value("my-own-name").run()
+    at.select_slider(key="pr_keep").set_value(3).run()
+    assert at.text_input(key="pr_name").value == "my-own-name"  # the user's own name is kept
+
+
+def test_prune_page_errors_name_the_box_and_savings_are_good(captured, monkeypatch):
+    root, _, store_path = captured
+    taken = root / "exports" / "ui-taken"
+    taken.mkdir(parents=True, exist_ok=True)
+    (taken / "notes.txt").write_text("not an export")
+    at = _app(store_path, monkeypatch, "prune")
+    # savings are shown as good news, not as red losses
+    savings = [m for m in at.metric if m.label.startswith(("Parameters", "Size"))]
+    assert len(savings) == 2
+    for metric in savings:
+        assert metric.proto.delta.startswith("-") and metric.proto.color == metric.proto.MetricColor.GREEN
+    at.session_state["pr_result"] = {"verdict": "PASS", "reason": "an older export", "export": "old",
+                                     "dtype": "float64", "domains": {}}
+    at.run()
+    assert at.success[0].value == "Verification PASS: an older export"
+    at.text_input(key="pr_name").set_value("ui-taken").run()
+    at.button(key="pr_export").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    message = at.error[0].value
+    assert message == (f"{taken.resolve()} already exists: choose another name in the “Export name” box or tick "
+                       "“Replace an existing export of that name” to replace it")
+    assert not at.success  # the older result is gone
+    assert [(s.label, s.state) for s in at.status] == [(f"Export failed: {message}", "error")]
+    at.checkbox(key="pr_force").check().run()
+    at.button(key="pr_export").click().run()
+    message = at.error[0].value
+    assert "--out" not in message and "--force" not in message
+    assert message.endswith("refusing to replace it; choose another name in the “Export name” box")
+    assert not any("Exporting" in s.label for s in at.status)

@@ -39,6 +39,25 @@ def show_verification(result: dict) -> None:
         st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 
+# the core's messages are worded for the CLI; here the folder is the "Export name" box and --force the checkbox
+REPLACE_BOX = "Replace an existing export of that name"
+CLI_WORDS = [
+    ("pass --force to replace it", f"tick “{REPLACE_BOX}” to replace it"),
+    ("choose another --out", "choose another name in the “Export name” box"),
+    ("choose a writable --out directory", "make the exports folder writable"),
+    ("choose an --out outside it", "keep the store (and its exports folder) outside it"),
+    ("--out ", "the export folder "),
+    ("--force", f"“{REPLACE_BOX}”"),
+]
+
+
+def dashboard_message(message: str) -> str:
+    """A core error message in the page's words: the box and the checkbox instead of CLI flags."""
+    for cli, page in CLI_WORDS:
+        message = message.replace(cli, page)
+    return message
+
+
 st.title("Prune & export")
 path = store_path()
 model_runs = pick_model_runs()
@@ -100,8 +119,11 @@ st.dataframe(summary, hide_index=True)
 if config is not None:
     size = size_summary(plan, config)
     m1, m2, m3 = st.columns(3)
-    m1.metric("Parameters", f"{size['params_after'] / 1e6:,.2f}M", f"-{(size['params_before'] - size['params_after']) / 1e6:,.2f}M")
-    m2.metric(f"Size ({size['dtype']})", f"{size['bytes_after'] / 1e9:,.3f} GB", f"-{(size['bytes_before'] - size['bytes_after']) / 1e9:,.3f} GB")
+    # fewer parameters and bytes is the point of pruning: a saving shows as good (green), not as a red loss
+    m1.metric("Parameters", f"{size['params_after'] / 1e6:,.2f}M", f"-{(size['params_before'] - size['params_after']) / 1e6:,.2f}M",
+              delta_color="inverse")
+    m2.metric(f"Size ({size['dtype']})", f"{size['bytes_after'] / 1e9:,.3f} GB", f"-{(size['bytes_before'] - size['bytes_after']) / 1e9:,.3f} GB",
+              delta_color="inverse")
     m3.metric("Routed experts removed", f"{plan.sparsity:.0%}")
 
 
@@ -168,7 +190,7 @@ with st.expander("Verify an existing export"):
                     st.caption(note)
                 show_verification(checked)
             except MoeVizError as exc:
-                st.error(str(exc))
+                st.error(dashboard_message(str(exc)))
 
 st.subheader("Export")
 if not plan.exportable:
@@ -179,13 +201,21 @@ if config is None or not Path(model_id).is_dir():
     st.warning(f"The model {model_id} is not a local directory, so it cannot be exported from here.")
     st.stop()
 default_name = f"{Path(model_id).name}-{criterion}-keep{keep}"
-name = st.text_input("Export name (under cache/exports/)", value=default_name, key="pr_name")
-force = st.checkbox("Replace an existing export of that name", key="pr_force",
+# the name follows the plan (criterion, keep) unless the user typed their own
+if st.session_state.get("pr_name") in (None, st.session_state.get("pr_name_default")):
+    st.session_state["pr_name"] = default_name
+st.session_state["pr_name_default"] = default_name
+name = st.text_input("Export name (under cache/exports/)", key="pr_name",
+                     help=f"follows the plan ({default_name}) until you type your own name")
+force = st.checkbox(REPLACE_BOX, key="pr_force",
                     help="only ever replaces a previous moe_viz export (a folder holding moe_viz_prune.json)")
 if st.button("Export and verify", type="primary", key="pr_export"):
+    st.session_state.pop("pr_result", None)  # a result shown below always belongs to this export
+    status = None
     try:
         out = export_name_path(Path(path).resolve().parent / "exports", name)  # one plain name, else refused
-        with st.status(f"Exporting to {out} …", expanded=True) as status:
+        status = st.status(f"Exporting to {out} …", expanded=True)
+        with status:
             export_pruned(plan, model_id, out, force=force, protect=[path],
                           progress=lambda done, total: status.write(f"shard {done}/{total} written"))
             status.write("export written; verifying against the masked original …")
@@ -196,7 +226,10 @@ if st.button("Export and verify", type="primary", key="pr_export"):
             status.update(label=f"Exported {out}: verification {result['verdict']}",
                           state="complete" if result["verdict"] == "PASS" else "error")
     except MoeVizError as exc:
-        st.error(str(exc))
+        message = dashboard_message(str(exc))
+        if status is not None:
+            status.update(label=f"Export failed: {message}", state="error", expanded=False)
+        st.error(message)
 
 result = st.session_state.get("pr_result")
 if result:
