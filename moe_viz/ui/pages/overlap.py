@@ -26,21 +26,8 @@ jaccard = overlap(run_ids.values(), criterion, k)
 jaccard["pair"] = jaccard.domain_a + " / " + jaccard.domain_b
 reference = domain_stats.random_jaccard(num_experts, k)
 
-figure = go.Figure([  # plain traces: plotly.express takes ~10x longer to build 45 of them
-    go.Scatter(x=group.layer.astype(str), y=group.jaccard, mode="lines+markers", name=pair,
-               hovertemplate=f"{pair}<br>layer %{{x}}<br>Jaccard %{{y:.3f}}<extra></extra>")
-    for pair, group in jaccard.groupby("pair", sort=True)
-])
-figure.update_layout(title=f"Top-{k} Jaccard overlap by {criterion} across layers", legend_title_text="pair",
-                     xaxis_title="MoE layer (decoder index)", yaxis_title="Jaccard overlap (0–1)")
-figure.add_hline(y=reference, line_dash="dash", line_color="grey",
-                 annotation_text=f"random k-sets: {reference:.3f}", annotation_position="top left")
-figure.update_layout(height=CHART_HEIGHT, yaxis_range=[0, 1.02])
-figure.update_xaxes(type="category")
-st.plotly_chart(figure, key="overlap_lines")
-
-layer = st.selectbox("Layer for the domain × domain matrix", sorted(jaccard.layer.unique()), key="ov_layer")
 domains = sorted(run_ids)
+layer = st.selectbox("Layer for the domain × domain matrix", sorted(jaccard.layer.unique()), key="ov_layer")
 matrix = pd.DataFrame(1.0, index=domains, columns=domains)
 for row in jaccard[jaccard.layer == layer].itertuples():
     matrix.loc[row.domain_a, row.domain_b] = matrix.loc[row.domain_b, row.domain_a] = row.jaccard
@@ -48,9 +35,44 @@ heat = go.Figure(go.Heatmap(z=matrix.to_numpy(), x=domains, y=domains, zmin=0, z
                             text=matrix.round(3).to_numpy(), texttemplate="%{text}",
                             hovertemplate="%{y} vs %{x}<br>Jaccard %{z:.3f}<extra></extra>",
                             colorbar=dict(title="Jaccard")))
-heat.update_layout(title=f"Top-{k} Jaccard overlap at layer {layer} (random: {reference:.3f})",
+heat.update_layout(title=f"Top-{k} Jaccard overlap at layer {layer} (random k-sets: {reference:.3f})",
                    xaxis_title="domain", yaxis_title="domain", height=CHART_HEIGHT)
 st.plotly_chart(heat, key="overlap_matrix")
+
+VIEWS = ["Mean over layers", "Lines across layers"]
+view = st.radio("Across layers", VIEWS, horizontal=True, key="ov_view",
+                help="Mean over layers: one bar per domain pair (range over layers as error bars).  \n"
+                     "Lines across layers: one line per domain pair.")
+# The random reference is a dashed line listed in the legend, never a text label on top of the data.
+reference_line = dict(y=reference, line_dash="dash", line_color="grey", showlegend=True,
+                      name=f"random k-sets: {reference:.3f}")
+if view == VIEWS[0]:
+    summary = (jaccard.groupby("pair", sort=True).jaccard.agg(["mean", "min", "max"]).reset_index()
+               .sort_values(["mean", "pair"], ascending=[False, True]))
+    figure = go.Figure(go.Bar(
+        x=summary["pair"], y=summary["mean"], name="mean over layers", marker_color="#0072B2",
+        error_y=dict(type="data", symmetric=False, array=summary["max"] - summary["mean"],
+                     arrayminus=summary["mean"] - summary["min"], color="grey"),
+        customdata=summary[["min", "max"]].to_numpy(),
+        hovertemplate="%{x}<br>mean Jaccard %{y:.3f}<br>layers: %{customdata[0]:.3f}–%{customdata[1]:.3f}"
+                      "<extra></extra>"))
+    figure.update_layout(title=f"Top-{k} Jaccard overlap by {criterion}, mean over layers (bars: min–max)",
+                         xaxis_title="domain pair", yaxis_title="Jaccard overlap (0–1)")
+    figure.update_xaxes(type="category", categoryorder="array", categoryarray=summary["pair"].tolist())
+    key = "overlap_mean"
+else:
+    figure = go.Figure([  # plain traces: plotly.express takes ~10x longer to build 45 of them
+        go.Scatter(x=group.layer.astype(str), y=group.jaccard, mode="lines+markers", name=pair,
+                   hovertemplate=f"{pair}<br>layer %{{x}}<br>Jaccard %{{y:.3f}}<extra></extra>")
+        for pair, group in jaccard.groupby("pair", sort=True)
+    ])
+    figure.update_layout(title=f"Top-{k} Jaccard overlap by {criterion} across layers", legend_title_text="pair",
+                         xaxis_title="MoE layer (decoder index)", yaxis_title="Jaccard overlap (0–1)")
+    figure.update_xaxes(type="category")
+    key = "overlap_lines"
+figure.add_hline(**reference_line)
+figure.update_layout(height=CHART_HEIGHT, yaxis_range=[0, 1.02], showlegend=True)  # one pair keeps its legend too
+st.plotly_chart(figure, key=key)
 
 st.subheader("Does expert choice depend on the domain?")
 st.caption("Top-k overlap is a weak signal on its own: busy generalist experts sit in every domain's top-k. "
