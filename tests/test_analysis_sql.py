@@ -316,15 +316,22 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
         np.testing.assert_allclose(_array(heat.customdata), values, rtol=1e-12, atol=1e-15)
 
     at.radio(key="hm_mode").set_value("Difference A − B").run()
+    units = {"frequency_share": "fraction of the layer's k·T slots", "soft_count_mean": "router probability per token",
+             "nllb": "top-1 share·e^(mean top-1 probability)", "ean_mean": "‖f_e(x)‖, mean over routed tokens"}
     for a, b in [("math", "prose"), ("prose", "code")]:
         at.selectbox(key="hm_domain").set_value(a).run()
         at.selectbox(key="hm_domain_b").set_value(b).run()
         for metric in ("frequency_share", "soft_count_mean", "nllb", "ean_mean"):
             at.selectbox(key="hm_metric").set_value(metric).run()
             heat = _heat(at)
-            expected = metric_matrix(path, metric, ids[a]).to_numpy() - metric_matrix(path, metric, ids[b]).to_numpy()
+            side_a, side_b = metric_matrix(path, metric, ids[a]).to_numpy(), metric_matrix(path, metric, ids[b]).to_numpy()
+            expected = side_a - side_b
             np.testing.assert_allclose(_array(heat.z), expected, rtol=1e-12, atol=1e-15, err_msg=(metric, a, b))
-            np.testing.assert_allclose(_array(heat.customdata), expected, rtol=1e-12, atol=1e-15)
+            hover = _array(heat.customdata)  # A, B and A − B for every cell, all three in the hover
+            np.testing.assert_allclose(hover[..., 0], side_a, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(hover[..., 1], side_b, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(hover[..., 2], expected, rtol=1e-12, atol=1e-15)
+            assert all(f"%{{customdata[{i}]:.6g}}" in heat.hovertemplate for i in range(3))
             limit = np.abs(expected).max()
             assert heat.zmid == 0 and heat.zmin == pytest.approx(-limit, rel=1e-12) and heat.zmax == pytest.approx(limit, rel=1e-12)
-            assert heat.colorbar.title.text == "value"
+            assert heat.colorbar.title.text == f"{metric}, A − B<br>({units[metric]})"

@@ -100,7 +100,7 @@ def test_heatmap_shows_the_chosen_statistic_and_differences(captured, monkeypatc
     at.selectbox(key="hm_domain_b").set_value("prose").run()
     heat = _charts(at)[0].data[0]
     expected = _frequency_share(store_path, "code") - _frequency_share(store_path, "prose")
-    np.testing.assert_allclose(_array(heat.customdata), expected)
+    np.testing.assert_allclose(_array(heat.customdata)[..., 2], expected)  # [..., 0] is A, [..., 1] B
     assert heat.zmid == 0 and heat.zmin == -heat.zmax
 
     at.radio(key="hm_mode").set_value("One domain").run()
@@ -405,3 +405,28 @@ def test_prune_page_errors_name_the_box_and_savings_are_good(captured, monkeypat
     assert "--out" not in message and "--force" not in message
     assert message.endswith("refusing to replace it; choose another name in the “Export name” box")
     assert not any("Exporting" in s.label for s in at.status)
+
+
+def test_heatmap_colour_bar_names_the_unit_and_difference_hover_shows_both(captured, monkeypatch):
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch)
+    heat = _charts(at)[0].data[0]
+    assert heat.colorbar.title.text == "frequency_share<br>(fraction of the layer's k·T slots)"
+    assert "frequency_share %{customdata:.6g} (fraction of the layer's k·T slots)" in heat.hovertemplate
+    at.selectbox(key="hm_metric").set_value("reap").run()
+    at.radio(key="hm_scale").set_value("log").run()
+    assert _charts(at)[0].data[0].colorbar.title.text == "log10 reap<br>(gate·‖f_e(x)‖, mean over routed tokens)"
+    at.radio(key="hm_scale").set_value("linear").run()
+    at.selectbox(key="hm_metric").set_value("frequency_share").run()
+    at.radio(key="hm_mode").set_value("Difference A − B").run()
+    at.selectbox(key="hm_domain").set_value("math").run()
+    at.selectbox(key="hm_domain_b").set_value("code").run()
+    heat = _charts(at)[0].data[0]
+    hover = _array(heat.customdata)
+    np.testing.assert_allclose(hover[..., 0], _frequency_share(store_path, "math"), rtol=1e-12)
+    np.testing.assert_allclose(hover[..., 1], _frequency_share(store_path, "code"), rtol=1e-12)
+    np.testing.assert_allclose(hover[..., 2], _frequency_share(store_path, "math") - _frequency_share(store_path, "code"),
+                               rtol=1e-12, atol=1e-15)
+    assert ("A math: %{customdata[0]:.6g}<br>B code: %{customdata[1]:.6g}<br>A − B: %{customdata[2]:.6g}"
+            in heat.hovertemplate)
+    assert heat.colorbar.title.text == "frequency_share, A − B<br>(fraction of the layer's k·T slots)"
