@@ -1,5 +1,7 @@
 """Dashboard polish (issue 13): clearer overlap views, picker names, help text, threads, quiet terminal."""
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -66,3 +68,29 @@ def test_overlap_lines_keep_a_legend_for_one_pair(tmp_path, monkeypatch):
     assert not lines.layout.annotations
     (shape,) = lines.layout.shapes
     assert (shape.y0, shape.showlegend, shape.name) == (reference, True, f"random k-sets: {reference:.3f}")
+
+
+def test_picker_names_the_shipped_demo_and_local_models(tmp_path, monkeypatch):
+    from moe_viz.demo import SHIPPED_MODEL
+
+    model_dir = save_tiny_model(tmp_path / "checkpoints" / "tiny-moe")
+    (tmp_path / "code.txt").write_text(CODE)
+    store_path = tmp_path / "store.duckdb"
+    for model in (SHIPPED_MODEL, model_dir):
+        assert main(["capture", "--model", str(model), "--domain", f"code={tmp_path / 'code.txt'}",
+                     "--store", str(store_path), "--seq-len", "32", "--max-tokens", "64"]) == 0
+    at = _app(store_path, monkeypatch)
+    picker = at.sidebar.selectbox(key="model")
+    assert sorted(picker.options) == ["checkpoints/tiny-moe (qwen3_moe)", "demo (moe_viz/demo/model)"]
+
+
+def test_criteria_help_is_one_markdown_bullet_per_criterion():
+    from moe_viz import criteria
+    from moe_viz.ui.common import criteria_help
+
+    assert criteria_help(["frequency", "easy_ep"]) == (
+        "- **frequency**: routed tokens (how often the expert is in the top-k)\n"
+        "- **easy\\_ep**: gate \\* ||f\\_e(x)|| weighted by token shift 1 - cos(h, h + r) (EASY-EP)")
+    lines = criteria_help().split("\n")
+    assert [line.split("**")[1].replace("\\_", "_") for line in lines] == list(criteria.CRITERIA)
+    assert all(line.startswith("- **") for line in lines)

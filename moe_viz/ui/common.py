@@ -173,11 +173,46 @@ def require_runs() -> pd.DataFrame:
     return complete
 
 
+def model_label(model_id: str) -> str:
+    """A name a person recognises for a captured model id (an absolute directory or a hub id).
+
+    The shipped demo model: "demo (moe_viz/demo/model)". Another local directory: its parent and
+    folder name plus the config's model_type, e.g. "checkpoints/qwen-tiny (qwen3_moe)". A hub id: itself.
+    """
+    import json
+
+    from moe_viz.demo import SHIPPED_MODEL
+
+    path = Path(model_id)
+    if not path.is_absolute():
+        return model_id  # a hub id
+    if path == SHIPPED_MODEL.resolve():
+        return "demo (moe_viz/demo/model)"
+    name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name or model_id
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    return f"{name} ({model_type})" if model_type else name
+
+
+def criteria_help(names: list[str] | None = None) -> str:
+    """Markdown for a criterion picker's help: one bullet per criterion (Streamlit help drops bare line breaks)."""
+    from moe_viz import criteria
+
+    chosen = list(criteria.CRITERIA) if names is None else names
+
+    def escape(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_")
+
+    return "\n".join(f"- **{escape(name)}**: {escape(criteria.CRITERIA[name].description)}" for name in chosen)
+
+
 def pick_model_runs() -> pd.DataFrame:
     """Sidebar model picker; returns the newest complete run per domain of that model."""
     complete = require_runs()
     models = list(dict.fromkeys(complete.model_id))
-    model = st.sidebar.selectbox("Model", models, key="model", format_func=lambda m: Path(m).name or m)
+    model = st.sidebar.selectbox("Model", models, key="model", format_func=model_label)
     chosen = complete[complete.model_id == model].drop_duplicates("domain")
     return chosen.sort_values("domain").reset_index(drop=True)
 
