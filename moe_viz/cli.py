@@ -547,20 +547,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo store {args.store}: {'captured ' + str(len(run_ids)) + ' domain(s)' if run_ids else 'already complete'}")
     if args.no_ui:
         return 0
-    return _run_dashboard(args.store, args.port)
+    return _run_dashboard(args.store, args.port, args.threads)
 
 
-def _run_dashboard(store_path: str, port: int) -> int:
+def _run_dashboard(store_path: str, port: int, threads: int | None = None) -> int:
+    """`streamlit run app.py` on localhost; `threads` reaches the dashboard's background jobs (MOE_VIZ_THREADS)."""
+    import os
     import subprocess
 
     app = Path(__file__).resolve().parent.parent / "app.py"
     if not app.exists():
         raise MoeVizError(f"the dashboard script {app} is missing: run from a clone of the repository")
+    # No file watcher (it would walk the store's cache/ and .git for nothing), no Deploy button, no usage statistics.
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
-               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
+               "--client.toolbarMode", "minimal", "--browser.gatherUsageStats", "false",
                "--", "--store", str(store_path)]
+    environment = dict(os.environ)
+    if threads:
+        environment["MOE_VIZ_THREADS"] = str(threads)
     print(f"dashboard: http://127.0.0.1:{port}  (Ctrl+C to stop)")
-    return subprocess.call(command)
+    return subprocess.call(command, env=environment)
 
 
 def cmd_demo_train(args: argparse.Namespace) -> int:
@@ -724,6 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
     p.add_argument("--port", type=int, default=8501, help="dashboard port on 127.0.0.1 (default 8501)")
     p.add_argument("--no-ui", action="store_true", help="only capture; do not start the dashboard")
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="torch CPU threads, also for the dashboard's background jobs (default: torch's choice)")
     p.set_defaults(func=cmd_demo)
     demo_commands = p.add_subparsers(dest="demo_command")
     t = demo_commands.add_parser("train", help=cmd_demo_train.__doc__, description=cmd_demo_train.__doc__)
@@ -738,7 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("ui", help="Open the dashboard on a store (localhost).")
     p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
     p.add_argument("--port", type=int, default=8501)
-    p.set_defaults(func=lambda args: _run_dashboard(args.store, args.port))
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="torch CPU threads, also for the dashboard's background jobs (default: torch's choice)")
+    p.set_defaults(func=lambda args: _run_dashboard(args.store, args.port, args.threads))
     return parser
 
 

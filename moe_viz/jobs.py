@@ -40,8 +40,18 @@ def _new_job(store_path: str | Path, kind: str) -> tuple[str, Path]:
     return job_id, folder
 
 
+def default_threads() -> int | None:
+    """Torch threads for jobs started without an explicit count: `moe-viz ui/demo --threads N` sets MOE_VIZ_THREADS."""
+    value = os.environ.get("MOE_VIZ_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def _launch(folder: Path, kind: str, arguments: list[str], threads: int | None = None) -> None:
-    """Start `python -m moe_viz [--threads N] KIND ARGUMENTS --progress-file F`; record pid and start time."""
+    """Start `python -m moe_viz [--threads N] KIND ARGUMENTS --progress-file F`; record pid and start time.
+
+    `threads` None: the dashboard's setting (`default_threads`); 0 (or no setting): torch's choice.
+    """
+    threads = default_threads() if threads is None else threads
     command = [sys.executable, "-m", "moe_viz", *(["--threads", str(threads)] if threads else []), kind,
                *arguments, "--progress-file", str(folder / "progress.json")]
     (folder / "command.json").write_text(json.dumps(command))

@@ -94,3 +94,76 @@ def test_criteria_help_is_one_markdown_bullet_per_criterion():
     lines = criteria_help().split("\n")
     assert [line.split("**")[1].replace("\\_", "_") for line in lines] == list(criteria.CRITERIA)
     assert all(line.startswith("- **") for line in lines)
+
+
+def test_favicon_is_local_and_config_hides_deploy_and_watches_no_store(captured, monkeypatch):
+    import tomllib
+
+    import streamlit
+    from streamlit import config as st_config
+    from streamlit.commands.page_config import _get_favicon_string
+
+    from test_ui import ROOT
+
+    calls = []
+    original = streamlit.set_page_config
+    monkeypatch.setattr(streamlit, "set_page_config", lambda **kw: (calls.append(kw), original(**kw))[1])
+    _app(captured[2], monkeypatch)
+    assert calls and calls[0]["page_icon"] == "🧩"
+    assert _get_favicon_string(calls[0]["page_icon"]) == "emoji:🧩"  # drawn by the browser as a data: URL
+
+    settings = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert settings["client"]["toolbarMode"] == "minimal"
+    assert settings["browser"]["gatherUsageStats"] is False
+    assert settings["server"]["fileWatcherType"] == "auto"
+    assert settings["server"]["folderWatchBlacklist"] == ["**/cache", "**/jobs", "**/.git", "**/__pycache__"]
+    assert {"client.toolbarMode", "browser.gatherUsageStats", "server.fileWatcherType",
+            "server.folderWatchBlacklist"} <= set(st_config.get_config_options())
+
+
+@pytest.mark.parametrize("argv, threads", [
+    (["ui", "--threads", "3"], "3"),
+    (["--threads", "2", "ui"], "2"),
+    (["demo", "--threads", "4"], "4"),
+    (["ui"], None),
+])
+def test_dashboard_command_passes_threads_and_quiet_settings(tmp_path, monkeypatch, argv, threads):
+    import subprocess
+
+    seen = {}
+    monkeypatch.delenv("MOE_VIZ_THREADS", raising=False)
+    monkeypatch.setattr("moe_viz.cli._set_threads", lambda n: None)  # leave this test process's torch alone
+    monkeypatch.setattr("moe_viz.demo.prepare", lambda store: [])
+    monkeypatch.setattr(subprocess, "call", lambda command, env: seen.update(command=command, env=env) or 0)
+    store_path = str(tmp_path / "store.duckdb")
+    assert main([*argv, "--store", store_path, "--port", "8599"]) == 0
+    command = seen["command"]
+    assert command[command.index("--server.fileWatcherType") + 1] == "none"
+    assert command[command.index("--client.toolbarMode") + 1] == "minimal"
+    assert command[command.index("--browser.gatherUsageStats") + 1] == "false"
+    assert command[-3:] == ["--", "--store", store_path]
+    assert seen["env"].get("MOE_VIZ_THREADS") == threads
+
+
+def test_runs_form_sets_threads_of_the_capture_job(captured, tmp_path, monkeypatch):
+    import json
+
+    from moe_viz import jobs
+
+    root, model_dir, _ = captured
+    store_path = tmp_path / "store.duckdb"
+    monkeypatch.setenv("MOE_VIZ_THREADS", "2")
+    at = _app(store_path, monkeypatch, "runs")
+    assert at.number_input(key="cap_threads").value == 2  # the dashboard's --threads is the default
+    at.text_input(key="cap_model").set_value(str(model_dir))
+    at.text_area(key="cap_domains").set_value(f"broken={root / 'missing.txt'}")  # fails fast, before loading
+    at.number_input(key="cap_threads").set_value(1)
+    at.button[0].click().run()
+    job = at.session_state["last_job"]
+    command = json.loads((jobs.jobs_dir(store_path) / job / "command.json").read_text())
+    assert command[3:6] == ["--threads", "1", "capture"]
+    deadline = time.time() + 120
+    while jobs.job_status(store_path, job)["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.3)
+    assert jobs.job_status(store_path, job)["state"] == "failed"

@@ -33,17 +33,21 @@ with st.form("capture"):
     domains = st.text_area("Domains, one NAME=SOURCE per line", key="cap_domains",
                            value="code=builtin:code\nmath=builtin:math",
                            help="SOURCE: a .txt/.jsonl file, a directory, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]] or builtin:NAME")
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     max_tokens = c1.number_input("Tokens per domain", min_value=1, value=50_000, step=10_000, key="cap_tokens")
     seq_len = c2.number_input("Sequence length", min_value=8, value=512, step=64, key="cap_seq")
     batch = c3.number_input("Batch size", min_value=1, value=8, key="cap_batch")
+    threads = c4.number_input("CPU threads", min_value=0, value=jobs.default_threads() or 0, step=1, key="cap_threads",
+                              help="torch CPU threads for the capture; 0: torch's choice. "
+                                   "`moe-viz ui --threads N` sets the default.")
     submitted = st.form_submit_button("Start capture")
 if submitted:
     lines = [l.strip() for l in domains.splitlines() if l.strip()]
     if not model.strip() or not lines:
         st.error("Give a model and at least one NAME=SOURCE line.")
     else:
-        job = jobs.start_capture(path, model.strip(), lines, int(max_tokens), int(seq_len), int(batch))
+        job = jobs.start_capture(path, model.strip(), lines, int(max_tokens), int(seq_len), int(batch),
+                                 threads=int(threads))  # 0: no --threads, torch decides
         st.session_state["last_job"] = job
 
 
