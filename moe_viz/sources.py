@@ -186,12 +186,14 @@ def pack_sequences(docs: Documents, tokenizer, seq_len: int, max_tokens: int, se
 def token_stream(texts: list[str], tokenizer, max_tokens: int | None = None) -> list[int]:
     """Texts tokenised without special tokens, each followed by EOS when the tokenizer has one.
 
-    Tokenising stops once `max_tokens` are collected, and the stream is cut there.
+    Tokenising stops once `max_tokens` are collected, and the stream is cut there. Whole documents longer
+    than the model's maximum length are expected (the stream is chunked into sequences later), so the
+    tokenizer's "Token indices sequence length is longer than..." warning is turned off for this call only.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
         if max_tokens is not None and len(stream) >= max_tokens:

@@ -167,3 +167,33 @@ def test_runs_form_sets_threads_of_the_capture_job(captured, tmp_path, monkeypat
         assert time.time() < deadline
         time.sleep(0.3)
     assert jobs.job_status(store_path, job)["state"] == "failed"
+
+
+def test_capture_prints_no_token_length_warning(tmp_path, monkeypatch):
+    """transformers' own handler writes to the stderr it saw when configured, so its records are collected here."""
+    import json
+    import logging
+
+    from transformers import AutoTokenizer
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    library_logger = logging.getLogger("transformers")
+    library_logger.addHandler(handler)
+    try:
+        model_dir = save_tiny_model(tmp_path / "model")
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "model_max_length": 64}))  # above checkpoint.TOKENIZER_SAMPLE
+        document = CODE * 3  # one document, far longer than 64 tokens
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer(document, add_special_tokens=False)  # the warning, as transformers prints it
+        assert any(m.startswith("Token indices sequence length is longer") for m in messages), messages
+        messages.clear()
+        (tmp_path / "code.txt").write_text(document)
+        assert main(["capture", "--model", str(model_dir), "--domain", f"code={tmp_path / 'code.txt'}",
+                     "--store", str(tmp_path / "store.duckdb"), "--seq-len", "16", "--max-tokens", "128"]) == 0
+    finally:
+        library_logger.removeHandler(handler)
+    assert not [m for m in messages if "Token indices" in m]
