@@ -24,6 +24,10 @@ def test_overlap_default_is_matrix_and_mean_over_layers(captured, monkeypatch):
     at.slider(key="ov_k").set_value(3).run()
     at.selectbox(key="ov_layer").set_value(1).run()
     assert at.radio(key="ov_view").value == "Mean over layers"
+    from moe_viz.ui.common import criteria_help
+
+    picker = at.selectbox(key="ov_criterion")
+    assert picker.help == criteria_help(picker.options) and picker.help.count("\n- **") == len(picker.options) - 1
     expected = domain_stats.topk_jaccard(_frequency_scores(store_path), 3)
     reference = domain_stats.random_jaccard(8, 3)
     charts = _charts(at)

@@ -6,8 +6,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz import domain_stats
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, domain_run_ids, layer_stats, measured_criteria,
-                               mutual_information, overlap, pick_model_runs)
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, criteria_help, domain_run_ids, layer_stats,
+                               measured_criteria, mutual_information, overlap, pick_model_runs)
 
 st.title("Domain overlap")
 model_runs = pick_model_runs()
@@ -20,7 +20,8 @@ num_experts = int(layers.num_experts.max())
 top_k = int(layers.top_k.max())
 
 c1, c2 = st.columns(2)
-criterion = c1.selectbox("Criterion", measured_criteria(run_ids.values()), key="ov_criterion")
+measured = measured_criteria(run_ids.values())
+criterion = c1.selectbox("Criterion", measured, key="ov_criterion", help=criteria_help(measured))
 k = c2.slider("k (experts per domain set)", 1, num_experts, min(max(top_k, 2), num_experts), key="ov_k")
 jaccard = overlap(run_ids.values(), criterion, k)
 jaccard["pair"] = jaccard.domain_a + " / " + jaccard.domain_b
