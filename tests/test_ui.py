@@ -126,9 +126,10 @@ def test_heatmap_cell_opens_expert_detail(captured, monkeypatch):
 def test_overlap_page_follows_k_and_shows_random_reference(captured, monkeypatch):
     _, _, store_path = captured
     at = _app(store_path, monkeypatch, "overlap")
+    at.radio(key="ov_view").set_value("Lines across layers").run()  # the default view is matrix + mean over layers
     at.selectbox(key="ov_criterion").set_value("frequency").run()
     at.slider(key="ov_k").set_value(3).run()
-    lines = _charts(at)[0]
+    lines = _charts(at)[1]
     assert lines.layout.shapes[0].y0 == pytest.approx(random_jaccard(8, 3))
     pairs = {trace.name for trace in lines.data}
     assert pairs == {"code / math", "code / prose", "math / prose"}
@@ -153,7 +154,7 @@ def test_overlap_page_follows_k_and_shows_random_reference(captured, monkeypatch
     reap = _sql(store_path, """SELECT r.domain, s.layer, s.expert, coalesce(s.reap_sum / nullif(s.routed_tokens, 0), 0) AS v
         FROM expert_stats s JOIN runs r USING (run_id) ORDER BY r.domain, s.layer, v DESC, s.expert""")
     top = {(d, l): set(g.expert.head(2)) for (d, l), g in reap.groupby(["domain", "layer"])}
-    lines, heat = _charts(at)[0], _charts(at)[1].data[0]
+    lines, heat = _charts(at)[1], _charts(at)[0].data[0]
     assert lines.layout.shapes[0].y0 == pytest.approx(random_jaccard(8, 2))
     check_lines(lines, top)
     domains = ["code", "math", "prose"]

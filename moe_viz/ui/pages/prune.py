@@ -12,7 +12,8 @@ from moe_viz.export import PRUNE_MANIFEST, export_name_path, export_pruned
 from moe_viz.models import MoeVizError
 from moe_viz.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.sweep import plan_key, stored_plan_results
-from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, layer_stats, pick_model_runs, store_path
+from moe_viz.ui.common import (CHART_HEIGHT, criteria_help, domain_run_ids, layer_stats, pick_model_runs,
+                               store_path)
 from moe_viz.verify import verify_from_store
 
 
@@ -71,7 +72,7 @@ valid = constraints.valid_keeps(num_experts)
 
 c1, c2, c3 = st.columns(3)
 criterion = c1.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="pr_criterion",
-                         help="\n".join(f"{k}: {v.description}" for k, v in criteria.CRITERIA.items()))
+                         help=criteria_help())
 scope = c2.radio("Scope", ["uniform", "global"], key="pr_scope", horizontal=True,
                  help="uniform: same count per layer (exportable); global: one ranking across layers (analysis)")
 half = min(valid, key=lambda k: (abs(k - num_experts / 2), k))  # default: sparsity closest to 0.5

@@ -7,8 +7,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz import analysis, criteria
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, causal_vs_observational, domain_run_ids, expert_stats,
-                               layer_stats, pick_model_runs)
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, causal_vs_observational, criteria_help, domain_run_ids,
+                               expert_stats, layer_stats, pick_model_runs)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -24,7 +24,8 @@ domain = c1.selectbox("Domain", list(run_ids), key="rk_domain")
 stats = expert_stats([run_ids[domain]])
 layers = layer_stats([run_ids[domain]])
 layer = c2.selectbox("Layer", sorted(stats.layer.unique()), key="rk_layer")
-criterion = c3.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="rk_criterion")
+criterion = c3.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="rk_criterion",
+                         help=criteria_help())
 layer_row = layers[layers.layer == layer].iloc[0]
 num_experts, top_k = int(layer_row.num_experts), int(layer_row.top_k)
 # a layer routes every token to top-k experts, so a plan never keeps fewer than top-k of them
