@@ -201,3 +201,15 @@ def test_capture_prints_no_token_length_warning(tmp_path, monkeypatch):
     finally:
         library_logger.removeHandler(handler)
     assert not [m for m in messages if "Token indices" in m]
+
+
+def test_kept_and_dropped_are_told_apart_without_red_green(captured, monkeypatch):
+    """Okabe-Ito blue/orange on the Prune mask and the Rankings bars (issue 13: colour-blind safe)."""
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch, "prune")
+    mask = _charts(at)[0]
+    assert [list(stop) for stop in mask.data[0].colorscale] == [[0.0, "#E69F00"], [1.0, "#0072B2"]]
+    assert mask.layout.title.text.startswith("Kept (blue) and dropped (orange) experts")
+    at = _app(store_path, monkeypatch, "rankings")
+    bars = {trace.name: trace.marker.color for trace in _charts(at)[0].data}
+    assert bars == {"kept": "#0072B2", "dropped": "#E69F00"}

@@ -17,7 +17,9 @@ from moe_viz import analysis, domain_stats, store
 from moe_viz.models import MoeVizError
 
 COLOR_SEQUENTIAL = "Viridis"
-COLOR_DIVERGING = "RdBu_r"
+COLOR_DIVERGING = "RdBu_r"  # blue-red diverging: readable with red-green colour blindness
+# Kept / dropped experts: Okabe-Ito blue and orange, told apart by every common colour-vision deficiency.
+KEPT_COLOR, DROPPED_COLOR = "#0072B2", "#E69F00"
 CHART_HEIGHT = 460
 
 

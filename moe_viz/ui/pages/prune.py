@@ -12,8 +12,8 @@ from moe_viz.export import PRUNE_MANIFEST, export_name_path, export_pruned
 from moe_viz.models import MoeVizError
 from moe_viz.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.sweep import plan_key, stored_plan_results
-from moe_viz.ui.common import (CHART_HEIGHT, criteria_help, domain_run_ids, layer_stats, pick_model_runs,
-                               store_path)
+from moe_viz.ui.common import (CHART_HEIGHT, DROPPED_COLOR, KEPT_COLOR, criteria_help, domain_run_ids, layer_stats,
+                               pick_model_runs, store_path)
 from moe_viz.verify import verify_from_store
 
 
@@ -100,9 +100,9 @@ mask = pd.DataFrame(0, index=sorted(plan.num_experts), columns=range(num_experts
 for layer, kept in plan.kept.items():
     mask.loc[layer, kept] = 1
 heat = go.Figure(go.Heatmap(z=mask.to_numpy(), x=[str(e) for e in mask.columns], y=[str(l) for l in mask.index],
-                            zmin=0, zmax=1, colorscale=[[0, "#e76f51"], [1, "#2a9d8f"]], showscale=False,
+                            zmin=0, zmax=1, colorscale=[[0, DROPPED_COLOR], [1, KEPT_COLOR]], showscale=False,
                             hovertemplate="layer %{y}<br>expert %{x}<br>%{z:d} = kept<extra></extra>"))
-heat.update_layout(title=f"Kept (green) and dropped (red) experts — {criterion}, sparsity {plan.sparsity:.2f}",
+heat.update_layout(title=f"Kept (blue) and dropped (orange) experts — {criterion}, sparsity {plan.sparsity:.2f}",
                    xaxis_title="expert", yaxis_title="MoE layer (decoder index)", height=CHART_HEIGHT)
 heat.update_yaxes(autorange="reversed", type="category")
 heat.update_xaxes(type="category")

@@ -7,8 +7,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz import analysis, criteria
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, causal_vs_observational, criteria_help, domain_run_ids,
-                               expert_stats, layer_stats, pick_model_runs)
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, DROPPED_COLOR, KEPT_COLOR, causal_vs_observational,
+                               criteria_help, domain_run_ids, expert_stats, layer_stats, pick_model_runs)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -49,7 +49,7 @@ st.caption(f"Keep {keep} of {num_experts} experts. A layer routes every token to
 ranked["status"] = ["kept" if r < keep else "dropped" for r in ranked["rank"]]
 ranked["expert_label"] = ranked.expert.astype(str)
 figure = px.bar(ranked, x="expert_label", y="score", color="status",
-                color_discrete_map={"kept": "#2a9d8f", "dropped": "#e76f51"},
+                color_discrete_map={"kept": KEPT_COLOR, "dropped": DROPPED_COLOR},
                 category_orders={"expert_label": ranked.expert_label.tolist(), "status": ["kept", "dropped"]},
                 title=f"Layer {layer}, {domain}: experts by {criterion} (keep {keep} of {num_experts})",
                 labels={"expert_label": "expert (best first)", "score": f"{criterion} score"})
