@@ -189,16 +189,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_config
     from .evaluate import evaluate_plan, reference_batches
     from .models import canonical_model_id, check_model_path, load_model
-    from .plan import PrunePlan, build_plan, parse_domain_weights
+    from .plan import build_plan, parse_domain_weights
 
     check_store_path(args.store, write=args.store_result)
     check_model_path(args.model)
     progress_file = Path(args.progress_file) if args.progress_file else None
     if args.plan:
-        try:
-            plan = PrunePlan.from_json(Path(args.plan).read_text())
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise MoeVizError(f"--plan {args.plan} is not a moe_viz plan JSON ({exc}): write one with `evaluate --json`") from exc
+        plan = _read_plan_file(args.plan)
     else:
         if args.criterion is None or (args.sparsity is None) == (args.keep is None):
             raise MoeVizError("give --criterion and one of --sparsity or --keep, or a --plan FILE")
@@ -217,10 +214,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     references = {name: reference_batches(model, seqs, args.batch_size) for name, seqs in sequences.items()}
     results = evaluate_plan(model, plan.dropped, references, seed=args.seed, top_k=plan.top_k)
     if args.store_result:
-        from .sweep import plan_key, save_results, sequences_key
+        from .sweep import eval_set_keys, plan_key, save_results
 
-        save_results(args.store, plan_key(plan, args.seed), plan, results,
-                     {name: sequences_key(seqs) for name, seqs in sequences.items()}, args.seed)
+        save_results(args.store, plan_key(plan, args.seed), plan, results, eval_set_keys(sequences), args.seed)
     if progress_file:
         _write_json(progress_file, {"stage": "stored" if args.store_result else "evaluated", "finished": True})
     if args.json:
@@ -600,15 +596,26 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by `evaluate` and `sweep`."""
+def _text_arguments(p: argparse.ArgumentParser, max_tokens: int = 2048,
+                    max_tokens_help: str = "evaluation tokens per domain") -> None:
+    """Calibration domains to score on and evaluation text (`evaluate`, `sweep`, `search`)."""
     p.add_argument("--domain", action="append", default=[], metavar="NAME[:WEIGHT]", help="calibration domain(s) to score on")
     p.add_argument("--eval-domain", action="append", default=[], metavar="NAME=SOURCE", help="evaluation text; repeat")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence (default 128)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="evaluation tokens per domain (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"{max_tokens_help} (default {max_tokens})")
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """How the model runs (every command that loads it for forward passes)."""
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+
+
+def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by `evaluate` and `sweep`."""
+    _text_arguments(p)
+    _model_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="bootstrap and random-criterion seed (default 0)")
     p.add_argument("--top-k", type=int, default=None, help="also lower the experts per token to this (default: keep it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -694,8 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--keep", type=int, help="experts to keep per MoE layer (nonuniform: on average)")
     amount.add_argument("--sparsity", type=float, help="fraction of routed experts to remove, in [0, 1)")
-    p.add_argument("--domain", action="append", default=[], metavar="NAME[:WEIGHT]", help="calibration domain(s) to score on")
-    p.add_argument("--eval-domain", action="append", default=[], metavar="NAME=SOURCE", help="evaluation text; repeat")
+    _text_arguments(p, 4096, "evaluation tokens per domain, half searched on, half held out")
     p.add_argument("--criteria", default=None, help="seed criteria, comma-separated (default: every one the store can score)")
     p.add_argument("--mode", default="uniform", choices=["uniform", "nonuniform"])
     p.add_argument("--generations", type=int, default=10, help="generations after the seeds (default 10)")
@@ -703,13 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, help="stop starting generations after S seconds")
     p.add_argument("--seed", type=int, default=0, help="search, random-criterion and bootstrap seed (default 0)")
     p.add_argument("--out", default=None, help="write the best plan JSON here")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence (default 128)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens per domain, half searched on, "
-                   "half held out (default 4096)")
     p.add_argument("--recon-tokens", type=int, default=4096, help="tokens for the enumeration's block replay (default 4096)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    _model_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object {plan, results, seeds, history, ...}")
     p.set_defaults(func=cmd_search)
 
@@ -720,9 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration / evaluation tokens used (default 4096)")
     p.add_argument("--knockout-layer", type=int, default=None, help="also knock out each expert of this MoE layer")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence for the knockout")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    _model_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object {reconstruction, knockout, agreement}")
     p.set_defaults(func=cmd_importance)

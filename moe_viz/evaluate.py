@@ -19,10 +19,15 @@ from .models import MoeVizError
 from .sources import Documents, pack_sequences, parse_domain, read_documents, token_stream
 
 
+def _chunks(stream: list[int], seq_len: int) -> list[list[int]]:
+    """A token stream cut into seq_len pieces, dropping a last piece too short to predict anything."""
+    pieces = (stream[i : i + seq_len] for i in range(0, len(stream), seq_len))
+    return [piece for piece in pieces if len(piece) > 1]
+
+
 def heldout_sequences(texts: list[str], tokenizer, seq_len: int, max_tokens: int) -> list[list[int]]:
     """Deterministic evaluation sequences: documents in order, EOS-joined, cut to seq_len."""
-    stream = token_stream(texts, tokenizer, max_tokens)
-    return [stream[i : i + seq_len] for i in range(0, len(stream) - 1, seq_len) if len(stream[i : i + seq_len]) > 1]
+    return _chunks(token_stream(texts, tokenizer, max_tokens), seq_len)
 
 
 @torch.no_grad()
@@ -63,7 +68,7 @@ class ReferenceBatch:
     argmax: torch.Tensor  # (P,) original top-1 token
 
 
-def _predicted(mask: torch.Tensor) -> torch.Tensor:
+def predicted_positions(mask: torch.Tensor) -> torch.Tensor:
     """(B, T-1) bool: position t predicts token t+1 and both are real tokens."""
     valid = mask.bool()
     return valid[:, 1:] & valid[:, :-1]
@@ -73,7 +78,7 @@ def _forward_predicted(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) 
     """(P, V) float32 logits at the predicted positions (on the model's device) and (P,) targets there."""
     device = model.get_input_embeddings().weight.device
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-    predicted = _predicted(mask)
+    predicted = predicted_positions(mask)
     return logits[:, :-1][predicted.to(device)].float(), ids[:, 1:][predicted].to(device)
 
 
@@ -85,7 +90,7 @@ def reference_batches(model: nn.Module, sequences: list[list[int]], batch_size: 
         logits, targets = _forward_predicted(model, ids, mask)
         log_probs = F.log_softmax(logits, dim=-1)
         probs = log_probs.exp()
-        predicted = _predicted(mask)
+        predicted = predicted_positions(mask)
         out.append(ReferenceBatch(
             ids, mask, rows=torch.arange(ids.shape[0]).unsqueeze(1).expand_as(predicted)[predicted],
             probs=probs, neg_entropy=(probs * log_probs).sum(-1).double(),
@@ -171,7 +176,7 @@ def heldout_after_calibration(docs: Documents, tokenizer, run_settings: dict, ca
         return pack_sequences(rest, None, seq_len, max_tokens, seed, vocab_size) if rest.token_ids else []
     packed = pack_sequences(docs, tokenizer, cal_seq_len, calibration_tokens + max_tokens, seed, vocab_size)
     stream = [token for sequence in packed for token in sequence][calibration_tokens:]
-    return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len) if len(stream[i : i + seq_len]) > 1]
+    return _chunks(stream, seq_len)
 
 
 def evaluation_sequences(store_path, plan, tokenizer, vocab_size: int, seq_len: int = 128,

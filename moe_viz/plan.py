@@ -137,7 +137,8 @@ def _keep_from_sparsity(sparsity: float, num_experts: int) -> int:
     return num_experts - round(sparsity * num_experts)
 
 
-def _check_keep(keep: int, num_experts: int, constraints: RouterConstraints) -> None:
+def check_keep(keep: int, num_experts: int, constraints: RouterConstraints) -> None:
+    """One line saying why `keep` experts per layer are not possible (and what is), if they are not."""
     valid = constraints.valid_keeps(num_experts)
     if keep in valid:
         return
@@ -149,7 +150,8 @@ def _check_keep(keep: int, num_experts: int, constraints: RouterConstraints) -> 
         f"not {constraints.n_group} equal groups of at least 2" if constraints.n_group > 1 else "out of range"
     )
     raise MoeVizError(
-        f"keeping {keep} of {num_experts} experts per layer is not possible ({reason}); nearest valid sparsities: {options}"
+        f"keeping {keep} of {num_experts} experts per layer is not possible ({reason}); nearest valid sparsities: "
+        f"{options}; keep counts possible: {', '.join(map(str, valid)) or 'none'}"
     )
 
 
@@ -264,7 +266,7 @@ def build_plan(
 
     if scope == "uniform":
         keep = _keep_from_sparsity(sparsity, E) if keep is None else keep
-        _check_keep(keep, E, constraints)
+        check_keep(keep, E, constraints)
         kept = _select_uniform(ranked, keep, constraints, protected)
     else:
         total_keep = total - round(sparsity * total) if keep is None else keep * len(num_experts)

@@ -32,8 +32,7 @@ from torch import nn
 from .capture import padded_batches
 from .masking import masked_layer
 from .models import MoeLayer, MoeVizError, find_moe_layers, model_fingerprint
-from .plan import PrunePlan, RouterConstraints
-from .verify import _RecordInputs
+from .plan import PrunePlan, RouterConstraints, check_keep
 
 EXACT_MAX_EXPERTS = 8  # enumerate every subset up to this many experts per layer (C(8, 4) = 70)
 
@@ -51,15 +50,27 @@ class LayerInputs:
         return sum(int(mask.sum()) for _, _, mask in self.calls)
 
 
-class RecordBlockInputs(_RecordInputs):
+class RecordBlockInputs:
     """Forward pre-hooks that keep every MoE block's (args, kwargs) per decoder layer while open
     (`inputs[layer]`, one entry per call); a context manager that removes its hooks on exit."""
+
+    def __init__(self, layers: list[MoeLayer]):
+        self.inputs: dict[int, list[tuple]] = {layer.layer: [] for layer in layers}
+        self.handles = [layer.block.register_forward_pre_hook(self._hook(layer.layer), with_kwargs=True)
+                        for layer in layers]
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs):
+            detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.inputs[index].append((tuple(map(detach, args)), {k: detach(v) for k, v in kwargs.items()}))
+        return hook
 
     def __enter__(self) -> "RecordBlockInputs":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        for handle in self.handles:
+            handle.remove()
 
 
 def take_tokens(sequences: list[list[int]], max_tokens: int | None) -> list[list[int]]:
@@ -170,15 +181,6 @@ def _groups(num_experts: int, constraints: RouterConstraints) -> list[list[int]]
         raise MoeVizError(f"{num_experts} experts do not split into {groups} equal router groups")
     size = num_experts // groups
     return [list(range(g * size, (g + 1) * size)) for g in range(groups)]
-
-
-def check_keep(keep: int, num_experts: int, constraints: RouterConstraints) -> None:
-    """One line saying why `keep` experts per layer are not possible, if they are not."""
-    valid = constraints.valid_keeps(num_experts)
-    if keep not in valid:
-        raise MoeVizError(f"cannot keep {keep} of {num_experts} experts per layer with top-k {constraints.top_k}"
-                          + (f" and {constraints.n_group} router groups" if constraints.n_group > 1 else "")
-                          + f"; possible: {', '.join(map(str, valid))}")
 
 
 def _exact(error: Callable[[tuple[int, ...]], float], groups: list[list[int]], keep: int) -> tuple[tuple[int, ...], int]:

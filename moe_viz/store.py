@@ -836,8 +836,8 @@ def coactivation(path: str | Path, run_id: str, layer: int) -> pd.DataFrame:
 
 # -- causal importance ---------------------------------------------------------
 
-def _write(path: str | Path, statements: list[tuple[str, list]], frame: pd.DataFrame) -> None:
-    """Run statements (the frame registered as `incoming`) in one transaction."""
+def write_frame(path: str | Path, statements: list[tuple[str, list]], frame: pd.DataFrame) -> None:
+    """Run (statement, params) pairs in one transaction, with `frame` registered as the table `incoming`."""
     with connect(path) as con:
         con.execute("BEGIN TRANSACTION")
         try:
@@ -857,7 +857,7 @@ def set_reconstruction(path: str | Path, run_id: str, scores: pd.DataFrame) -> N
         expected = con.execute("SELECT count(*) FROM expert_stats WHERE run_id = ?", [run_id]).fetchone()[0]
     if expected == 0 or len(scores) != expected:
         raise MoeVizError(f"run {run_id} has {expected} experts in the store, the scores cover {len(scores)}")
-    _write(path, [("""UPDATE expert_stats s SET recon_error = i.recon_error FROM incoming i
+    write_frame(path, [("""UPDATE expert_stats s SET recon_error = i.recon_error FROM incoming i
                       WHERE s.run_id = ? AND s.layer = i.layer AND s.expert = i.expert""", [run_id])],
            scores[["layer", "expert", "recon_error"]])
 
@@ -865,7 +865,7 @@ def set_reconstruction(path: str | Path, run_id: str, scores: pd.DataFrame) -> N
 def save_knockout(path: str | Path, run_id: str, eval_set: str, rows: pd.DataFrame) -> None:
     """Store end-to-end knockout KL rows (layer, expert, tokens, kl, kl_ci_low, kl_ci_high) of one run."""
     frame = rows.assign(run_id=run_id, eval_set=eval_set, created_at=_now())
-    _write(path, [("""DELETE FROM expert_knockout k WHERE run_id = ? AND eval_set = ? AND EXISTS
+    write_frame(path, [("""DELETE FROM expert_knockout k WHERE run_id = ? AND eval_set = ? AND EXISTS
                       (SELECT 1 FROM incoming i WHERE i.layer = k.layer AND i.expert = k.expert)""", [run_id, eval_set]),
                   ("INSERT INTO expert_knockout BY NAME SELECT * FROM incoming", [])], frame)
 

@@ -48,6 +48,11 @@ def sequences_key(sequences: list[list[int]]) -> str:
     return hashlib.sha256(json.dumps(sequences, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def eval_set_keys(sequences: dict[str, list[list[int]]]) -> dict[str, str]:
+    """Evaluation domain -> hash of its tokens (the `eval_set` of stored results)."""
+    return {domain: sequences_key(seqs) for domain, seqs in sequences.items()}
+
+
 def plan_key(plan: PrunePlan, seed: int) -> str:
     """What a plan's evaluation depends on: the weights, the kept experts (and lowered top-k) and the bootstrap seed."""
     kept = {str(layer): experts for layer, experts in sorted(plan.kept.items())}
@@ -87,18 +92,10 @@ def save_results(store_path: str | Path, key: str, plan: PrunePlan, results: lis
         **{f"{c}_{end}": r[c][i] for c in CI_COLUMNS for i, end in enumerate(("low", "high"))},
         "created_at": datetime.now(timezone.utc).replace(tzinfo=None), "tool_version": __version__,
     } for r in results])
-    with store.connect(store_path) as con:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            con.execute("DELETE FROM plan_evals WHERE plan_key = ? AND eval_set IN (SELECT unnest(?))",
-                        [key, list(rows.eval_set)])
-            con.register("incoming", rows)
-            con.execute("INSERT INTO plan_evals BY NAME SELECT * FROM incoming")
-            con.unregister("incoming")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+    store.write_frame(store_path, [
+        ("DELETE FROM plan_evals WHERE plan_key = ? AND eval_set IN (SELECT unnest(?))", [key, list(rows.eval_set)]),
+        ("INSERT INTO plan_evals BY NAME SELECT * FROM incoming", []),
+    ], rows)
 
 
 def sweep_plans(store_path: str | Path, model_id: str, criteria: list[str], sparsities: list[float],
@@ -124,7 +121,7 @@ def run_sweep(model, store_path: str | Path, plans: list[PrunePlan], sequences: 
     Rows carry the per-domain results of `evaluate_plan` plus criterion, sparsity (the fraction of
     routed experts the plan removes), scope, top_k (None: the model's) and cached.
     """
-    eval_sets = {domain: sequences_key(seqs) for domain, seqs in sequences.items()}
+    eval_sets = eval_set_keys(sequences)
     references: dict[str, list[ReferenceBatch]] | None = None
     rows, cached_count, started = [], 0, time.monotonic()
     for number, plan in enumerate(plans, start=1):

@@ -39,10 +39,12 @@ from torch.overrides import TorchFunctionMode
 
 from .atomic import write_text_atomic
 from .capture import padded_batches
+from .evaluate import evaluation_sequences, predicted_positions
 from .export import PRUNE_MANIFEST, TOP_K_KEY
 from .masking import applied_plan, masked_layer, reduced_top_k
 from .models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, find_moe_layers
 from .plan import PrunePlan
+from .reconstruction import RecordBlockInputs
 
 VERIFY_FILE = "moe_viz_verify.json"
 PROMPT_TOKENS = 16
@@ -220,25 +222,6 @@ def check_blocks_float64(original, pruned, dropped: dict[int, list[int]], inputs
     }
 
 
-class _RecordInputs:
-    """Forward pre-hooks that keep each MoE block's inputs (args, kwargs) per decoder layer."""
-
-    def __init__(self, layers: list[MoeLayer]):
-        self.inputs: dict[int, list[tuple]] = {layer.layer: [] for layer in layers}
-        self.handles = [layer.block.register_forward_pre_hook(self._hook(layer.layer), with_kwargs=True)
-                        for layer in layers]
-
-    def _hook(self, index: int):
-        def hook(module, args, kwargs):
-            detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-            self.inputs[index].append((tuple(map(detach, args)), {k: detach(v) for k, v in kwargs.items()}))
-        return hook
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 # -- quality vs the unpruned original ---------------------------------------------
 
 def _distinct2(tokens: list[int]) -> float:
@@ -268,7 +251,7 @@ def quality(original_logits: torch.Tensor, pruned_logits: torch.Tensor, ids: tor
     share of positions where both argmaxes agree.
     """
     valid = mask.bool()
-    pred_valid = valid[:, 1:] & valid[:, :-1]
+    pred_valid = predicted_positions(mask)
     targets = ids[:, 1:][pred_valid]
     log_o = F.log_softmax(original_logits[:, :-1][pred_valid].double(), dim=-1)
     log_p = F.log_softmax(pruned_logits[:, :-1][pred_valid].double(), dim=-1)
@@ -361,12 +344,8 @@ def verify_export(export_dir: str | Path, eval_sequences: dict[str, list[list[in
         ids, mask = next(padded_batches(sequences, len(sequences)))
         batches[name] = (ids, mask)
         original_logits = _forward(original, ids, mask)
-        recorder = _RecordInputs(original_layers)
-        try:
-            with applied_plan(original, plan.dropped, plan.top_k):
-                masked_logits[name] = _forward(original, ids, mask)
-        finally:
-            recorder.close()
+        with RecordBlockInputs(original_layers) as recorder, applied_plan(original, plan.dropped, plan.top_k):
+            masked_logits[name] = _forward(original, ids, mask)
         for index, recorded in recorder.inputs.items():
             inputs[index].extend(recorded)
         pruned_logits[name] = _forward(pruned, ids, mask)
@@ -447,8 +426,6 @@ def verify_from_store(export_dir: str | Path, store_path, source_dir: str | Path
     Returns (result, notes): notes say which domains had no held-out split or could not be used.
     """
     from transformers import AutoConfig, AutoTokenizer
-
-    from .evaluate import evaluation_sequences
 
     plan = PrunePlan.from_json(json.dumps(_read_manifest(Path(export_dir))["plan"]))
     try:

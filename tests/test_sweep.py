@@ -63,6 +63,13 @@ def test_sweep_equals_evaluate_and_is_served_from_the_store(captured, capsys):
         stored_keys = {r[0] for r in con.execute("SELECT DISTINCT plan_key FROM plan_evals").fetchall()}
     assert stored == (2 * len(keys), len(keys), 2) and stored_keys == keys
 
+    # more evaluation text (the same first sequences, more after them) is a new evaluation set: nothing cached
+    assert main(["sweep", *common, "--criteria", "frequency,reap", "--sparsities", "0.25,0.625",
+                 "--max-tokens", "4096"]) == 0
+    longer = _json(capsys)["results"]
+    assert not any(r["cached"] for r in longer)
+    assert {r["domain"]: r["tokens"] for r in longer} != {r["domain"]: r["tokens"] for r in first}
+
 
 def test_bad_sparsities_fail_before_the_model_loads(captured, capsys):
     model_dir, store_path = captured
