@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from moe_viz.models import find_moe_layers
-from moe_viz.observe import RoutingObserver, slot_outputs
+from moe_viz.capture.observe import RoutingObserver, slot_outputs
 
 CONFIGS = {
     # name: (hidden, layers, experts, top_k, expert width, vocab, batch, seq)

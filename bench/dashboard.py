@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moe_viz import analysis, criteria, domain_stats, store
-from moe_viz.plan import build_plan, preview
+from moe_viz.analysis import tables, criteria, domain_stats
+from moe_viz import store
+from moe_viz.prune.plan import build_plan, preview
 
 LAYERS, EXPERTS, DOMAINS, TOP_K = 94, 512, 10, 8
 
@@ -74,24 +75,24 @@ def main() -> None:
     stats_all = store.expert_stats(path, ids)
     layers_all = store.layer_stats(path, ids)
     stats_one = stats_all[stats_all.run_id == one[0]]
-    reap_columns = analysis.metric_columns("reap")
+    reap_columns = tables.metric_columns("reap")
     rows = [  # (view: the store query it issues, ms, optional (computation on the result, ms))
         ("runs list (every page)", timed(lambda: store.list_runs(path)), None),
         ("heatmap: 1 domain, REAP columns", timed(lambda: store.expert_stats(path, one, reap_columns)),
-         ("heatmap matrix", timed(lambda: analysis.metric_matrix(analysis.metric_values(stats_one, layers_all, "reap"), "domain0")))),
+         ("heatmap matrix", timed(lambda: tables.metric_matrix(tables.metric_values(stats_one, layers_all, "reap"), "domain0")))),
         ("difference heatmap: 2 domains", timed(lambda: store.expert_stats(path, ids[:2], reap_columns)), None),
-        ("overlap: 10 domains, frequency columns", timed(lambda: store.expert_stats(path, ids, analysis.metric_columns("frequency"))),
+        ("overlap: 10 domains, frequency columns", timed(lambda: store.expert_stats(path, ids, tables.metric_columns("frequency"))),
          ("top-k Jaccard, 10 domains", timed(lambda: domain_stats.topk_jaccard(
-             analysis.metric_values(stats_all, layers_all, "frequency").rename(columns={"value": "score"}), 8)))),
+             tables.metric_values(stats_all, layers_all, "frequency").rename(columns={"value": "score"}), 8)))),
         ("overlap: 10 domains, REAP columns", timed(lambda: store.expert_stats(path, ids, reap_columns)),
          ("mutual information, 10 domains", timed(lambda: domain_stats.mutual_information(stats_all)))),
         ("health: layer_stats, 10 domains", timed(lambda: store.layer_stats(path, ids)),
-         ("router health, 10 domains", timed(lambda: analysis.router_health(stats_all, layers_all)))),
+         ("router health, 10 domains", timed(lambda: tables.router_health(stats_all, layers_all)))),
         ("expert detail: 10 domains, 1 layer", timed(lambda: store.expert_stats(path, ids, layer=40)),
-         ("expert profile, 10 domains", timed(lambda: analysis.expert_profile(stats_all, layers_all, 40, 7)))),
+         ("expert profile, 10 domains", timed(lambda: tables.expert_profile(stats_all, layers_all, 40, 7)))),
         ("expert detail: co-activation, 1 layer", timed(lambda: store.coactivation(path, one[0], 40)), None),
         ("rankings: 1 domain, all columns", timed(lambda: store.expert_stats(path, one)),
-         ("criteria agreement, 94 layers", timed(lambda: analysis.criteria_agreement(
+         ("criteria agreement, 94 layers", timed(lambda: tables.criteria_agreement(
              stats_one, [c for c in criteria.CRITERIA if c != "random"], 64), reps=3))),
         ("all columns, 10 domains (no view asks this)", timed(lambda: store.expert_stats(path, ids)), None),
         ("prune: plan (2-domain mix) + preview", timed(lambda: preview(build_plan(

@@ -22,8 +22,8 @@ from pathlib import Path
 
 EXPORT_SNIPPET = """
 import resource, subprocess, sys, time
-from moe_viz.export import export_pruned
-from moe_viz.plan import PrunePlan
+from moe_viz.prune.export import export_pruned
+from moe_viz.prune.plan import PrunePlan
 plan = PrunePlan.from_json(open(sys.argv[1]).read())
 start = time.perf_counter()
 export_pruned(plan, sys.argv[2], sys.argv[3], streaming=True)
@@ -66,7 +66,7 @@ def main() -> None:
     config = json.loads((source / "config.json").read_text())
     experts = config["num_local_experts"] if "num_local_experts" in config else config["num_experts"]
     layers = config["num_hidden_layers"]
-    from moe_viz.plan import PrunePlan
+    from moe_viz.prune.plan import PrunePlan
 
     plan = PrunePlan(
         model_id=str(source), model_fingerprint="bench", criterion="random", scope="uniform", sparsity=0.5,

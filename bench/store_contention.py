@@ -121,9 +121,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moe_viz import store
-    from moe_viz.capture import CaptureSettings, capture_model
+    from moe_viz.capture.run import CaptureSettings, capture_model
     from moe_viz.demo import shipped_model
-    from moe_viz.sources import read_documents
+    from moe_viz.capture.sources import read_documents
 
     torch.set_num_threads(1)  # see docs/BENCHMARKS.md: 2 threads are slower on these 2-core VMs
     model_dir = shipped_model()

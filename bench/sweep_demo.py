@@ -17,10 +17,11 @@ import duckdb
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from moe_viz import criteria, demo
-from moe_viz.evaluate import evaluation_sequences
+from moe_viz.analysis import criteria
+from moe_viz import demo
+from moe_viz.prune.evaluate import evaluation_sequences
 from moe_viz.models import canonical_model_id
-from moe_viz.sweep import run_sweep, sweep_plans
+from moe_viz.prune.sweep import run_sweep, sweep_plans
 
 SPARSITIES = [0.25, 0.375, 0.5, 0.625, 0.75]
 

@@ -21,7 +21,7 @@ import os
 import struct
 from pathlib import Path
 
-from .models import MoeVizError
+from moe_viz.models import MoeVizError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -268,7 +268,7 @@ def check_verify_inputs(export_dir: str | Path, source_dir: str | Path | None = 
     """Before `moe-viz verify` loads anything: the export is a moe_viz export, and its source
     model (recorded in the manifest, or `source_dir`) exists, has a readable config, intact
     safetensors and, when the capture recorded a digest, the captured files."""
-    from .export import PRUNE_MANIFEST
+    from moe_viz.prune.export import PRUNE_MANIFEST
 
     export_dir = Path(export_dir)
     if not export_dir.is_dir():

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .models import MoeVizError
-from .store import DEFAULT_STORE, check_store_path
+from moe_viz.models import MoeVizError
+from moe_viz.store import DEFAULT_STORE, check_store_path
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -21,7 +21,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     a .jsonl file (field `text`, or `input_ids` for pre-tokenised data), a
     directory of text files, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]], or builtin:NAME.
     """
-    from .capture import CaptureSettings, capture, tqdm_progress
+    from moe_viz.capture.run import CaptureSettings, capture, tqdm_progress
 
     settings = CaptureSettings(
         max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed
@@ -46,7 +46,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from .atomic import write_text_atomic
+    from moe_viz.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(data))  # readers never see a half-written file
 
@@ -62,7 +62,7 @@ def _file_progress(path: Path, also):
 
 
 def _verify_and_report(export_dir, store_path: str, source_dir=None) -> int:
-    from .verify import format_report, verify_from_store
+    from moe_viz.prune.verify import format_report, verify_from_store
 
     result, notes = verify_from_store(export_dir, store_path, source_dir)
     for note in notes:
@@ -91,10 +91,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     moe_viz_prune.json beside the weights. Verification (skip with --no-verify;
     see `verify`) ends with PASS or FAIL; exit code 1 on FAIL.
     """
-    from .checkpoint import load_config
-    from .export import export_pruned
-    from .models import canonical_model_id, check_model_path
-    from .plan import build_plan, parse_domain_weights
+    from moe_viz.checkpoint import load_config
+    from moe_viz.prune.export import export_pruned
+    from moe_viz.models import canonical_model_id, check_model_path
+    from moe_viz.prune.plan import build_plan, parse_domain_weights
 
     check_store_path(args.store, write=False)
     check_model_path(args.model)
@@ -134,7 +134,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     measured dtype-vs-float64 noise floor. Per-domain perplexity, KL and top-1
     agreement vs the unpruned original are reported beside the verdict.
     """
-    from .checkpoint import check_verify_inputs
+    from moe_viz.checkpoint import check_verify_inputs
 
     check_verify_inputs(args.export, args.model)  # moved or broken source model: one line, nothing written
     check_store_path(args.store, write=False)
@@ -148,7 +148,7 @@ def cmd_import_run(args: argparse.Namespace) -> int:
     one transaction (replacing older runs with the same settings, as a capture
     would) and the saved directory is removed.
     """
-    from .store import import_run_file
+    from moe_viz.store import import_run_file
 
     check_store_path(args.store, write=True)
     run_id = import_run_file(args.path, args.store)
@@ -158,7 +158,7 @@ def cmd_import_run(args: argparse.Namespace) -> int:
 
 def _evaluation_text(args: argparse.Namespace, plan, tokenizer, vocab: int) -> dict[str, list[list[int]]]:
     """--eval-domain text, else what the plan's captured domains' statistics did not see."""
-    from .evaluate import evaluation_sequences, named_sequences
+    from moe_viz.prune.evaluate import evaluation_sequences, named_sequences
 
     notes: list[str] = []
     if args.eval_domain:
@@ -186,10 +186,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     --store-result also stores the numbers in the store's plan_evals (as `sweep` does),
     where the dashboard's Compare plans and Prune & export pages show them.
     """
-    from .checkpoint import load_config
-    from .evaluate import evaluate_plan, reference_batches
-    from .models import canonical_model_id, check_model_path, load_model
-    from .plan import build_plan, parse_domain_weights
+    from moe_viz.checkpoint import load_config
+    from moe_viz.prune.evaluate import evaluate_plan, reference_batches
+    from moe_viz.models import canonical_model_id, check_model_path, load_model
+    from moe_viz.prune.plan import build_plan, parse_domain_weights
 
     check_store_path(args.store, write=args.store_result)
     check_model_path(args.model)
@@ -214,7 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     references = {name: reference_batches(model, seqs, args.batch_size) for name, seqs in sequences.items()}
     results = evaluate_plan(model, plan.dropped, references, seed=args.seed, top_k=plan.top_k)
     if args.store_result:
-        from .sweep import eval_set_keys, plan_key, save_results
+        from moe_viz.prune.sweep import eval_set_keys, plan_key, save_results
 
         save_results(args.store, plan_key(plan, args.seed), plan, results, eval_set_keys(sequences), args.seed)
     if progress_file:
@@ -244,10 +244,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_config
-    from .models import canonical_model_id, check_model_path, load_model
-    from .plan import parse_domain_weights
-    from .sweep import run_sweep, sweep_plans
+    from moe_viz.checkpoint import load_config
+    from moe_viz.models import canonical_model_id, check_model_path, load_model
+    from moe_viz.prune.plan import parse_domain_weights
+    from moe_viz.prune.sweep import run_sweep, sweep_plans
 
     check_store_path(args.store, write=True)
     check_model_path(args.model)
@@ -292,7 +292,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _read_plan_file(path: str):
-    from .plan import PrunePlan
+    from moe_viz.prune.plan import PrunePlan
 
     try:
         return PrunePlan.from_json(Path(path).read_text())
@@ -333,14 +333,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     different counts with the same total: evaluable, not exportable. --out writes
     the best plan (read by `evaluate --plan`, and by `prune --plan` when uniform).
     """
-    from .checkpoint import load_config
-    from .criteria import CRITERIA, check_criterion
-    from .evaluate import evaluate_plan, reference_batches
-    from .models import canonical_model_id, check_model_path, load_model
-    from .plan import RouterConstraints, build_plan, parse_domain_weights
-    from .reconstruction import enumeration_plan, record_block_inputs
-    from .search import interleave, plan_problem, search, split_halves
-    from .store import layer_stats
+    from moe_viz.checkpoint import load_config
+    from moe_viz.analysis.criteria import CRITERIA, check_criterion
+    from moe_viz.prune.evaluate import evaluate_plan, reference_batches
+    from moe_viz.models import canonical_model_id, check_model_path, load_model
+    from moe_viz.prune.plan import RouterConstraints, build_plan, parse_domain_weights
+    from moe_viz.analysis.reconstruction import enumeration_plan, record_block_inputs
+    from moe_viz.prune.search import interleave, plan_problem, search, split_halves
+    from moe_viz.store import layer_stats
 
     check_store_path(args.store, write=False)
     check_model_path(args.model)
@@ -403,7 +403,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     by_seed = [{**row, "results": evaluate_plan(model, plan.dropped, heldout_refs, seed=args.seed)}
                for row, plan in zip(result.seeds, seeds)]
     if args.out:
-        from .atomic import write_text_atomic
+        from moe_viz.atomic import write_text_atomic
 
         write_text_atomic(Path(args.out), result.plan.to_json())
     if args.json:
@@ -479,10 +479,10 @@ def cmd_importance(args: argparse.Namespace) -> int:
     """
     from tqdm.auto import tqdm
 
-    from .evaluate import heldout_text
-    from .importance import causal_agreement, measure_knockout, measure_reconstruction
-    from .models import canonical_model_id, check_model_path, load_model
-    from .plan import complete_runs_for, parse_domain_weights
+    from moe_viz.prune.evaluate import heldout_text
+    from moe_viz.analysis.importance import causal_agreement, measure_knockout, measure_reconstruction
+    from moe_viz.models import canonical_model_id, check_model_path, load_model
+    from moe_viz.prune.plan import complete_runs_for, parse_domain_weights
 
     check_store_path(args.store, write=True)
     check_model_path(args.model)
@@ -537,7 +537,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     the small MoE shipped in moe_viz/demo/model into the store, unless already
     there, then starts the dashboard on localhost.
     """
-    from . import demo
+    from moe_viz import demo
 
     run_ids = demo.prepare(args.store)
     print(f"demo store {args.store}: {'captured ' + str(len(run_ids)) + ' domain(s)' if run_ids else 'already complete'}")
@@ -568,7 +568,7 @@ def _run_dashboard(store_path: str, port: int, threads: int | None = None) -> in
 
 def cmd_demo_train(args: argparse.Namespace) -> int:
     """Train the demo MoE from the built-in domains (about 13 minutes on 2 CPU cores)."""
-    from .demo.train import train
+    from moe_viz.demo.train import train
 
     train(Path(args.out), steps=args.steps, seed=args.seed)
     return 0
@@ -578,8 +578,8 @@ def cmd_demo_eval(args: argparse.Namespace) -> int:
     """Measure the demo model's held-out losses and expert specialisation; prints JSON."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .demo import shipped_model
-    from .demo.specialisation import measure
+    from moe_viz.demo import shipped_model
+    from moe_viz.demo.specialisation import measure
 
     path = Path(args.model) if args.model else shipped_model()
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -640,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # for the dashboard's jobs
     p.set_defaults(func=cmd_capture)
 
-    from .criteria import CRITERIA
+    from moe_viz.analysis.criteria import CRITERIA
 
     p = commands.add_parser("prune", help=cmd_prune.__doc__.splitlines()[0], description=cmd_prune.__doc__)
     p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")

@@ -182,7 +182,7 @@ def canonical_model_id(model_id: str) -> str:
 
 def check_model_path(model_id: str) -> None:
     """Fail early, before any loading, on a local path that cannot be a model."""
-    from .checkpoint import is_local
+    from moe_viz.checkpoint import is_local
 
     path = Path(model_id)
     if not is_local(model_id):
@@ -219,7 +219,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .checkpoint import check_checkpoint, load_config
+    from moe_viz.checkpoint import check_checkpoint, load_config
 
     check_model_path(model_id)
     check_checkpoint(model_id)  # truncated / corrupt shards, a shard missing from the index

@@ -41,8 +41,8 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from .models import MoeVizError
-from .store_location import location_problem
+from moe_viz.models import MoeVizError
+from moe_viz.store_location import location_problem
 
 try:
     import fcntl
@@ -127,7 +127,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN process_started DOUBLE",  # the process's start time (epoch s), tells pid reuse apart
         "ALTER TABLE runs ADD COLUMN heartbeat_at TIMESTAMP",  # UTC, refreshed while the capture runs
     ],
-    # Plan evaluations (moe_viz/sweep.py): one row per evaluated plan and evaluation domain.
+    # Plan evaluations (moe_viz/prune/sweep.py): one row per evaluated plan and evaluation domain.
     3: [
         """CREATE TABLE plan_evals (
             plan_key VARCHAR NOT NULL,       -- hash(model fingerprint, kept experts, bootstrap seed)
@@ -159,7 +159,7 @@ MIGRATIONS: dict[int, list[str]] = {
         )""",
         "CREATE INDEX plan_evals_model ON plan_evals (model_id)",
     ],
-    # Causal importance (moe_viz/importance.py): measured after a capture, on its calibration tokens.
+    # Causal importance (moe_viz/analysis/importance.py): measured after a capture, on its calibration tokens.
     4: [
         "ALTER TABLE expert_stats ADD COLUMN recon_error DOUBLE",  # NULL until `moe-viz importance` measures it
         """CREATE TABLE expert_knockout (

@@ -21,8 +21,9 @@ import plotly.io as pio
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from moe_viz import analysis, criteria, store
-from moe_viz.plan import build_plan, preview
+from moe_viz.analysis import tables, criteria
+from moe_viz import store
+from moe_viz.prune.plan import build_plan, preview
 from sql_reference import METRIC_SQL, metric_matrix, metric_table, mixed_ranks, ranks, share_lost, spearman, sql
 from sql_reference import partners as sql_partners, router_health as sql_router_health
 
@@ -115,25 +116,25 @@ def test_the_store_has_what_the_other_tests_rely_on(synthetic):
 
 
 def test_every_heatmap_metric_has_an_sql_expectation():
-    assert set(METRIC_SQL) == set(analysis.METRICS)
-    assert set(analysis.METRICS) == ({"frequency_share", "top1_share", "soft_count_mean", "gate_mass_mean", "ean_max"}
+    assert set(METRIC_SQL) == set(tables.METRICS)
+    assert set(tables.METRICS) == ({"frequency_share", "top1_share", "soft_count_mean", "gate_mass_mean", "ean_max"}
                                      | set(criteria.CRITERIA) - {"random"})
 
 
-@pytest.mark.parametrize("metric", sorted(analysis.METRICS))
+@pytest.mark.parametrize("metric", sorted(tables.METRICS))
 def test_metric_values_match_sql_for_every_domain_and_layer(synthetic, metric):
     """What the heatmap page plots: metric_values on only the columns metric_columns names, as the page queries them."""
     path, ids = synthetic
     run_ids = list(ids.values())
-    stats = store.expert_stats(path, run_ids, analysis.metric_columns(metric))
-    values = analysis.metric_values(stats, store.layer_stats(path, run_ids), metric)
+    stats = store.expert_stats(path, run_ids, tables.metric_columns(metric))
+    values = tables.metric_values(stats, store.layer_stats(path, run_ids), metric)
     expected = metric_table(path, metric, run_ids)
     got = values.assign(domain=values.domain.astype(str)).merge(
         expected, on=["domain", "layer", "expert"], how="outer", suffixes=("", "_sql"), indicator=True)
     assert (got._merge == "both").all() and len(got) == len(TOKENS) * len(LAYERS) * E
     np.testing.assert_allclose(got.value.to_numpy(float), got.value_sql.to_numpy(float), rtol=1e-12, atol=1e-15)
     for domain, run_id in ids.items():  # the per-domain matrix the page draws
-        matrix = analysis.metric_matrix(values, domain)
+        matrix = tables.metric_matrix(values, domain)
         reference = metric_matrix(path, metric, run_id)
         assert matrix.index.tolist() == list(LAYERS) and matrix.columns.tolist() == list(range(E))
         np.testing.assert_allclose(matrix.to_numpy(float), reference.to_numpy(float), rtol=1e-12, atol=1e-15)
@@ -220,7 +221,7 @@ def test_preview_matches_sql_for_every_domain_and_layer(synthetic):
 def test_router_health_matches_sql(synthetic):
     path, ids = synthetic
     run_ids = list(ids.values())
-    health = analysis.router_health(store.expert_stats(path, run_ids, ["routed_tokens"]), store.layer_stats(path, run_ids))
+    health = tables.router_health(store.expert_stats(path, run_ids, ["routed_tokens"]), store.layer_stats(path, run_ids))
     expected = sql_router_health(path)
     merged = health.assign(domain=health.domain.astype(str)).merge(expected, on=["domain", "layer"])
     assert len(merged) == len(expected) == len(health) == len(TOKENS) * len(LAYERS)
@@ -233,7 +234,7 @@ def test_criteria_agreement_matches_independent_ranks(synthetic):
     path, ids = synthetic
     names = ["frequency", "soft_count", "ean_mean", "reap", "nllb"]
     k = 2
-    table = analysis.criteria_agreement(store.expert_stats(path, [ids["prose"]]), names, k)
+    table = tables.criteria_agreement(store.expert_stats(path, [ids["prose"]]), names, k)
     ranked = {n: ranks(metric_table(path, n, [ids["prose"]])) for n in names}
     assert len(table) == len(LAYERS) * math.comb(len(names), 2)
     for row in table.itertuples():
@@ -247,7 +248,7 @@ def test_expert_profile_and_partners_match_sql(synthetic):
     path, ids = synthetic
     layer, expert = 4, 2
     stats = store.expert_stats(path, list(ids.values()), layer=layer)
-    profile = analysis.expert_profile(stats, store.layer_stats(path, list(ids.values())), layer, expert).set_index("domain")
+    profile = tables.expert_profile(stats, store.layer_stats(path, list(ids.values())), layer, expert).set_index("domain")
     share = metric_table(path, "frequency_share", ids.values())
     for domain in TOKENS:
         row = share[(share.domain == domain) & (share.layer == layer) & (share.expert == expert)]
@@ -258,7 +259,7 @@ def test_expert_profile_and_partners_match_sql(synthetic):
             assert profile.loc[domain, f"rank:{name}"] == int(mine["rank"].iloc[0]), (domain, name)
             assert profile.loc[domain, f"score:{name}"] == pytest.approx(float(mine.value.iloc[0]), rel=1e-12)
     routed = int(profile.loc["math", "routed_tokens"])
-    partners = analysis.coactivation_partners(store.coactivation(path, ids["math"], layer), routed, expert)
+    partners = tables.coactivation_partners(store.coactivation(path, ids["math"], layer), routed, expert)
     expected = sql_partners(path, ids["math"], layer, expert)
     assert partners.partner.tolist() == expected.partner.tolist() and partners.tokens.tolist() == expected.tokens.tolist()
     np.testing.assert_allclose(partners.p_given_expert, expected.p, rtol=1e-12)
@@ -287,9 +288,9 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert list(at.selectbox(key="hm_metric").options) == [
-        f"{m} — {analysis.METRICS[m]}" for m in analysis.METRICS]  # every metric offered ...
+        f"{m} — {tables.METRICS[m]}" for m in tables.METRICS]  # every metric offered ...
     at.selectbox(key="hm_domain").set_value("math").run()
-    for metric in analysis.METRICS:  # ... plotted as SQL computes it, on the domain with the fewest tokens
+    for metric in tables.METRICS:  # ... plotted as SQL computes it, on the domain with the fewest tokens
         at.selectbox(key="hm_metric").set_value(metric).run()
         heat = _heat(at)
         expected = metric_matrix(path, metric, ids["math"]).to_numpy()

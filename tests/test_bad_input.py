@@ -19,9 +19,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from moe_viz.cli import main
-from moe_viz.export import export_pruned
-from moe_viz.plan import build_plan
-from moe_viz.sources import read_documents
+from moe_viz.prune.export import export_pruned
+from moe_viz.prune.plan import build_plan
+from moe_viz.capture.sources import read_documents
 from tiny_models import SAMPLE_TEXT, save_tiny_model, tiny_model, tiny_tokenizer
 
 SHARD = "40KB"  # the tiny model in about six shards

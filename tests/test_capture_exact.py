@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from moe_viz.capture import collect_routing_stats
+from moe_viz.capture.run import collect_routing_stats
 from moe_viz.models import find_moe_layers
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
@@ -150,7 +150,7 @@ def test_stats_match_independent_computation(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "recompute"])
 def test_capture_does_not_change_logits(family, fast):
-    from moe_viz.observe import RoutingObserver
+    from moe_viz.capture.observe import RoutingObserver
 
     model = tiny_model(family)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -201,7 +201,7 @@ def test_phimoe_reports_the_top_k_it_really_uses():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_capture_does_not_change_bf16_logits(family):
-    from moe_viz.observe import RoutingObserver
+    from moe_viz.capture.observe import RoutingObserver
 
     model = tiny_model(family).to(torch.bfloat16)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))

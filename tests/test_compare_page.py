@@ -15,8 +15,8 @@ from transformers import AutoConfig
 
 from moe_viz import jobs
 from moe_viz.cli import main
-from moe_viz.plan import RouterConstraints, build_plan, preview
-from moe_viz.sweep import plan_key
+from moe_viz.prune.plan import RouterConstraints, build_plan, preview
+from moe_viz.prune.sweep import plan_key
 from test_sweep import captured  # noqa: F401  (a tiny model captured on code and prose)
 from test_ui import _app, _array, _charts, _frame
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moe_viz import store
 from moe_viz.demo import SHIPPED_MODEL, corpora
 from moe_viz.demo.specialisation import measure
-from moe_viz.sources import read_documents
+from moe_viz.capture.sources import read_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_viz.domain_stats import domain_shares, mutual_information, random_jaccard, specific_experts, topk_jaccard
+from moe_viz.analysis.domain_stats import domain_shares, mutual_information, random_jaccard, specific_experts, topk_jaccard
 
 
 def _stats(counts: dict[str, list[int]], layer=0):

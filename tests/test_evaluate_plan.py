@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_viz.evaluate import evaluate_plan, reference_batches
-from moe_viz.export import export_pruned
+from moe_viz.prune.evaluate import evaluate_plan, reference_batches
+from moe_viz.prune.export import export_pruned
 from moe_viz.models import find_moe_layers
-from moe_viz.plan import PrunePlan
+from moe_viz.prune.plan import PrunePlan
 from tiny_models import VOCAB, tiny_model
 
 GEN = torch.Generator().manual_seed(7)
@@ -82,9 +82,9 @@ def test_default_evaluation_text_is_what_the_capture_did_not_use(tmp_path):
     """A file source: evaluation continues the capture's packed stream exactly where calibration stopped."""
     import json
 
-    from moe_viz.capture import CaptureSettings, capture_model
-    from moe_viz.evaluate import evaluation_sequences
-    from moe_viz.sources import pack_sequences, read_documents
+    from moe_viz.capture.run import CaptureSettings, capture_model
+    from moe_viz.prune.evaluate import evaluation_sequences
+    from moe_viz.capture.sources import pack_sequences, read_documents
     from tiny_models import SAMPLE_TEXT, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

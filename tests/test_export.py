@@ -7,13 +7,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moe_viz.capture import CaptureSettings, capture_model
+from moe_viz.capture.run import CaptureSettings, capture_model
 from moe_viz.cli import main
-from moe_viz.export import PRUNE_MANIFEST, export_pruned
-from moe_viz.masking import masked_experts
-from moe_viz.plan import build_plan
-from moe_viz.sources import Documents
-from moe_viz.verify import verify_export
+from moe_viz.prune.export import PRUNE_MANIFEST, export_pruned
+from moe_viz.prune.masking import masked_experts
+from moe_viz.prune.plan import build_plan
+from moe_viz.capture.sources import Documents
+from moe_viz.prune.verify import verify_export
 from tiny_models import FAMILIES, SAMPLE_TEXT, VOCAB, save_tiny_model, tiny_model
 
 GEN = torch.Generator().manual_seed(0)

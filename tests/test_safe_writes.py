@@ -19,7 +19,7 @@ import pytest
 
 from moe_viz import atomic
 from moe_viz.cli import _write_json, main
-from moe_viz.export import PARTIAL_MARKER, PRUNE_MANIFEST, export_name_path, export_pruned, write_manifest
+from moe_viz.prune.export import PARTIAL_MARKER, PRUNE_MANIFEST, export_name_path, export_pruned, write_manifest
 from moe_viz.models import MoeVizError
 from test_export import _saved_and_captured
 from test_ui import _app
@@ -259,7 +259,7 @@ def test_stale_temp_dirs_of_killed_exports_are_cleaned_and_nothing_else(layout, 
 KILLED = """
 import os, sys
 from pathlib import Path
-from moe_viz.export import atomic_directory
+from moe_viz.prune.export import atomic_directory
 with atomic_directory(Path(sys.argv[1]), force=False) as tmp:
     (tmp / "model.safetensors").write_bytes(b"half a shard")
     os._exit(9)

@@ -8,17 +8,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_viz.evaluate import evaluate_plan, reference_batches
-from moe_viz.masking import masked_layer
+from moe_viz.prune.evaluate import evaluate_plan, reference_batches
+from moe_viz.prune.masking import masked_layer
 from moe_viz.models import find_moe_layers
-from moe_viz.plan import PrunePlan, RouterConstraints
-from moe_viz.reconstruction import (
+from moe_viz.prune.plan import PrunePlan, RouterConstraints
+from moe_viz.analysis.reconstruction import (
     enumeration_plan,
     expert_reconstruction_scores,
     reconstruction_error,
     record_block_inputs,
 )
-from moe_viz.search import search
+from moe_viz.prune.search import search
 from tiny_models import VOCAB, family_config, tiny_model
 
 GEN = torch.Generator().manual_seed(11)

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from moe_viz import store
-from moe_viz.capture import CaptureSettings, capture_model
+from moe_viz.capture.run import CaptureSettings, capture_model
 from moe_viz.models import MoeVizError
-from moe_viz.sources import Documents
+from moe_viz.capture.sources import Documents
 from tiny_models import tiny_model, tiny_tokenizer
 
 SETTINGS = CaptureSettings(max_tokens=400, seq_len=32, batch_size=4)
@@ -283,7 +283,7 @@ def test_good_store_paths_pass_and_create_nothing(tmp_path, store_path, model_an
 
 def test_cli_refuses_bad_stores_before_loading_anything(tmp_path, capsys):
     from moe_viz.cli import main
-    from moe_viz.export import PRUNE_MANIFEST
+    from moe_viz.prune.export import PRUNE_MANIFEST
     from tiny_models import save_tiny_model
 
     (tmp_path / "file.txt").write_text("x")

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoConfig
 
 from moe_viz.cli import main
-from moe_viz.sweep import plan_key, sweep_plans
+from moe_viz.prune.sweep import plan_key, sweep_plans
 from tiny_models import SAMPLE_TEXT, save_tiny_model
 
 

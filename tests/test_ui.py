@@ -16,9 +16,9 @@ import plotly.io as pio
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from moe_viz import criteria
+from moe_viz.analysis import criteria
 from moe_viz.cli import main
-from moe_viz.domain_stats import random_jaccard
+from moe_viz.analysis.domain_stats import random_jaccard
 from sql_reference import METRIC_SQL, metric_table, mixed_ranks, ranks, share_lost, spearman
 from sql_reference import partners as sql_partners, router_health as sql_router_health
 from tiny_models import save_tiny_model

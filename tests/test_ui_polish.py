@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_viz import domain_stats
+from moe_viz.analysis import domain_stats
 from moe_viz.cli import main
 from test_ui import CODE, MATH, _app, _array, _charts, _sql, captured  # noqa: F401  (captured: pytest fixture)
 from tiny_models import save_tiny_model
@@ -89,7 +89,7 @@ def test_picker_names_the_shipped_demo_and_local_models(tmp_path, monkeypatch):
 
 
 def test_criteria_help_is_one_markdown_bullet_per_criterion():
-    from moe_viz import criteria
+    from moe_viz.analysis import criteria
     from moe_viz.ui.common import criteria_help
 
     assert criteria_help(["frequency", "easy_ep"]) == (

@@ -17,10 +17,10 @@ from transformers import AutoConfig
 from torch.nn import functional as F
 
 from moe_viz.cli import main
-from moe_viz.export import INDEX_FILE, PRUNE_MANIFEST, export_pruned
+from moe_viz.prune.export import INDEX_FILE, PRUNE_MANIFEST, export_pruned
 from moe_viz.models import find_moe_layers
-from moe_viz.plan import PrunePlan, RouterConstraints
-from moe_viz.verify import FAIL, PASS, VERIFY_FILE, quality, verify_export
+from moe_viz.prune.plan import PrunePlan, RouterConstraints
+from moe_viz.prune.verify import FAIL, PASS, VERIFY_FILE, quality, verify_export
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
 GEN = torch.Generator().manual_seed(1)
@@ -98,9 +98,9 @@ def _sharded_family_dir(root, family):
 @pytest.fixture(scope="module")
 def broken_setup(tmp_path_factory):
     """Source models captured on a pre-tokenised domain, and a correct keep-3 export of each."""
-    from moe_viz.capture import CaptureSettings, capture_model
-    from moe_viz.plan import build_plan
-    from moe_viz.sources import Documents
+    from moe_viz.capture.run import CaptureSettings, capture_model
+    from moe_viz.prune.plan import build_plan
+    from moe_viz.capture.sources import Documents
 
     root = tmp_path_factory.mktemp("broken")
     source = root / "rand.jsonl"
@@ -281,7 +281,7 @@ def test_demo_model_passes_where_float32_is_not_bit_identical(tmp_path):
 
     from moe_viz.demo import shipped_model
     from moe_viz.demo.corpora import documents
-    from moe_viz.sources import token_stream
+    from moe_viz.capture.sources import token_stream
 
     source = shipped_model()
     tokenizer = AutoTokenizer.from_pretrained(source)

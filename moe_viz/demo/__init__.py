@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import store
-from ..models import MoeVizError, canonical_model_id
-from . import corpora
+from moe_viz import store
+from moe_viz.models import MoeVizError, canonical_model_id
+from moe_viz.demo import corpora
 
 SHIPPED_MODEL = Path(__file__).parent / "model"
 DEMO_MAX_TOKENS = 20_000
@@ -30,7 +30,7 @@ def missing_domains(store_path: str | Path) -> list[str]:
 
 def prepare(store_path: str | Path = store.DEFAULT_STORE, progress=None) -> list[str]:
     """Capture every built-in domain not yet in the store; returns the new run ids."""
-    from ..capture import CaptureSettings, capture
+    from moe_viz.capture.run import CaptureSettings, capture
 
     missing = missing_domains(store_path)
     if not missing:

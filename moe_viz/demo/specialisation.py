@@ -15,12 +15,12 @@ import copy
 import pandas as pd
 import torch
 
-from ..capture import collect_routing_stats
-from ..domain_stats import mutual_information, specific_experts
-from ..evaluate import heldout_sequences, mean_loss
-from ..masking import masked_experts
-from ..models import find_moe_layers
-from . import corpora
+from moe_viz.capture.run import collect_routing_stats
+from moe_viz.analysis.domain_stats import mutual_information, specific_experts
+from moe_viz.prune.evaluate import heldout_sequences, mean_loss
+from moe_viz.prune.masking import masked_experts
+from moe_viz.models import find_moe_layers
+from moe_viz.demo import corpora
 
 SEQ_LEN = 256
 CALIBRATION_TOKENS = 16_384

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..sources import token_stream
-from . import corpora
+from moe_viz.capture.sources import token_stream
+from moe_viz.demo import corpora
 
 SHIPPED_MODEL = Path(__file__).parent / "model"
 SEQ_LEN = 256
@@ -61,7 +61,7 @@ def train_tokenizer(vocab_size: int = 4096):
 
 
 def heldout_losses(model, tokenizer) -> dict[str, float]:
-    from ..evaluate import heldout_sequences, mean_loss
+    from moe_viz.prune.evaluate import heldout_sequences, mean_loss
 
     model.eval()
     return {

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from moe_viz import analysis, domain_stats, store
+from moe_viz.analysis import tables, domain_stats
+from moe_viz import store
 from moe_viz.models import MoeVizError
 
 COLOR_SEQUENTIAL = "Viridis"
@@ -36,8 +37,8 @@ def warm_imports() -> None:
         import plotly.express  # noqa: F401
         import transformers  # noqa: F401
 
-        import moe_viz.export  # noqa: F401
-        import moe_viz.verify  # noqa: F401
+        import moe_viz.prune.export  # noqa: F401
+        import moe_viz.prune.verify  # noqa: F401
 
     if not getattr(warm_imports, "started", False):
         warm_imports.started = True
@@ -80,9 +81,9 @@ def _coactivation(path: str, stamp: float, run_id: str, layer: int) -> pd.DataFr
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _metric_values(path: str, stamp: float, run_ids: tuple[str, ...], metric: str) -> pd.DataFrame:
-    stats = store.expert_stats(path, list(run_ids), analysis.metric_columns(metric))
+    stats = store.expert_stats(path, list(run_ids), tables.metric_columns(metric))
     layers = store.layer_stats(path, list(run_ids))
-    return analysis.metric_values(stats, layers, metric)
+    return tables.metric_values(stats, layers, metric)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -135,7 +136,7 @@ def metric_values(run_ids, metric: str) -> pd.DataFrame:
 
 def measured_criteria(run_ids) -> list[str]:
     """Criteria (but the random baseline) that every expert of these runs has scores for."""
-    from moe_viz import criteria
+    from moe_viz.analysis import criteria
 
     names = [c for c in criteria.CRITERIA if c != "random"]
     stats = expert_stats(run_ids, criteria.columns_for(names))
@@ -144,7 +145,7 @@ def measured_criteria(run_ids) -> list[str]:
 
 def causal_vs_observational(model_id: str, run_id: str, domain: str) -> None:
     """The Spearman table between causal measures and routing criteria of one run, or how to measure them."""
-    from moe_viz.importance import causal_agreement
+    from moe_viz.analysis.importance import causal_agreement
 
     st.subheader("Causal vs observational")
     try:
@@ -200,7 +201,7 @@ def model_label(model_id: str) -> str:
 
 def criteria_help(names: list[str] | None = None) -> str:
     """Markdown for a criterion picker's help: one bullet per criterion (Streamlit help drops bare line breaks)."""
-    from moe_viz import criteria
+    from moe_viz.analysis import criteria
 
     chosen = list(criteria.CRITERIA) if names is None else names
 

@@ -10,11 +10,12 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from moe_viz import compare, criteria, jobs
+from moe_viz.analysis import compare, criteria
+from moe_viz import jobs
 from moe_viz.checkpoint import load_config
 from moe_viz.models import MoeVizError
-from moe_viz.plan import RouterConstraints
-from moe_viz.sweep import stored_sweeps
+from moe_viz.prune.plan import RouterConstraints
+from moe_viz.prune.sweep import stored_sweeps
 from moe_viz.ui.common import (CHART_HEIGHT, causal_vs_observational, domain_run_ids, layer_stats, pick_model_runs,
                                store_path)
 

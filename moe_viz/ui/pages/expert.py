@@ -3,7 +3,7 @@
 import plotly.express as px
 import streamlit as st
 
-from moe_viz import analysis, criteria
+from moe_viz.analysis import tables, criteria
 from moe_viz.ui.common import coactivation, domain_run_ids, expert_stats, layer_stats, pick_model_runs
 
 st.title("Expert detail")
@@ -15,7 +15,7 @@ layer = c1.selectbox("Layer", sorted(int(l) for l in layers.layer.unique()), key
 stats = expert_stats(run_ids.values(), layer=layer)
 expert = c2.selectbox("Expert", sorted(int(e) for e in stats.expert.unique()), key="ex_expert")
 
-profile = analysis.expert_profile(stats, layers, layer, expert)
+profile = tables.expert_profile(stats, layers, layer, expert)
 share = px.bar(profile, x="domain", y="frequency_share", title=f"Layer {layer}, expert {expert}: routed share by domain",
                labels={"frequency_share": "routed-token share (fraction of k·T slots)", "domain": "domain"})
 share.add_hline(y=1 / int(layers.num_experts.max()), line_dash="dash", line_color="grey", annotation_text="uniform 1/E")
@@ -29,7 +29,7 @@ st.dataframe(ranks)
 st.subheader("Co-activation partners")
 domain = st.selectbox("Domain", list(run_ids), key="ex_domain")
 routed = int(profile.set_index("domain").loc[domain, "routed_tokens"])
-partners = analysis.coactivation_partners(coactivation(run_ids[domain], layer), routed, expert).head(10)
+partners = tables.coactivation_partners(coactivation(run_ids[domain], layer), routed, expert).head(10)
 if partners.empty:
     st.info(f"Expert {expert} of layer {layer} was never routed together with another expert on {domain}.")
 else:

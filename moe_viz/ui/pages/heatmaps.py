@@ -4,7 +4,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import analysis
+from moe_viz.analysis import tables
 from moe_viz.ui.common import CHART_HEIGHT, COLOR_DIVERGING, COLOR_SEQUENTIAL, domain_run_ids, metric_values, pick_model_runs
 
 # the unit of each statistic or criterion, for the colour bar and the hover
@@ -28,7 +28,7 @@ UNITS = {
 
 
 def unit(metric: str) -> str:
-    return UNITS.get(metric, analysis.METRICS[metric])
+    return UNITS.get(metric, tables.METRICS[metric])
 
 
 st.title("Expert heatmaps")
@@ -37,8 +37,8 @@ run_ids = domain_run_ids(model_runs)
 domains = list(run_ids)
 
 c1, c2, c3 = st.columns([2, 1, 1])
-metric = c1.selectbox("Statistic or criterion", list(analysis.METRICS), key="hm_metric",
-                      format_func=lambda m: f"{m} — {analysis.METRICS[m]}")
+metric = c1.selectbox("Statistic or criterion", list(tables.METRICS), key="hm_metric",
+                      format_func=lambda m: f"{m} — {tables.METRICS[m]}")
 mode = c2.radio("View", ["One domain", "Difference A − B"], key="hm_mode", horizontal=True)
 scale = c3.radio("Colour scale", ["linear", "log"], key="hm_scale", horizontal=True, disabled=mode != "One domain")
 c4, c5 = st.columns(2)
@@ -52,10 +52,10 @@ if values.value.isna().all():
     st.info(f"{metric} is measured, not derived from routing: run `moe-viz importance --model "
             f"{model_runs.model_id.iloc[0]} --domain {domain}` to fill it in.")
     st.stop()
-matrix = analysis.metric_matrix(values, domain)
+matrix = tables.metric_matrix(values, domain)
 hover = f"{metric} %{{customdata:.6g}} ({unit(metric)})"
 if domain_b is not None:
-    matrix_a, matrix_b = matrix, analysis.metric_matrix(values, domain_b)
+    matrix_a, matrix_b = matrix, tables.metric_matrix(values, domain_b)
     matrix = matrix_a - matrix_b
 exact = matrix.to_numpy(dtype=float)
 customdata = exact
@@ -89,7 +89,7 @@ figure.update_layout(title=title, xaxis_title="expert", yaxis_title="MoE layer (
 figure.update_yaxes(autorange="reversed", type="category")
 figure.update_xaxes(type="category")
 st.plotly_chart(figure, key="heatmap")
-st.caption(analysis.METRICS[metric] + ". Hover a cell for exact values; pick a cell below to open its detail.")
+st.caption(tables.METRICS[metric] + ". Hover a cell for exact values; pick a cell below to open its detail.")
 
 c6, c7, c8 = st.columns([1, 1, 2])
 layer = c6.selectbox("Layer", list(matrix.index), key="hm_layer")

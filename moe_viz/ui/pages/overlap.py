@@ -5,7 +5,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import domain_stats
+from moe_viz.analysis import domain_stats
 from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, criteria_help, domain_run_ids, layer_stats,
                                measured_criteria, mutual_information, overlap, pick_model_runs)
 

@@ -7,14 +7,15 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import compare, criteria, jobs
-from moe_viz.export import PRUNE_MANIFEST, export_name_path, export_pruned
+from moe_viz.analysis import compare, criteria
+from moe_viz import jobs
+from moe_viz.prune.export import PRUNE_MANIFEST, export_name_path, export_pruned
 from moe_viz.models import MoeVizError
-from moe_viz.plan import RouterConstraints, build_plan, preview, size_summary
-from moe_viz.sweep import plan_key, stored_plan_results
+from moe_viz.prune.plan import RouterConstraints, build_plan, preview, size_summary
+from moe_viz.prune.sweep import plan_key, stored_plan_results
 from moe_viz.ui.common import (CHART_HEIGHT, DROPPED_COLOR, KEPT_COLOR, criteria_help, domain_run_ids, layer_stats,
                                pick_model_runs, store_path)
-from moe_viz.verify import verify_from_store
+from moe_viz.prune.verify import verify_from_store
 
 
 @st.cache_resource(show_spinner=False)

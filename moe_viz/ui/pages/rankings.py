@@ -6,14 +6,14 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import analysis, criteria
+from moe_viz.analysis import tables, criteria
 from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, DROPPED_COLOR, KEPT_COLOR, causal_vs_observational,
                                criteria_help, domain_run_ids, expert_stats, layer_stats, pick_model_runs)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def agreement(stats, names: tuple[str, ...], k: int):
-    return analysis.criteria_agreement(stats, list(names), k)
+    return tables.criteria_agreement(stats, list(names), k)
 
 
 st.title("Saliency rankings")

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .capture import padded_batches
-from .models import MoeVizError
-from .sources import Documents, pack_sequences, parse_domain, read_documents, token_stream
+from moe_viz.capture.run import padded_batches
+from moe_viz.models import MoeVizError
+from moe_viz.capture.sources import Documents, pack_sequences, parse_domain, read_documents, token_stream
 
 
 def _chunks(stream: list[int], seq_len: int) -> list[list[int]]:
@@ -140,7 +140,7 @@ def evaluate_plan(model: nn.Module, dropped: dict[int, list[int]], references: d
     nll_pruned (nats/token), kl = mean KL(original ‖ pruned) per token, top1_agreement, and
     95% bootstrap intervals over sequences (kl_ci, nll_delta_ci, top1_agreement_ci).
     """
-    from .masking import applied_plan
+    from moe_viz.prune.masking import applied_plan
 
     results = []
     with torch.no_grad(), applied_plan(model, dropped, top_k):
@@ -192,8 +192,8 @@ def heldout_text(store_path, run_ids: dict[str, str], tokenizer, vocab_size: int
     text itself. Returns (sequences, notes about domains that could not be used or were reused)."""
     import json
 
-    from . import store
-    from .sources import evaluation_source, read_documents
+    from moe_viz import store
+    from moe_viz.capture.sources import evaluation_source, read_documents
 
     runs = store.list_runs(store_path).set_index("run_id")
     sequences, notes = {}, []

@@ -21,7 +21,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from .models import MoeVizError
+from moe_viz.models import MoeVizError
 
 DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -128,7 +128,7 @@ def read_documents(domain: str, source: str) -> Documents:
     if source.startswith("hf:"):
         _read_hf(source, docs)
     elif source.startswith("builtin:"):
-        from .demo import corpora
+        from moe_viz.demo import corpora
 
         name, _, split = source[len("builtin:"):].partition(":")
         try:

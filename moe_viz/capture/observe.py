@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import MoeLayer
-from .routing_stats import LayerAccumulator, token_shift
+from moe_viz.models import MoeLayer
+from moe_viz.capture.routing_stats import LayerAccumulator, token_shift
 
 try:  # private helper of transformers' grouped_mm experts forward; the fast path mirrors that forward
     from transformers.integrations.moe import _grouped_linear

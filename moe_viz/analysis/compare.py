@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .models import MoeVizError
-from .plan import build_plan, preview
-from .sweep import plan_key
+from moe_viz.models import MoeVizError
+from moe_viz.prune.plan import build_plan, preview
+from moe_viz.prune.sweep import plan_key
 
 GROUP_COLUMNS = ["domains", "scope", "seed", "plan_top_k"]
 METRICS = ("kl", "nll_delta", "top1_agreement")

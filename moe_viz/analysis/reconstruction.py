@@ -29,10 +29,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .capture import padded_batches
-from .masking import masked_layer
-from .models import MoeLayer, MoeVizError, find_moe_layers, model_fingerprint
-from .plan import PrunePlan, RouterConstraints, check_keep
+from moe_viz.capture.run import padded_batches
+from moe_viz.prune.masking import masked_layer
+from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, model_fingerprint
+from moe_viz.prune.plan import PrunePlan, RouterConstraints, check_keep
 
 EXACT_MAX_EXPERTS = 8  # enumerate every subset up to this many experts per layer (C(8, 4) = 70)
 

@@ -23,11 +23,12 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from . import criteria, store
-from .evaluate import evaluate_plan, reference_batches
-from .models import MoeVizError, find_moe_layers
-from .sources import pack_sequences, read_documents
-from .sweep import sequences_key
+from moe_viz.analysis import criteria
+from moe_viz import store
+from moe_viz.prune.evaluate import evaluate_plan, reference_batches
+from moe_viz.models import MoeVizError, find_moe_layers
+from moe_viz.capture.sources import pack_sequences, read_documents
+from moe_viz.prune.sweep import sequences_key
 
 
 def _run(store_path: str | Path, run_id: str) -> pd.Series:
@@ -52,7 +53,7 @@ def calibration_sequences(store_path: str | Path, run_id: str, tokenizer, vocab_
 def measure_reconstruction(model: nn.Module, store_path: str | Path, run_id: str, tokenizer,
                            max_tokens: int = 4096, batch_size: int = 8) -> pd.DataFrame:
     """Measure and store `recon_error` for every expert of a run; returns (layer, expert, recon_error, tokens)."""
-    from .reconstruction import expert_reconstruction_scores
+    from moe_viz.analysis.reconstruction import expert_reconstruction_scores
 
     vocab = model.get_input_embeddings().weight.shape[0]
     sequences = calibration_sequences(store_path, run_id, tokenizer, vocab)

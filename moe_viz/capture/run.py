@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import __version__, store
-from .checkpoint import checkpoint_digest, is_local, tokenizer_problem
-from .models import MoeVizError, canonical_model_id, find_moe_layers, load_model, model_fingerprint
-from .observe import RoutingObserver
-from .sources import Documents, pack_sequences, parse_domain, read_documents
+from moe_viz import __version__, store
+from moe_viz.checkpoint import checkpoint_digest, is_local, tokenizer_problem
+from moe_viz.models import MoeVizError, canonical_model_id, find_moe_layers, load_model, model_fingerprint
+from moe_viz.capture.observe import RoutingObserver
+from moe_viz.capture.sources import Documents, pack_sequences, parse_domain, read_documents
 
 
 @dataclass

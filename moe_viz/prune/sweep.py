@@ -20,10 +20,10 @@ from typing import Callable
 
 import pandas as pd
 
-from . import __version__, store
-from .evaluate import ReferenceBatch, evaluate_plan, reference_batches
-from .models import MoeVizError
-from .plan import PrunePlan, build_plan
+from moe_viz import __version__, store
+from moe_viz.prune.evaluate import ReferenceBatch, evaluate_plan, reference_batches
+from moe_viz.models import MoeVizError
+from moe_viz.prune.plan import PrunePlan, build_plan
 
 RESULT_COLUMNS = ("tokens", "sequences", "nll_original", "nll_pruned", "kl", "top1_agreement")
 CI_COLUMNS = ("kl_ci", "nll_delta_ci", "top1_agreement_ci")

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import criteria
+from moe_viz.analysis import criteria
 
 
 def _per_layer_tokens(stats: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from .models import MoeLayer, MoeVizError, find_moe_layers
+from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers
 
 # Router buffers/parameters of shape (E,) that steer selection and must also be masked.
 CORRECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")

@@ -33,10 +33,10 @@ except ImportError:  # Windows: stale partial dirs are then left alone (no way t
 
 import torch
 
-from . import __version__
-from .atomic import fsync_dir, fsync_tree, write_text_atomic
-from .models import EXPERT_COUNT_KEYS, MoeVizError, find_moe_layers
-from .plan import PrunePlan
+from moe_viz import __version__
+from moe_viz.atomic import fsync_dir, fsync_tree, write_text_atomic
+from moe_viz.models import EXPERT_COUNT_KEYS, MoeVizError, find_moe_layers
+from moe_viz.prune.plan import PrunePlan
 
 PRUNE_MANIFEST = "moe_viz_prune.json"
 TOP_K_KEY = "num_experts_per_tok"  # every supported family's config key for experts per token
@@ -480,7 +480,7 @@ def export_pruned(
         raise MoeVizError("this plan keeps different numbers of experts per layer; only uniform plans export")
     if not (source_dir / "config.json").is_file():
         raise MoeVizError(f"{source_dir} is not a model directory (no config.json)")
-    from .checkpoint import check_checkpoint, check_unchanged, load_config
+    from moe_viz.checkpoint import check_checkpoint, check_unchanged, load_config
 
     load_config(source_dir)  # a broken config.json: one line, before anything is written
     check_checkpoint(source_dir)  # corrupt or truncated shards, a shard missing from the index

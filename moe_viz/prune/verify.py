@@ -37,14 +37,14 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from .atomic import write_text_atomic
-from .capture import padded_batches
-from .evaluate import evaluation_sequences, predicted_positions
-from .export import PRUNE_MANIFEST, TOP_K_KEY
-from .masking import applied_plan, masked_layer, reduced_top_k
-from .models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, find_moe_layers
-from .plan import PrunePlan
-from .reconstruction import RecordBlockInputs
+from moe_viz.atomic import write_text_atomic
+from moe_viz.capture.run import padded_batches
+from moe_viz.prune.evaluate import evaluation_sequences, predicted_positions
+from moe_viz.prune.export import PRUNE_MANIFEST, TOP_K_KEY
+from moe_viz.prune.masking import applied_plan, masked_layer, reduced_top_k
+from moe_viz.models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, find_moe_layers
+from moe_viz.prune.plan import PrunePlan
+from moe_viz.analysis.reconstruction import RecordBlockInputs
 
 VERIFY_FILE = "moe_viz_verify.json"
 PROMPT_TOKENS = 16

@@ -31,9 +31,9 @@ from typing import Callable
 
 from torch import nn
 
-from .evaluate import ReferenceBatch, evaluate_plan
-from .models import MoeVizError
-from .plan import PrunePlan, RouterConstraints
+from moe_viz.prune.evaluate import ReferenceBatch, evaluate_plan
+from moe_viz.models import MoeVizError
+from moe_viz.prune.plan import PrunePlan, RouterConstraints
 
 MODES = ("uniform", "nonuniform")
 NONUNIFORM_NOTE = ("not exportable: its layers keep different numbers of experts, and a stock transformers "

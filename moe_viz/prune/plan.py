@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import __version__, criteria, store
-from .models import MoeVizError
+from moe_viz import __version__, store
+from moe_viz.analysis import criteria
+from moe_viz.models import MoeVizError
 
 SCOPES = ("uniform", "global")
 
@@ -313,7 +314,7 @@ def size_summary(plan: PrunePlan, config) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .models import find_moe_layers
+    from moe_viz.models import find_moe_layers
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
