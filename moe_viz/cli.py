@@ -20,6 +20,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
     One run per --domain is written to the DuckDB store. Sources: a .txt file,
     a .jsonl file (field `text`, or `input_ids` for pre-tokenised data), a
     directory of text files, hf:DATASET[:CONFIG[:SPLIT[:FIELD]]], or builtin:NAME.
+
+    --layerwise streams one decoder layer at a time from the safetensors shards
+    (chosen automatically when the checkpoint would not fit on the device);
+    --resume continues one that was interrupted. Under torchrun or accelerate
+    launch the batches are split over the ranks and rank 0 stores the runs.
     """
     from moe_viz.capture.run import CaptureSettings, capture, tqdm_progress
 
@@ -38,11 +43,26 @@ def cmd_capture(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
         progress=progress,
+        layerwise=True if args.layerwise else None,
+        resume=args.resume,
+        max_host_memory=parse_bytes(args.max_host_memory, "--max-host-memory") if args.max_host_memory else None,
     )
+    if not run_ids:  # a data-parallel rank other than 0: rank 0 stored the runs
+        return 0
     if args.progress_file:
         _write_json(Path(args.progress_file), {"finished": True, "run_ids": run_ids})
     print(f"stored {len(run_ids)} run(s) in {args.store}: {', '.join(run_ids)}")
     return 0
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """'64G', '512MiB', '1.5T' or a plain number of bytes."""
+    import re
+
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not found:
+        raise MoeVizError(f"{option} {text!r} is not a size: use e.g. 64G, 512M or a number of bytes")
+    return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -56,7 +76,7 @@ def _file_progress(path: Path, also):
     def report(p) -> None:
         also(p)
         _write_json(path, {"domain": p.domain, "tokens_done": p.tokens_done, "tokens_total": p.tokens_total,
-                           "elapsed_s": round(p.elapsed_s, 2), "finished": False})
+                           "elapsed_s": round(p.elapsed_s, 2), "detail": p.detail, "finished": False})
 
     return report
 
@@ -637,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto spreads over GPUs)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    p.add_argument("--layerwise", action="store_true",
+                   help="stream one decoder layer at a time (default: only when the model would not fit)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted layer-wise capture")
+    p.add_argument("--max-host-memory", default=None, metavar="SIZE",
+                   help="layer-wise: hidden states beyond this (e.g. 64G) are kept on disk (default: all in memory)")
     p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # for the dashboard's jobs
     p.set_defaults(func=cmd_capture)
 

@@ -130,23 +130,40 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
     return layers
 
 
+def tensor_sample(tensor: torch.Tensor) -> bytes:
+    """The head and tail (64 elements each) of a tensor as float32 bytes: what the fingerprint hashes."""
+    flat = tensor.detach().reshape(-1)
+    return torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32).numpy().tobytes()
+
+
+def fingerprint_from_samples(config, tensors: list[tuple[str, tuple, torch.dtype]], samples: dict[str, bytes]) -> str:
+    """`model_fingerprint` from (name, shape, dtype) in state_dict order and each tensor's `tensor_sample`.
+
+    Layer-wise capture never holds the whole model: it samples each tensor while
+    it is loaded and gets the same fingerprint as an in-memory capture.
+    """
+    digest = hashlib.sha256()
+    if config is not None:
+        config_dict = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    for name, shape, dtype in tensors:
+        digest.update(f"{name}:{shape}:{dtype}".encode())
+        digest.update(samples[name])
+    return digest.hexdigest()[:16]
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash identifying the weights: config plus a sample of every tensor.
 
     Sampling the head and tail of each tensor keeps this cheap on huge models
     while still telling apart two checkpoints that share a config.
     """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        config_dict = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
-        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    state = model.state_dict()
+    return fingerprint_from_samples(
+        getattr(model, "config", None),
+        [(name, tuple(t.shape), t.dtype) for name, t in state.items()],
+        {name: tensor_sample(t) for name, t in state.items()},
+    )
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -216,7 +233,7 @@ def load_model(
     ``device="auto"`` on a CUDA machine uses accelerate's ``device_map="auto"``
     so models larger than one GPU spread over all GPUs (and CPU memory).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from moe_viz.checkpoint import check_checkpoint, load_config
@@ -252,8 +269,14 @@ def load_model(
             "or for another architecture; moe_viz never random-initialises missing weights"
         )
     model.eval()
+    return model, load_tokenizer(model_id, trust_remote_code)
+
+
+def load_tokenizer(model_id: str, trust_remote_code: bool = False):
+    """The model's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+        return None

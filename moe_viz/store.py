@@ -434,8 +434,8 @@ def check_store_path(path: str | Path, write: bool) -> Path:
 
 
 def settings_key(model_id: str, fingerprint: str, domain: str, source: str, settings: dict) -> str:
-    # Where a capture ran does not change what it measures, so it is not part of the key.
-    keyed = {k: v for k, v in settings.items() if k != "device"}
+    # Where and how a capture ran (device, ranks, layer by layer) does not change what it measures: not in the key.
+    keyed = {k: v for k, v in settings.items() if k not in ("device", "world_size", "layerwise")}
     payload = json.dumps([model_id, fingerprint, domain, source, keyed], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -13,7 +13,9 @@ from transformers import (
     OlmoeConfig,
     PhimoeConfig,
     Qwen2MoeConfig,
+    JambaConfig,
     Qwen3MoeConfig,
+    Qwen3NextConfig,
 )
 
 VOCAB = 96
@@ -64,6 +66,21 @@ def family_config(family: str, **overrides):
             **c, intermediate_size=16, intermediate_size_mlp=32, num_local_experts=8, num_experts_per_tok=1,
             head_dim=8, interleave_moe_layer_step=1,
         )
+    if family == "qwen3_next":  # linear-attention (gated delta net) and full-attention layers
+        c.update(num_hidden_layers=3)
+        return Qwen3NextConfig(
+            **c, intermediate_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=8,
+            num_experts_per_tok=2, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=8, linear_value_head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+        )
+    if family == "jamba":  # mamba and attention layers, MoE on every second layer (dense MLP between)
+        c.update(num_hidden_layers=4)
+        return JambaConfig(
+            **c, intermediate_size=16, num_experts=8, num_experts_per_tok=2, attn_layer_period=2,
+            attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_d_conv=2,
+            mamba_expand=2,
+        )
     raise ValueError(family)
 
 
@@ -71,6 +88,8 @@ FAMILIES = [
     "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_nonorm", "olmoe", "deepseek_v3",
     "gpt_oss", "granitemoe", "phimoe", "llama4_text",
 ]
+# Hybrid attention / linear-attention (or mamba) families, used where a test needs them.
+HYBRID_FAMILIES = ["qwen3_next", "jamba"]
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,9 +20,15 @@ import torch
 from torch import nn
 
 from moe_viz import __version__, store
-from moe_viz.checkpoint import checkpoint_digest, is_local, tokenizer_problem
-from moe_viz.models import MoeVizError, canonical_model_id, find_moe_layers, load_model, model_fingerprint
+from moe_viz.checkpoint import check_checkpoint, checkpoint_digest, is_local, tokenizer_problem
+from moe_viz.models import (
+    MoeVizError, canonical_model_id, check_model_path, find_moe_layers, load_model, load_tokenizer, model_fingerprint,
+    resolve_device,
+)
+from moe_viz.capture import distributed
+from moe_viz.capture.distributed import Ranks
 from moe_viz.capture.observe import RoutingObserver
+from moe_viz.capture.routing_stats import LayerAccumulator
 from moe_viz.capture.sources import Documents, pack_sequences, parse_domain, read_documents
 
 
@@ -42,9 +48,10 @@ class CaptureSettings:
 @dataclass
 class Progress:
     domain: str
-    tokens_done: int
+    tokens_done: float
     tokens_total: int
     elapsed_s: float
+    detail: str = ""  # e.g. the current layer of a layer-wise capture
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -79,6 +86,8 @@ def tqdm_progress() -> ProgressCallback:
             bar = bars[p.domain] = tqdm(
                 total=p.tokens_total, desc=f"capture {p.domain}", unit="tok", unit_scale=True, file=sys.stderr
             )
+        if p.detail:
+            bar.set_postfix_str(p.detail, refresh=False)
         bar.update(p.tokens_done - bar.n)
         if p.tokens_done >= p.tokens_total:
             bar.close()
@@ -113,6 +122,39 @@ def _heartbeat(store_path: str | Path, run_id: str):
 
 
 @torch.no_grad()
+def accumulate_routing(
+    model: nn.Module,
+    batches,
+    on_batch: Callable[[int], None] | None = None,
+    fast: bool = True,
+) -> list[LayerAccumulator]:
+    """Forward (input_ids (B,S), attention_mask (B,S)) CPU batches through `model`; one accumulator per MoE layer.
+
+    Only host-side counts (from the CPU attention mask) are reported per batch,
+    so the device is never synchronised inside the loop.
+    """
+    layers = find_moe_layers(model)
+    device = _input_device(model)
+    with RoutingObserver(layers, fast=fast) as observer:
+        for ids, mask in batches:
+            observer.set_attention_mask(mask)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            if on_batch is not None:
+                on_batch(int(mask.sum()))
+    return observer.accumulators
+
+
+def accumulator_frames(accumulators: list[LayerAccumulator]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(expert, layer, co-activation) frames of a run's accumulators."""
+    experts, layer_rows, coacts = [], [], []
+    for acc in accumulators:
+        e, l, c = acc.to_frames()
+        experts.append(e)
+        layer_rows.append(l)
+        coacts.append(c)
+    return pd.concat(experts, ignore_index=True), pd.DataFrame(layer_rows), pd.concat(coacts, ignore_index=True)
+
+
 def collect_routing_stats(
     model: nn.Module,
     sequences: list[list[int]],
@@ -121,26 +163,94 @@ def collect_routing_stats(
     on_batch: Callable[[int], None] | None = None,
     fast: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Forward `sequences` through `model` and return (expert, layer, co-activation) frames.
+    """Forward `sequences` through `model` and return (expert, layer, co-activation) frames."""
+    return accumulator_frames(accumulate_routing(model, padded_batches(sequences, batch_size, pad_id), on_batch, fast))
 
-    Only host-side counts (from the CPU attention mask) are reported per batch,
-    so the device is never synchronised inside the loop.
+
+def pad_id_of(tokenizer) -> int:
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return 0 if pad_id is None else pad_id
+
+
+def pack_domains(domains: list[Documents], tokenizer, settings: CaptureSettings, vocab_size: int) -> dict[str, list[list[int]]]:
+    """Each domain's packed token sequences (deterministic: every rank packs the same)."""
+    return {
+        docs.domain: pack_sequences(docs, tokenizer, settings.seq_len, settings.max_tokens, settings.seed, vocab_size)
+        for docs in domains
+    }
+
+
+# collect(domain, sequences, on_batch) -> this process's accumulators for the domain
+Collector = Callable[[str, list[list[int]], Callable[[int], None]], list[LayerAccumulator]]
+
+
+def store_domain_runs(
+    *,
+    store_path: str | Path,
+    ranks: Ranks,
+    domains: list[Documents],
+    packed: dict[str, list[list[int]]],
+    model_id: str,
+    fingerprint: str,
+    model_type: str,
+    run_settings: dict,
+    collect: Collector,
+    progress: ProgressCallback | None,
+) -> list[str]:
+    """One stored run per domain: begin it (rank 0), collect, combine the ranks' accumulators, complete it.
+
+    Every rank calls this with the same arguments. A failure on any rank fails
+    the run on every rank (see distributed.together); rank 0 marks it failed
+    and no rows are kept. Returns the run ids (on rank 0; [] on the others).
     """
-    layers = find_moe_layers(model)
-    device = _input_device(model)
-    with RoutingObserver(layers, fast=fast) as observer:
-        for ids, mask in padded_batches(sequences, batch_size, pad_id):
-            observer.set_attention_mask(mask)
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            if on_batch is not None:
-                on_batch(int(mask.sum()))
-    experts, layer_rows, coacts = [], [], []
-    for acc in observer.accumulators:
-        e, l, c = acc.to_frames()
-        experts.append(e)
-        layer_rows.append(l)
-        coacts.append(c)
-    return pd.concat(experts, ignore_index=True), pd.DataFrame(layer_rows), pd.concat(coacts, ignore_index=True)
+    run_ids = []
+    for docs in domains:
+        sequences = packed[docs.domain]
+        total = sum(len(s) for s in sequences)
+        started = time.monotonic()
+        done = 0
+        run_id = None
+
+        def on_batch(tokens: int) -> None:
+            nonlocal done
+            done += tokens
+            if progress is not None:
+                progress(Progress(docs.domain, done, total, time.monotonic() - started))
+
+        try:
+            with distributed.together(ranks, f"capturing domain {docs.domain}"):
+                if ranks.main:
+                    run_id = store.begin_run(
+                        store_path, model_id=model_id, model_fingerprint=fingerprint, model_type=model_type,
+                        domain=docs.domain, source=docs.source, settings=run_settings, tool_version=__version__,
+                    )
+                with _heartbeat(store_path, run_id) if run_id else nullcontext():
+                    accumulators = collect(docs.domain, sequences, on_batch)
+            distributed.reduce_accumulators(ranks, accumulators)
+            with distributed.together(ranks, f"storing domain {docs.domain}"):
+                if ranks.main:
+                    expert_df, layer_df, coact_df = accumulator_frames(accumulators)
+                    store.complete_run(
+                        store_path,
+                        run_id,
+                        expert_stats=expert_df,
+                        layer_stats=layer_df,
+                        coactivation=coact_df,
+                        tokens=total,
+                        sequences=len(sequences),
+                    )
+        except store.RunSavedToFile:
+            raise  # its statistics are in a file to import; the run reads `interrupted` until then
+        except BaseException as exc:
+            if run_id is not None:
+                try:
+                    store.fail_run(store_path, run_id, f"{type(exc).__name__}: {exc}")
+                except MoeVizError:
+                    pass  # store locked: the run reads `interrupted` once this process ends; keep the real error
+            raise
+        if run_id is not None:
+            run_ids.append(run_id)
+    return run_ids
 
 
 def capture_model(
@@ -152,71 +262,56 @@ def capture_model(
     store_path: str | Path = store.DEFAULT_STORE,
     progress: ProgressCallback | None = None,
     extra_settings: dict | None = None,
+    ranks: Ranks | None = None,
 ) -> list[str]:
-    """Capture already-read domains with a loaded model; returns one run id per domain."""
+    """Capture already-read domains with a loaded model; returns one run id per domain.
+
+    With `ranks` of a data-parallel launch, each rank runs its share of the
+    batches and rank 0 stores the combined statistics.
+    """
     settings.check()
+    ranks = ranks or Ranks()
     find_moe_layers(model)  # fail before touching the store
-    vocab_size = model.get_input_embeddings().weight.shape[0]
-    packed = {
-        docs.domain: pack_sequences(docs, tokenizer, settings.seq_len, settings.max_tokens, settings.seed, vocab_size)
-        for docs in domains
-    }
-    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad_id = 0 if pad_id is None else pad_id
-    fingerprint = model_fingerprint(model)
-    model_type = getattr(model.config, "model_type", "")
+    packed = pack_domains(domains, tokenizer, settings, model.get_input_embeddings().weight.shape[0])
+    pad_id = pad_id_of(tokenizer)
     run_settings = {
         "max_tokens": settings.max_tokens,
         "seq_len": settings.seq_len,
         "seed": settings.seed,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "world_size": ranks.world_size,
+        "layerwise": False,
         **(extra_settings or {}),
     }
-    run_ids = []
-    for docs in domains:
-        sequences = packed[docs.domain]
-        total = sum(len(s) for s in sequences)
-        run_id = store.begin_run(
-            store_path,
-            model_id=model_id,
-            model_fingerprint=fingerprint,
-            model_type=model_type,
-            domain=docs.domain,
-            source=docs.source,
-            settings=run_settings,
-            tool_version=__version__,
-        )
-        started = time.monotonic()
-        done = 0
 
-        def on_batch(tokens: int) -> None:
-            nonlocal done
-            done += tokens
-            if progress is not None:
-                progress(Progress(docs.domain, done, total, time.monotonic() - started))
+    def collect(domain: str, sequences: list[list[int]], on_batch) -> list[LayerAccumulator]:
+        batches = list(padded_batches(sequences, settings.batch_size, pad_id))
+        return accumulate_routing(model, [batches[i] for i in ranks.batches(len(batches))], on_batch)
 
-        try:
-            with _heartbeat(store_path, run_id):
-                expert_df, layer_df, coact_df = collect_routing_stats(model, sequences, settings.batch_size, pad_id, on_batch)
-            store.complete_run(
-                store_path,
-                run_id,
-                expert_stats=expert_df,
-                layer_stats=layer_df,
-                coactivation=coact_df,
-                tokens=total,
-                sequences=len(sequences),
-            )
-        except store.RunSavedToFile:
-            raise  # its statistics are in a file to import; the run reads `interrupted` until then
-        except BaseException as exc:
-            try:
-                store.fail_run(store_path, run_id, f"{type(exc).__name__}: {exc}")
-            except MoeVizError:
-                pass  # store locked: the run reads `interrupted` once this process ends; keep the real error
-            raise
-        run_ids.append(run_id)
-    return run_ids
+    return store_domain_runs(
+        store_path=store_path, ranks=ranks, domains=domains, packed=packed, model_id=model_id,
+        fingerprint=model_fingerprint(model), model_type=getattr(model.config, "model_type", ""),
+        run_settings=run_settings, collect=collect, progress=progress,
+    )
+
+
+def _choose_layerwise(model_id: str, device: str, layerwise: bool | None, ranks: Ranks) -> bool:
+    """--layerwise forces streaming; by default it is chosen (with a message) when the checkpoint would not fit."""
+    if layerwise is False:
+        return False
+    if not is_local(model_id):
+        if layerwise:
+            raise MoeVizError(f"--layerwise reads the safetensors shards of a local directory; {model_id} is a hub id: "
+                              "download it first (huggingface-cli download) and pass the directory")
+        return False
+    if layerwise:
+        return True
+    from moe_viz.capture.layerwise import would_not_fit
+
+    reason = would_not_fit(Path(model_id).expanduser(), device)
+    if reason and ranks.main:
+        print(f"moe-viz: capturing layer by layer: {reason} (--layerwise forces this mode)", file=sys.stderr)
+    return reason is not None
 
 
 def capture(
@@ -229,43 +324,82 @@ def capture(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     progress: ProgressCallback | None = None,
+    layerwise: bool | None = None,
+    resume: bool = False,
+    max_host_memory: int | None = None,
 ) -> list[str]:
     """Capture `NAME=SOURCE` domains from a model path or hub id into the store.
 
     Every source is read and checked before the model is loaded, and the model
     is checked for MoE layers before the store is touched, so bad input never
     leaves anything behind.
+
+    `layerwise`: True streams one decoder layer at a time from the shards, None
+    (default) does so only when the checkpoint would not fit on the device.
+    `resume` continues an interrupted layer-wise capture. Under torchrun /
+    accelerate launch (RANK, WORLD_SIZE set) the batches are split over ranks.
     """
-    store.check_store_path(store_path, write=True)
-    settings = settings or CaptureSettings()
-    settings.check()
-    if not domains:
-        raise MoeVizError("give at least one --domain NAME=SOURCE")
-    parsed = [parse_domain(arg) for arg in domains]
-    names = [name for name, _ in parsed]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise MoeVizError(f"domain names must be unique; repeated: {', '.join(duplicates)}")
-    documents = [read_documents(name, source) for name, source in parsed]
-    model, tokenizer = load_model(model_id, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    text_domains = [docs.domain for docs in documents if not docs.pretokenised]
-    if text_domains:
-        problem = tokenizer_problem(tokenizer, model_id, model.get_input_embeddings().weight.shape[0])
-        if problem:
-            raise MoeVizError(
-                f"domain {text_domains[0]} is text but {model_id} has no usable tokenizer ({problem}): "
-                "add tokenizer files or give pre-tokenised .jsonl with input_ids"
+    ranks = distributed.from_env()
+    if resume and layerwise is False:
+        raise MoeVizError("--resume continues an interrupted layer-wise capture: it cannot be used without --layerwise")
+    layerwise = True if resume else layerwise
+    concrete = resolve_device(ranks.device(device))
+    with distributed.process_group(ranks, concrete):
+        with distributed.together(ranks, "checking the inputs and loading the model"):
+            if ranks.main:
+                store.check_store_path(store_path, write=True)
+            settings = settings or CaptureSettings()
+            settings.check()
+            if not domains:
+                raise MoeVizError("give at least one --domain NAME=SOURCE")
+            parsed = [parse_domain(arg) for arg in domains]
+            names = [name for name, _ in parsed]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise MoeVizError(f"domain names must be unique; repeated: {', '.join(duplicates)}")
+            documents = [read_documents(name, source) for name, source in parsed]
+            streaming = _choose_layerwise(model_id, concrete, layerwise, ranks)
+            if streaming:
+                from moe_viz.capture.layerwise import LayerwiseCapture
+
+                check_model_path(model_id)
+                check_checkpoint(model_id)
+                engine = LayerwiseCapture(model_id, concrete, dtype, trust_remote_code)
+                tokenizer = load_tokenizer(model_id, trust_remote_code)
+                embeddings = engine.model.get_input_embeddings().weight
+                where = str(engine.device)
+            else:
+                model, tokenizer = load_model(model_id, device=ranks.device(device), dtype=dtype,
+                                              trust_remote_code=trust_remote_code)
+                embeddings = model.get_input_embeddings().weight
+                where = str(_input_device(model))
+            text_domains = [docs.domain for docs in documents if not docs.pretokenised]
+            if text_domains:
+                problem = tokenizer_problem(tokenizer, model_id, embeddings.shape[0])
+                if problem:
+                    raise MoeVizError(
+                        f"domain {text_domains[0]} is text but {model_id} has no usable tokenizer ({problem}): "
+                        "add tokenizer files or give pre-tokenised .jsonl with input_ids"
+                    )
+            extra = {"device": where}
+            if is_local(model_id):  # prune compares it before exporting: the files must be the ones captured
+                extra["checkpoint_digest"] = checkpoint_digest(model_id)
+        progress = progress if progress is not None else tqdm_progress()
+        if streaming:
+            from moe_viz.capture.layerwise import capture_layerwise
+
+            return capture_layerwise(
+                engine, tokenizer, canonical_model_id(model_id), documents, settings, store_path=store_path,
+                progress=progress, extra_settings=extra, ranks=ranks, resume=resume, max_host_memory=max_host_memory,
             )
-    extra = {"device": str(_input_device(model))}
-    if is_local(model_id):  # prune compares it before exporting: the files must be the ones captured
-        extra["checkpoint_digest"] = checkpoint_digest(model_id)
-    return capture_model(
-        model,
-        tokenizer,
-        canonical_model_id(model_id),
-        documents,
-        settings,
-        store_path=store_path,
-        progress=progress if progress is not None else tqdm_progress(),
-        extra_settings=extra,
-    )
+        return capture_model(
+            model,
+            tokenizer,
+            canonical_model_id(model_id),
+            documents,
+            settings,
+            store_path=store_path,
+            progress=progress if ranks.main else None,
+            extra_settings=extra,
+            ranks=ranks,
+        )

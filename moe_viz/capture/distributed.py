@@ -1,0 +1,164 @@
+"""Data-parallel capture on torch.distributed (launched by torchrun or accelerate launch).
+
+The launcher sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (and the
+rendezvous MASTER_ADDR/MASTER_PORT); nothing here starts processes. Each rank
+runs the batches ``rank, rank + W, rank + 2W, ...`` of the same deterministic
+batching a single process would use, so every batch is computed exactly as a
+single-process capture computes it; only the order of the float64 sums of
+the accumulators differs. Accumulators are combined with ``all_reduce``
+(SUM, MAX for ``ean_max``) over gloo (CPU) or NCCL (GPU), and only rank 0
+touches the store.
+
+Failures: every rank reaches the same `together` points in the same order,
+and there all ranks learn whether any rank failed (an ``all_gather`` of the
+error messages), so no rank waits forever in a collective and rank 0 can mark
+the run failed with the failing rank's message.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from moe_viz.capture.routing_stats import LayerAccumulator
+from moe_viz.models import MoeVizError
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+# How long a rank waits for the others at a collective (layer-wise passes of huge models take hours).
+TIMEOUT = timedelta(hours=int(os.environ.get("MOE_VIZ_DIST_TIMEOUT_H", "24")))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def batches(self, count: int) -> list[int]:
+        """This rank's batch numbers out of `count`: rank, rank + W, ..."""
+        return list(range(self.rank, count, self.world_size))
+
+    def device(self, device: str) -> str:
+        """One GPU per rank on a multi-GPU machine: cuda:LOCAL_RANK for auto/cuda; otherwise as given."""
+        if self.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return device
+
+
+def from_env(environ=os.environ) -> Ranks:
+    """The launcher's rank variables, or a single process when they are absent."""
+    if "WORLD_SIZE" not in environ:
+        return Ranks()
+    values = {}
+    for name in ENV_VARS:
+        raw = environ.get(name, "0" if name != "LOCAL_WORLD_SIZE" else environ["WORLD_SIZE"])
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise MoeVizError(f"{name}={raw!r} is not an integer: launch with torchrun or accelerate launch") from None
+    ranks = Ranks(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"], values["LOCAL_WORLD_SIZE"])
+    if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size:
+        raise MoeVizError(f"RANK={ranks.rank} WORLD_SIZE={ranks.world_size} is not a valid rank assignment")
+    return ranks
+
+
+@contextmanager
+def process_group(ranks: Ranks, device: str):
+    """Join the launcher's process group for the body (gloo on CPU, NCCL on GPU); a no-op for one process."""
+    if not ranks.distributed:
+        yield
+        return
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+    try:
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as exc:
+        raise MoeVizError(f"rank {ranks.rank} could not join the process group ({str(exc).splitlines()[0]}): "
+                          "check MASTER_ADDR/MASTER_PORT and that every rank was launched") from exc
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def agree(ranks: Ranks, error: BaseException | None, what: str) -> None:
+    """Called by every rank at the same point: raises on every rank if any rank failed.
+
+    The failing rank re-raises its own exception; the others raise a
+    MoeVizError naming the first failed rank and its message.
+    """
+    if not ranks.distributed:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    message = None if error is None else (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+    messages: list = [None] * ranks.world_size
+    dist.all_gather_object(messages, message)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m]
+    if error is not None:
+        raise error
+    if failed:
+        rank, message = failed[0]
+        raise MoeVizError(f"rank {rank} of {ranks.world_size} failed while {what}: {message}")
+
+
+@contextmanager
+def together(ranks: Ranks, what: str):
+    """Run the body on every rank, then `agree` on whether any rank failed in it."""
+    error = None
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
+        error = exc
+    agree(ranks, error, what)
+
+
+def accumulator_tensors(acc: LayerAccumulator) -> dict[str, torch.Tensor]:
+    """Every tensor of an accumulator's state by name (dict-valued attributes flattened as NAME.KEY)."""
+    out = {}
+    for name, value in vars(acc).items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif isinstance(value, dict):
+            out.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def reduce_op(name: str):
+    """How a named accumulator tensor combines over ranks: a running maximum takes MAX, sums SUM."""
+    import torch.distributed as dist
+
+    return dist.ReduceOp.MAX if name.rsplit(".", 1)[-1].endswith("_max") else dist.ReduceOp.SUM
+
+
+def reduce_accumulators(ranks: Ranks, accumulators: list[LayerAccumulator]) -> None:
+    """Combine every rank's accumulators in place (all ranks end with the totals)."""
+    if not ranks.distributed:
+        return
+    import torch.distributed as dist
+
+    for acc in accumulators:
+        for name, tensor in accumulator_tensors(acc).items():
+            dist.all_reduce(tensor, op=reduce_op(name))
+        device = next(iter(accumulator_tensors(acc).values())).device
+        top_k = torch.tensor([acc.top_k or 0], device=device)  # a rank with no batch saw no k
+        dist.all_reduce(top_k, op=dist.ReduceOp.MAX)
+        acc.top_k = int(top_k.item()) or None

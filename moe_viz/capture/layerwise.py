@@ -1,0 +1,625 @@
+"""Layer-by-layer streaming capture for models larger than memory.
+
+Only one decoder layer's weights are ever materialised:
+
+1. A *skeleton* of the model is built from its config with every parameter on
+   the meta device (no memory); non-persistent buffers such as rotary
+   ``inv_freq`` are real, as in a normal load.
+2. The tensors outside the decoder layers (embeddings, final norm, ...) are
+   loaded from the safetensors shards with transformers' own key renaming and
+   weight conversion (`convert_and_load_state_dict_in_model`), read lazily
+   with ``safe_open`` slices, so the result is bit-identical to
+   ``from_pretrained``.
+3. For each batch the model's own forward runs once with every decoder layer
+   replaced by a *recorder* that keeps the exact (args, kwargs) the layer would
+   receive (per-layer-type attention masks of hybrid models, rotary
+   embeddings, position ids, ...) and returns its input unchanged; none of
+   those depend on the hidden states. Layer 0's input is the embedding output.
+4. Layer i is loaded onto the target device, every batch of every domain runs
+   through it with the routing observer attached to its MoE block(s), the
+   outputs replace the batch's hidden states on the host, and the layer is
+   freed. The LM head is never run.
+
+After each completed layer the hidden states and the accumulators are
+persisted in a state directory the capture owns (`LayerwiseState`), so
+``--resume`` continues from the last completed layer; the directory is removed
+after success.
+
+Peak memory: one decoder layer (on the device) + hidden states of every
+calibration token (host, or disk under ``max_host_memory``) + the recorded
+masks/rotary tables + imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+import torch
+from torch import nn
+
+from moe_viz.capture.distributed import accumulator_tensors
+from moe_viz.capture.observe import RoutingObserver
+from moe_viz.capture.run import Progress
+from moe_viz.capture.routing_stats import LayerAccumulator
+from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, resolve_dtype, tensor_sample
+
+STATE_MARKER = "moe_viz-layerwise-state"
+
+
+# -- skeleton and checkpoint keys ------------------------------------------------
+
+def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM with every parameter on the meta device; real non-persistent buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module, moe_layers: list[MoeLayer]) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers holding the MoE blocks, and its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and any(
+            re.match(rf"{re.escape(name)}\.\d+\.", moe.name + ".") for moe in moe_layers
+        ):
+            return name, module
+    raise MoeVizError(f"{type(model).__name__}: cannot find the decoder layers holding its MoE blocks; "
+                      "capture it without --layerwise")
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files (validated: a truncated or missing shard is one clear error)."""
+    from moe_viz.checkpoint import check_checkpoint
+
+    return [model_dir / name for name in check_checkpoint(model_dir)]
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in shard_files(model_dir))
+
+
+@dataclass
+class CheckpointKeys:
+    """Checkpoint tensor names grouped by the decoder layer they load into (None: outside the layers)."""
+
+    file_of: dict[str, Path]
+    groups: dict[int | None, list[str]]
+    conversions: list
+
+
+def group_checkpoint_keys(model: nn.Module, model_dir: Path, layers_prefix: str) -> CheckpointKeys:
+    from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta_state = model.state_dict()
+    pattern = re.compile(rf"^{re.escape(layers_prefix)}\.(\d+)\.")
+    file_of: dict[str, Path] = {}
+    groups: dict[int | None, list[str]] = {}
+    for path in shard_files(model_dir):
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+        for key in names:
+            target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+            found = pattern.match(target)
+            file_of[key] = path
+            groups.setdefault(int(found.group(1)) if found else None, []).append(key)
+    return CheckpointKeys(file_of, groups, conversions)
+
+
+def load_tensors(model: nn.Module, keys: CheckpointKeys, group: int | None, device: torch.device,
+                 dtype: torch.dtype, into: nn.Module, into_name: str) -> None:
+    """Load one group of checkpoint tensors into the skeleton, as from_pretrained would.
+
+    Every parameter and persistent buffer of `into` (module path `into_name`)
+    must end up loaded; otherwise one line names what the checkpoint lacks.
+    """
+    from safetensors import safe_open
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    names = keys.groups.get(group, [])
+    with ExitStack() as stack:
+        handles = {}
+        lazy = {}
+        for key in names:
+            path = keys.file_of[key]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            lazy[key] = handles[path].get_slice(key)
+        config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, dtype_plan=model._get_dtype_plan(dtype),
+                                     weight_mapping=keys.conversions)
+        stack.enter_context(_quiet_transformers())
+        try:
+            info, _ = convert_and_load_state_dict_in_model(model, lazy, config)
+        except Exception as exc:  # safetensors/IO errors surface here as various types
+            where = "outside the decoder layers" if group is None else f"of decoder layer {group}"
+            raise MoeVizError(f"cannot read the tensors {where} from the checkpoint: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    prefix = f"{into_name}." if into_name else ""
+    missing = [prefix + n for n, t in list(into.named_parameters()) + list(into.named_buffers())
+               if t.device.type == "meta"]
+    mismatched = [str(k[0]) for k in info.mismatched_keys if str(k[0]).startswith(prefix)]
+    errors = [str(k) for k in info.conversion_errors if str(k).startswith(prefix)]
+    if missing or mismatched or errors:
+        bad = missing or mismatched or errors
+        what = "lacks" if missing else "has wrongly shaped or unconvertible"
+        raise MoeVizError(f"the checkpoint {what} {len(bad)} tensor(s) of {into_name or 'the model'} "
+                          f"({', '.join(bad[:3])}): it is incomplete or for another architecture")
+
+
+@contextmanager
+def _quiet_transformers():
+    """No 'Loading weights' bar per layer: the capture's own progress bar says where it is."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# -- recording each layer's inputs ------------------------------------------------
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: keeps the (args, kwargs) it is called with, returns its input."""
+
+    def __init__(self, original: nn.Module, sink: list):
+        super().__init__()
+        self.__dict__["_original"] = original  # not a child: its (meta) weights stay out of this module
+        self.__dict__["_sink"] = sink
+
+    def __getattr__(self, name):  # the model's loop may read attributes of its layers (attention_type, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self._sink.append((hidden, rest, kwargs))
+        return hidden
+
+
+def _map_tensors(value, fn, memo: dict):
+    """Apply fn to every tensor in a nested args/kwargs value; one result per distinct tensor object."""
+    if isinstance(value, torch.Tensor):
+        key = id(value)
+        if key not in memo:
+            memo[key] = (value, fn(value))  # keep `value` alive so its id is not reused
+        return memo[key][1]
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn, memo) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn, memo) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn, memo) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class RecordedBatch:
+    """One batch: its attention mask (B, S), layer 0's input (B, S, H) and every layer's other inputs."""
+
+    mask: torch.Tensor
+    layer_inputs: list[tuple[tuple, dict]]  # per decoder layer: (args after hidden_states, kwargs), host tensors
+
+    def inputs_on(self, layer: int, device: torch.device, memo: dict) -> tuple[tuple, dict]:
+        args, kwargs = self.layer_inputs[layer]
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return _map_tensors(args, move, memo), _map_tensors(kwargs, move, memo)
+
+
+@torch.no_grad()
+def record_batch(base: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor,
+                 device: torch.device) -> tuple[RecordedBatch, torch.Tensor]:
+    """Run the model's own forward with recorders in place of its layers; returns (record, layer-0 input)."""
+    sink: list = []
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(layer, sink)
+    try:
+        base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if len(sink) != len(layers):
+        raise MoeVizError(f"{type(base).__name__} called {len(sink)} of its {len(layers)} decoder layers; "
+                          "capture it without --layerwise")
+    memo: dict = {}
+    to_host = lambda t: t.to("cpu")  # noqa: E731
+    inputs = [(_map_tensors(rest, to_host, memo), _map_tensors(kwargs, to_host, memo)) for _, rest, kwargs in sink]
+    return RecordedBatch(mask, inputs), sink[0][0].to("cpu")
+
+
+# -- state persisted between layers (resume) ---------------------------------------
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class LayerwiseState:
+    """A directory owned by one layer-wise capture (one rank): hidden states and accumulators after each layer.
+
+    Layout: ``state.json`` (key, next layer to run), ``h0/`` and ``h1/`` (hidden
+    states after an even / odd number of layers, one file per domain and
+    batch), ``acc-LAYER.pt`` (accumulators of finished MoE layers). Layer i
+    reads ``h{i%2}`` and writes ``h{(i+1)%2}``, and ``state.json`` is replaced
+    only after everything of layer i is on disk, so a crash at any moment
+    leaves a consistent state for ``--resume``.
+    """
+
+    def __init__(self, directory: Path, key: str):
+        self.dir = directory
+        self.key = key
+
+    @staticmethod
+    def location(store_path: str | Path, key: str, rank: int, world_size: int) -> Path:
+        store_path = Path(store_path)
+        return store_path.with_name(store_path.name + ".layerwise") / f"rank-{rank}-of-{world_size}" / key
+
+    def _manifest(self) -> dict | None:
+        try:
+            data = json.loads((self.dir / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("key") == self.key else None
+
+    def completed_layers(self) -> int:
+        """How many decoder layers a previous attempt finished (0: nothing to resume)."""
+        manifest = self._manifest()
+        return int(manifest["next_layer"]) if manifest else 0
+
+    def open(self, resume: bool) -> int:
+        """Create (or, with `resume`, reuse) the directory; returns the first layer to run."""
+        if self.dir.exists() and not (self.dir / STATE_MARKER).is_file():
+            raise MoeVizError(f"{self.dir} exists but was not made by a moe_viz layer-wise capture: move it away")
+        start = self.completed_layers() if resume else 0
+        if resume and start == 0:
+            raise MoeVizError("--resume: no interrupted layer-wise capture of this model with these domains and "
+                              f"settings was found (looked in {self.dir}); run without --resume")
+        if not resume and self.dir.exists():
+            shutil.rmtree(self.dir)  # an earlier attempt of this very capture (marker checked above)
+        try:
+            for sub in ("", "h0", "h1"):
+                (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MoeVizError(f"cannot create the layer-wise state directory {self.dir} "
+                              f"({exc.strerror or exc}): free that path or point --store elsewhere") from exc
+        (self.dir / STATE_MARKER).write_text("created by moe-viz capture --layerwise; removed when it succeeds\n")
+        return start
+
+    def hidden_path(self, after_layers: int, domain_index: int, batch: int) -> Path:
+        return self.dir / f"h{after_layers % 2}" / f"d{domain_index}-b{batch}.pt"
+
+    def save_hidden(self, after_layers: int, domain_index: int, batch: int, hidden: torch.Tensor) -> None:
+        _save_atomic(hidden, self.hidden_path(after_layers, domain_index, batch))
+
+    def load_hidden(self, after_layers: int, domain_index: int, batch: int) -> torch.Tensor:
+        return torch.load(self.hidden_path(after_layers, domain_index, batch), weights_only=True)
+
+    def finish_layer(self, layer: int, accumulators: dict[int, list[LayerAccumulator]],
+                     samples: dict[str, bytes]) -> None:
+        """Persist layer `layer`'s accumulators (per domain) and fingerprint samples, then mark it done."""
+        from moe_viz.atomic import write_text_atomic
+
+        _save_atomic({
+            "tensors": {d: [accumulator_tensors(a) for a in accs] for d, accs in accumulators.items()},
+            "top_k": {d: [a.top_k for a in accs] for d, accs in accumulators.items()},
+            "samples": samples,
+        }, self.dir / f"layer-{layer}.pt")
+        write_text_atomic(self.dir / "state.json", json.dumps({"key": self.key, "next_layer": layer + 1}))
+
+    def load_layer(self, layer: int, accumulators: dict[int, list[LayerAccumulator]]) -> dict[str, bytes]:
+        """Restore a finished layer's accumulators in place; returns its fingerprint samples."""
+        saved = torch.load(self.dir / f"layer-{layer}.pt", weights_only=True)
+        for d, accs in accumulators.items():
+            for acc, tensors, top_k in zip(accs, saved["tensors"][d], saved["top_k"][d]):
+                mine = accumulator_tensors(acc)
+                for name, value in tensors.items():
+                    mine[name].copy_(value)
+                acc.top_k = top_k
+        return saved["samples"]
+
+    def remove(self) -> None:
+        """Delete this capture's directory, and its parents if that leaves them empty."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for parent in (self.dir.parent, self.dir.parent.parent):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+
+# -- the pass ---------------------------------------------------------------------
+
+@dataclass
+class LayerwiseResult:
+    accumulators: dict[int, list[LayerAccumulator]]  # per domain index, one per MoE layer in forward order
+    fingerprint: str
+    resumed_from: int = 0
+    layers_run: list[int] = field(default_factory=list)
+
+
+class LayerwiseCapture:
+    """A checkpoint opened for streaming: skeleton, key groups, device and dtype."""
+
+    def __init__(self, model_dir: str | Path, device: str, dtype: str, trust_remote_code: bool = False):
+        from moe_viz.checkpoint import load_config
+
+        self.model_dir = Path(model_dir).expanduser()
+        self.config = load_config(self.model_dir, trust_remote_code=trust_remote_code)
+        self.device = torch.device(device)
+        resolved = resolve_dtype(dtype, device)
+        if resolved == "auto":  # the checkpoint's own dtype, as from_pretrained(dtype="auto")
+            resolved = getattr(self.config.get_text_config(), "dtype", None) or torch.float32
+            resolved = getattr(torch, resolved) if isinstance(resolved, str) else resolved
+        self.dtype = resolved
+        self.model = build_skeleton(self.config, self.dtype, trust_remote_code)
+        self.moe_layers = find_moe_layers(self.model)
+        self.layers_prefix, self.layers = decoder_layers(self.model, self.moe_layers)
+        self.keys = group_checkpoint_keys(self.model, self.model_dir, self.layers_prefix)
+        self.meta_state = [(n, tuple(t.shape), t.dtype) for n, t in self.model.state_dict().items()]
+        self.samples: dict[str, bytes] = {}
+        self._outer_loaded = False
+
+    def _sample(self, names_from: nn.Module, prefix: str) -> None:
+        for name, tensor in names_from.state_dict().items():
+            full = f"{prefix}.{name}" if prefix else name
+            if tensor.device.type != "meta":
+                self.samples[full] = tensor_sample(tensor)
+
+    def load_outer(self) -> None:
+        """Embeddings, final norm, LM head (sampled for the fingerprint, then dropped) and buffers."""
+        if self._outer_loaded:
+            return
+        load_tensors(self.model, self.keys, None, self.device, self.dtype, self.model.get_input_embeddings(),
+                     _module_path(self.model, self.model.get_input_embeddings()))
+        self.model.tie_weights()
+        for module_name, module in self.model.named_modules():
+            if module is self.layers or module_name.startswith(self.layers_prefix + "."):
+                continue
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(self.device)
+        self._sample(self.model, "")
+        head = self.model.get_output_embeddings()
+        if head is not None and head.weight is not self.model.get_input_embeddings().weight:
+            head.weight = nn.Parameter(head.weight.to("meta"), requires_grad=False)  # never run: free it
+        self._outer_loaded = True
+
+    def load_layer(self, index: int) -> nn.Module:
+        layer = self.layers[index]
+        load_tensors(self.model, self.keys, index, self.device, self.dtype, layer, f"{self.layers_prefix}.{index}")
+        layer.to(self.device)  # non-persistent buffers
+        self._sample(layer, f"{self.layers_prefix}.{index}")
+        return layer
+
+    def free_layer(self, index: int) -> None:
+        self.layers[index].to("meta")
+
+    def fingerprint(self) -> str:
+        from moe_viz.models import fingerprint_from_samples
+
+        missing = [n for n, _, _ in self.meta_state if n not in self.samples]
+        if missing:
+            raise RuntimeError(f"fingerprint: {len(missing)} tensors were never loaded ({missing[0]}, ...)")
+        return fingerprint_from_samples(self.config, self.meta_state, self.samples)
+
+    def moe_layers_in(self, index: int) -> list[MoeLayer]:
+        prefix = f"{self.layers_prefix}.{index}."
+        return [m for m in self.moe_layers if m.name.startswith(prefix)]
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    return ""
+
+
+@torch.no_grad()
+def run_layerwise(
+    streamer: LayerwiseCapture,
+    batches: list[list[tuple[int, torch.Tensor, torch.Tensor]]],
+    state: LayerwiseState,
+    resume: bool = False,
+    max_host_memory: int | None = None,
+    progress=None,
+) -> LayerwiseResult:
+    """Stream every decoder layer once over all batches of all domains.
+
+    Args:
+        batches: per domain, the (batch number, input_ids (B,S), attention_mask (B,S)) this process runs.
+        state: where hidden states and accumulators are persisted after each layer.
+        max_host_memory: bytes of hidden states kept in host memory; beyond it they are read back from `state`.
+        progress: called with run.Progress (domain "all domains", tokens as whole-model tokens, the layer as detail).
+    """
+    start = state.open(resume)
+    streamer.load_outer()
+    device = streamer.device
+    base = streamer.model.base_model
+    records: list[list[RecordedBatch]] = []
+    hidden: list[list[torch.Tensor | None]] = []
+    for d, domain_batches in enumerate(batches):
+        records.append([])
+        hidden.append([])
+        for _, ids, mask in domain_batches:
+            record, first = record_batch(base, streamer.layers, ids, mask, device)
+            records[d].append(record)
+            hidden[d].append(first if start == 0 else None)
+    sizes = [[int(m.numel()) for _, _, m in domain_batches] for domain_batches in batches]
+    hidden_size = streamer.config.get_text_config().hidden_size
+    element = torch.empty((), dtype=streamer.dtype).element_size()
+    keep_in_memory = max_host_memory is None or sum(map(sum, sizes)) * hidden_size * element <= max_host_memory
+    if start > 0:  # resume: the hidden states after `start` layers, and the accumulators of layers before
+        for d, domain_batches in enumerate(batches):
+            for j, (number, _, _) in enumerate(domain_batches):
+                hidden[d][j] = state.load_hidden(start, d, number) if keep_in_memory else None
+    elif not keep_in_memory:
+        for d, domain_batches in enumerate(batches):
+            for j, (number, _, _) in enumerate(domain_batches):
+                state.save_hidden(0, d, number, hidden[d][j])
+                hidden[d][j] = None
+
+    accumulators: dict[int, list[LayerAccumulator]] = {d: [] for d in range(len(batches))}
+    tokens = sum(int(m.sum()) for domain_batches in batches for _, _, m in domain_batches)
+    num_layers = len(streamer.layers)
+    started = time.monotonic()
+    done = 0
+    result = LayerwiseResult(accumulators, "", resumed_from=start)
+    for index in range(num_layers):
+        moe = streamer.moe_layers_in(index)
+        if index < start:  # finished by an earlier attempt: its accumulators and fingerprint samples
+            layer_accs = {d: [LayerAccumulator(m.layer, m.name, m.num_experts, m.score_fn, device) for m in moe]
+                          for d in accumulators}
+            streamer.samples.update(state.load_layer(index, layer_accs))
+            for d in accumulators:
+                accumulators[d].extend(layer_accs[d])
+            continue
+        layer = streamer.load_layer(index)
+        layer_accs = {}
+        for d, domain_batches in enumerate(batches):
+            with RoutingObserver(moe) as observer:
+                for j, (number, _, mask) in enumerate(domain_batches):
+                    h = hidden[d][j] if keep_in_memory else state.load_hidden(index, d, number)
+                    args, kwargs = records[d][j].inputs_on(index, device, {})
+                    observer.set_attention_mask(mask)
+                    out = layer(h.to(device), *args, **kwargs)
+                    out = (out[0] if isinstance(out, tuple) else out).to("cpu")
+                    state.save_hidden(index + 1, d, number, out)
+                    if keep_in_memory:
+                        hidden[d][j] = out
+                    done += int(mask.sum())
+                    if progress is not None:
+                        resumed = f", resumed at layer {start + 1}" if start else ""
+                        progress(Progress("all domains", done / (num_layers - start), tokens,
+                                          time.monotonic() - started, f"layer {index + 1}/{num_layers}{resumed}"))
+            layer_accs[d] = observer.accumulators
+            accumulators[d].extend(observer.accumulators)
+        prefix = f"{streamer.layers_prefix}.{index}."
+        state.finish_layer(index, layer_accs,
+                           {n: b for n, b in streamer.samples.items() if n.startswith(prefix)})
+        streamer.free_layer(index)
+        result.layers_run.append(index)
+    result.fingerprint = streamer.fingerprint()
+    return result
+
+
+def state_key(model_dir: Path, digest: str, packed: dict[str, list[list[int]]], settings: dict) -> str:
+    """What identifies one capture for --resume: checkpoint, exact token sequences and settings."""
+    digest_input = hashlib.sha256()
+    digest_input.update(json.dumps([str(model_dir.resolve()), digest, settings], sort_keys=True, default=str).encode())
+    for domain, sequences in packed.items():
+        digest_input.update(domain.encode())
+        for seq in sequences:
+            digest_input.update(torch.tensor(seq, dtype=torch.int64).numpy().tobytes())
+            digest_input.update(b"|")
+    return digest_input.hexdigest()[:16]
+
+
+def layerwise_reason(checkpoint_size: int, free: int, where: str) -> str | None:
+    """Why a checkpoint of `checkpoint_size` bytes would not fit in `free` bytes of `where`, or None if it fits.
+
+    80%: activations, the CUDA context / allocator slack and the host copy of
+    the tokens need the rest.
+    """
+    if checkpoint_size > 0.8 * free:
+        return (f"the checkpoint ({checkpoint_size / 2**30:.1f} GiB) would not fit in 80% of the {where} "
+                f"({free / 2**30:.1f} GiB)")
+    return None
+
+
+def would_not_fit(model_dir: Path, device: str) -> str | None:
+    """`layerwise_reason` for the checkpoint in `model_dir` on `device` (all GPUs for plain "cuda")."""
+    import psutil
+
+    if device.startswith("cuda"):
+        gpus = range(torch.cuda.device_count()) if device == "cuda" else [torch.device(device).index or 0]
+        return layerwise_reason(checkpoint_bytes(model_dir), sum(torch.cuda.mem_get_info(i)[0] for i in gpus),
+                                "free GPU memory")
+    return layerwise_reason(checkpoint_bytes(model_dir), psutil.virtual_memory().available, "available host memory")
+
+
+def capture_layerwise(
+    engine: LayerwiseCapture,
+    tokenizer,
+    model_id: str,
+    documents: list,
+    settings,
+    *,
+    store_path: str | Path,
+    progress,
+    extra_settings: dict,
+    ranks,
+    resume: bool = False,
+    max_host_memory: int | None = None,
+) -> list[str]:
+    """`capture_model` for a streamed checkpoint: one layer-wise pass over all domains, then one run per domain."""
+    from moe_viz.capture import distributed, run
+
+    vocab_size = engine.model.get_input_embeddings().weight.shape[0]
+    packed = run.pack_domains(documents, tokenizer, settings, vocab_size)
+    pad_id = run.pad_id_of(tokenizer)
+    batches = []
+    for docs in documents:
+        every = list(run.padded_batches(packed[docs.domain], settings.batch_size, pad_id))
+        batches.append([(number, *every[number]) for number in ranks.batches(len(every))])
+    run_settings = {
+        "max_tokens": settings.max_tokens,
+        "seq_len": settings.seq_len,
+        "seed": settings.seed,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "world_size": ranks.world_size,
+        "layerwise": True,
+        **extra_settings,
+    }
+    keyed = {"batch_size": settings.batch_size, "pad_id": pad_id, "dtype": run_settings["dtype"],
+             "device": engine.device.type, "world_size": ranks.world_size}
+    key = state_key(engine.model_dir, extra_settings.get("checkpoint_digest", ""), packed, keyed)
+    state = LayerwiseState(LayerwiseState.location(store_path, key, ranks.rank, ranks.world_size), key)
+    result, error = None, None
+    try:
+        with distributed.together(ranks, "running the layer-wise pass"):
+            result = run_layerwise(engine, batches, state, resume=resume, max_host_memory=max_host_memory,
+                                   progress=progress if ranks.main else None)
+    except BaseException as exc:  # noqa: BLE001 - every rank records it below, then raises it
+        error = exc
+    names = [docs.domain for docs in documents]
+
+    def collect(domain: str, sequences, on_batch) -> list[LayerAccumulator]:
+        if error is not None:
+            raise error
+        return result.accumulators[names.index(domain)]
+
+    run_ids = run.store_domain_runs(
+        store_path=store_path, ranks=ranks, domains=documents, packed=packed, model_id=model_id,
+        fingerprint=result.fingerprint if result is not None else "", model_type=engine.config.model_type,
+        run_settings=run_settings, collect=collect, progress=None,
+    )
+    state.remove()  # every rank stored (or handed over) its share: nothing left to resume
+    return run_ids

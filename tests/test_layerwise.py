@@ -1,0 +1,153 @@
+"""Layer-wise streaming capture stores exactly what an in-memory capture stores.
+
+Each test saves a tiny random model to disk (so the streamed path really reads
+safetensors shards through transformers' key conversion), captures it once
+with the whole model loaded (`capture_model`, the reference) and once layer by
+layer (`capture(..., layerwise=True)`), and compares the stored rows.
+
+Bound: counts (routed/top-1 tokens, co-activation, layer tokens) must be equal;
+float sums within rtol 1e-12. Both paths run each decoder layer on the same
+input tensors with the same kernels and add in float64 in the same order, so
+the sums agree to the last bit in practice; 1e-12 leaves room only for a
+different float64 summation order, far below any real discrepancy (a wrong
+mask or a skipped layer moves them by >1e-3).
+"""
+
+import json
+
+import pytest
+
+from capture_compare import SETTINGS, assert_same_statistics, domains, reference, save_model  # noqa: F401 (fixture)
+from moe_viz import store
+from moe_viz.capture.layerwise import LayerwiseState, layerwise_reason
+from moe_viz.capture.run import capture
+from moe_viz.models import MoeVizError
+
+# deepseek_v3: a dense first layer, a shared expert, a sigmoid router with group-limited top-k.
+# qwen2_moe: shared expert with its own gate. gpt_oss: sliding-window and full-attention layers
+# (window 4 < 16 tokens, so the two masks differ), router bias. jamba: mamba and attention layers,
+# a dense MLP on every other layer. qwen3_next: gated-delta-net linear attention beside full attention.
+CASES = {
+    "deepseek_v3": {},
+    "qwen2_moe": {},
+    "gpt_oss": {"sliding_window": 4},
+    "jamba": {},
+    "qwen3_next": {},
+}
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_layerwise_equals_in_memory(tmp_path, domains, family):
+    model_dir = save_model(tmp_path / "model", family, **CASES[family])
+    ref_ids = reference(model_dir, domains, tmp_path / "mem.duckdb")
+    ids = capture(model_dir, domains, store_path=tmp_path / "lw.duckdb", settings=SETTINGS, device="cpu",
+                  layerwise=True, progress=lambda p: None)
+    assert_same_statistics(tmp_path / "mem.duckdb", ref_ids, tmp_path / "lw.duckdb", ids)
+    runs = store.list_runs(tmp_path / "lw.duckdb")
+    assert [json.loads(s)["layerwise"] for s in runs.settings] == [True, True]
+    assert [json.loads(s)["world_size"] for s in runs.settings] == [1, 1]
+    ref_runs = store.list_runs(tmp_path / "mem.duckdb")
+    assert [json.loads(s)["layerwise"] for s in ref_runs.settings] == [False, False]
+    assert not (tmp_path / "lw.duckdb.layerwise").exists()  # its state is removed after success
+
+
+def test_the_comparison_tells_a_different_model_apart(tmp_path, domains):
+    """The equality check above is not vacuous: another seed's weights fail it."""
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    other_dir = save_model(tmp_path / "other", "qwen2_moe", seed=1)
+    ref_ids = reference(model_dir, domains, tmp_path / "mem.duckdb")
+    ids = capture(other_dir, domains, store_path=tmp_path / "lw.duckdb", settings=SETTINGS, device="cpu",
+                  layerwise=True, progress=lambda p: None)
+    with pytest.raises(AssertionError):
+        assert_same_statistics(tmp_path / "mem.duckdb", ref_ids, tmp_path / "lw.duckdb", ids)
+
+
+def test_hidden_states_on_disk_give_the_same_statistics(tmp_path, domains):
+    model_dir = save_model(tmp_path / "model", "deepseek_v3")
+    ref_ids = reference(model_dir, domains, tmp_path / "mem.duckdb")
+    ids = capture(model_dir, domains, store_path=tmp_path / "lw.duckdb", settings=SETTINGS, device="cpu",
+                  layerwise=True, max_host_memory=0, progress=lambda p: None)
+    assert_same_statistics(tmp_path / "mem.duckdb", ref_ids, tmp_path / "lw.duckdb", ids)
+
+
+def test_resume_continues_from_the_last_completed_layer(tmp_path, domains):
+    """Interrupted during layer 3 of 4 (as Ctrl-C would), --resume runs layers 3-4 only and equals a full run."""
+    model_dir = save_model(tmp_path / "model", "jamba")
+    ref_ids = reference(model_dir, domains, tmp_path / "mem.duckdb")
+    path = tmp_path / "lw.duckdb"
+    seen = []
+
+    def interrupt_in_layer_3(p):
+        seen.append(p.detail)
+        if p.detail.startswith("layer 3/4"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", layerwise=True,
+                progress=interrupt_in_layer_3)
+    failed = store.list_runs(path)
+    assert failed.status.tolist() == ["failed"]  # the first domain's run; no rows kept
+    assert store.expert_stats(path, failed.run_id.tolist()).empty
+    assert (tmp_path / "lw.duckdb.layerwise").is_dir()  # kept for --resume
+
+    seen.clear()
+    ids = capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", resume=True,
+                  progress=lambda p: seen.append(p.detail))
+    assert sorted(set(seen)) == ["layer 3/4, resumed at layer 3", "layer 4/4, resumed at layer 3"]
+    assert_same_statistics(tmp_path / "mem.duckdb", ref_ids, path, ids)
+    assert not (tmp_path / "lw.duckdb.layerwise").exists()
+
+
+def test_resume_without_an_interrupted_capture_says_so(tmp_path, domains):
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    with pytest.raises(MoeVizError, match="no interrupted layer-wise capture"):
+        capture(model_dir, domains, store_path=tmp_path / "lw.duckdb", settings=SETTINGS, device="cpu",
+                resume=True, progress=lambda p: None)
+
+
+def test_a_layer_missing_from_the_checkpoint_fails_the_run_with_no_rows(tmp_path, domains):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    shard = tmp_path / "model" / "model.safetensors"
+    tensors = load_file(shard)
+    save_file({k: v for k, v in tensors.items() if ".layers.1." not in k}, shard, metadata={"format": "pt"})
+    path = tmp_path / "lw.duckdb"
+    with pytest.raises(MoeVizError, match=r"lacks .* tensor\(s\) of model\.layers\.1"):
+        capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", layerwise=True,
+                progress=lambda p: None)
+    runs = store.list_runs(path)
+    assert runs.status.tolist() == ["failed"] and "model.layers.1" in runs.error.iloc[0]
+    assert store.expert_stats(path, runs.run_id.tolist()).empty
+
+
+def test_a_state_directory_not_made_by_moe_viz_is_left_alone(tmp_path, domains):
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    path = tmp_path / "lw.duckdb"
+    state = LayerwiseState(LayerwiseState.location(path, "k", 0, 1), "k")
+    state.dir.mkdir(parents=True)
+    (state.dir / "precious.txt").write_text("mine")
+    with pytest.raises(MoeVizError, match="was not made by a moe_viz layer-wise capture"):
+        state.open(resume=False)
+    assert (state.dir / "precious.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("size,free,expected", [
+    (10 * 2**30, 100 * 2**30, None),  # fits
+    (90 * 2**30, 100 * 2**30, "would not fit"),  # over 80% of what is free
+    (81 * 2**30, 100 * 2**30, "would not fit"),
+    (79 * 2**30, 100 * 2**30, None),
+])
+def test_layerwise_is_chosen_when_the_checkpoint_would_not_fit(size, free, expected):
+    reason = layerwise_reason(size, free, "available host memory")
+    if expected is None:
+        assert reason is None
+    else:
+        assert expected in reason and f"{size / 2**30:.1f} GiB" in reason
+
+
+def test_a_small_model_is_captured_in_memory_by_default(tmp_path, domains):
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    capture(model_dir, domains, store_path=tmp_path / "s.duckdb", settings=SETTINGS, device="cpu",
+            progress=lambda p: None)
+    assert [json.loads(s)["layerwise"] for s in store.list_runs(tmp_path / "s.duckdb").settings] == [False, False]
