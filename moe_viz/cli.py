@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from moe_viz.models import MoeVizError
-from moe_viz.store import DEFAULT_STORE, check_store_path
+from moe_viz.store import check_store_path
+from moe_viz.store_location import HOME_ENV, default_store
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -578,7 +579,7 @@ def _run_dashboard(store_path: str, port: int, threads: int | None = None) -> in
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
                "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
                "--client.toolbarMode", "minimal", "--browser.gatherUsageStats", "false",
-               "--", "--store", str(store_path)]
+               "--", "--store", str(Path(store_path).absolute())]
     environment = dict(os.environ)
     if threads:
         environment["MOE_VIZ_THREADS"] = str(threads)
@@ -641,6 +642,12 @@ def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _store_argument(p: argparse.ArgumentParser) -> None:
+    """--store; left out, main() fills in default_store() (MOE_VIZ_HOME, the checkout's cache/, or the user cache)."""
+    p.add_argument("--store", default=None,
+                   help=f"DuckDB store (default ${HOME_ENV}/moe_viz.duckdb; here {default_store()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-viz", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -653,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence (default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--seed", type=int, default=0, help="document shuffling seed (default 0)")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto spreads over GPUs)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
@@ -677,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect", action="append", default=[], metavar="LAYER:EXPERT", help="never drop this expert")
     p.add_argument("--plan", default=None, help="a uniform plan JSON (e.g. from `search --out`) instead of --criterion")
     p.add_argument("--out", required=True, help="directory to write the pruned checkpoint to")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.add_argument("--streaming", action="store_true", help="rewrite shards without loading the model (automatic when it would not fit)")
     p.add_argument("--force", action="store_true", help="replace --out if it is a previous moe_viz export")
     p.add_argument("--no-verify", action="store_true", help="skip verification")
@@ -688,17 +695,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("verify", help=cmd_verify.__doc__.splitlines()[0], description=cmd_verify.__doc__)
     p.add_argument("export", help="a directory written by `moe-viz prune`")
     p.add_argument("--model", default=None, help="source model directory (default: the one recorded in the export)")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.set_defaults(func=cmd_verify)
 
     p = commands.add_parser("import-run", help=cmd_import_run.__doc__.splitlines()[0], description=cmd_import_run.__doc__)
     p.add_argument("path", help="the directory the capture saved (STORE.pending/RUN_ID)")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.set_defaults(func=cmd_import_run)
 
     p = commands.add_parser("evaluate", help=cmd_evaluate.__doc__.splitlines()[0], description=cmd_evaluate.__doc__)
     p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.add_argument("--criterion", default=None, help=f"one of: {', '.join(CRITERIA)}")
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--sparsity", type=float, help="fraction of routed experts to remove, in [0, 1)")
@@ -712,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sweep", help=cmd_sweep.__doc__.splitlines()[0], description=cmd_sweep.__doc__)
     p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.add_argument("--criteria", default="frequency,soft_count,reap", help=f"comma-separated, from: {', '.join(CRITERIA)}")
     p.add_argument("--sparsities", default="0.25,0.5,0.75", help="comma-separated fractions of experts removed")
     p.add_argument("--scopes", default="uniform", help="comma-separated: uniform, global")
@@ -722,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("search", help=cmd_search.__doc__.splitlines()[0], description=cmd_search.__doc__)
     p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--keep", type=int, help="experts to keep per MoE layer (nonuniform: on average)")
     amount.add_argument("--sparsity", type=float, help="fraction of routed experts to remove, in [0, 1)")
@@ -741,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("importance", help=cmd_importance.__doc__.splitlines()[0], description=cmd_importance.__doc__)
     p.add_argument("--model", required=True, help="the captured model's directory (safetensors)")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.add_argument("--domain", action="append", default=[], metavar="NAME", help="captured domain(s) to measure on")
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration / evaluation tokens used (default 4096)")
     p.add_argument("--knockout-layer", type=int, default=None, help="also knock out each expert of this MoE layer")
@@ -752,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_importance)
 
     p = commands.add_parser("demo", help=cmd_demo.__doc__.splitlines()[0], description=cmd_demo.__doc__)
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.add_argument("--port", type=int, default=8501, help="dashboard port on 127.0.0.1 (default 8501)")
     p.add_argument("--no-ui", action="store_true", help="only capture; do not start the dashboard")
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
@@ -769,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_demo_eval)
 
     p = commands.add_parser("ui", help="Open the dashboard on a store (localhost).")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help=f"DuckDB store (default {DEFAULT_STORE})")
+    _store_argument(p)
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
                    help="torch CPU threads, also for the dashboard's background jobs (default: torch's choice)")
@@ -786,15 +793,29 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _with_store(message: str, store: str | None) -> str:
+    """An error message that says which store the command used (unless it already names it)."""
+    if store is None or store in message or str(Path(store).absolute()) in message:
+        return message
+    return f"{message} [store: {Path(store).absolute()}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None:
         _interrupt_on_sigterm()
+    store = None
+    if "store" in args and getattr(args, "demo_command", None) is None:  # `demo train/eval` use no store
+        if args.store is None:
+            args.store = str(default_store())
+        store = args.store
+        # stderr, so that --json output stays one JSON object
+        print(f"moe-viz: store {Path(store).absolute()}", file=sys.stderr)
     try:
         _set_threads(args.threads)
         return args.func(args)
     except MoeVizError as exc:
-        print(f"moe-viz: error: {exc}", file=sys.stderr)
+        print(f"moe-viz: error: {_with_store(str(exc), store)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moe-viz: interrupted", file=sys.stderr)

@@ -42,14 +42,23 @@ import pandas as pd
 import psutil
 
 from moe_viz.models import MoeVizError
-from moe_viz.store_location import location_problem
+from moe_viz.store_location import default_store, location_problem
 
 try:
     import fcntl
 except ImportError:  # Windows: no writer gate, plain retries
     fcntl = None
 
-DEFAULT_STORE = Path("cache") / "moe_viz.duckdb"
+
+
+def __getattr__(name: str):
+    # DEFAULT_STORE used to be the constant cache/moe_viz.duckdb (relative to the current directory);
+    # it now follows MOE_VIZ_HOME and where moe_viz is installed (store_location.home).
+    if name == "DEFAULT_STORE":
+        return default_store()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 LOCK_TIMEOUT_S = 60.0
 # complete_run waits this long for the lock before saving the run to a file
 # (MOE_VIZ_COMMIT_TIMEOUT overrides it; so does complete_run(lock_timeout=...)).

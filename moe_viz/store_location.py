@@ -1,14 +1,57 @@
-"""Filesystem checks of a store path, made before anything is loaded or written.
+"""Where the store lives, and filesystem checks of a store path made before anything is loaded or written.
 
 Standard library only (no DuckDB), so the checks can also run in a bare
 interpreter, e.g. as an unprivileged user in the tests. `store.check_store_path`
 turns a problem into a one-line MoeVizError and adds the DuckDB-level checks.
+
+The default store is `home() / "moe_viz.duckdb"`, whatever the current directory:
+MOE_VIZ_HOME if set; else the checkout's cache/ when moe_viz runs from a source
+checkout (editable installs included); else the user cache directory
+($XDG_CACHE_HOME/moe_viz, or ~/.cache/moe_viz). Dashboard exports and background
+jobs go beside the store (exports/, jobs/), so they follow the same home.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+HOME_ENV = "MOE_VIZ_HOME"
+STORE_FILE = "moe_viz.duckdb"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def source_checkout(package_dir: Path = PACKAGE_DIR) -> Path | None:
+    """The repository root when the moe_viz package at `package_dir` is a source checkout's, else None.
+
+    A checkout keeps the package beside the pyproject.toml that builds it; an installed
+    wheel keeps it in site-packages, where no such pyproject.toml is.
+    """
+    root = Path(package_dir).parent
+    try:
+        pyproject = (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return root if 'name = "moe_viz"' in pyproject else None
+
+
+def home(environ: os._Environ | dict = os.environ, package_dir: Path = PACKAGE_DIR) -> Path:
+    """The directory holding the default store, its exports/ and jobs/ (see the module docstring); absolute."""
+    if environ.get(HOME_ENV):
+        return Path(environ[HOME_ENV]).expanduser().absolute()
+    root = source_checkout(package_dir)
+    if root is not None:
+        return root / "cache"
+    cache = environ.get("XDG_CACHE_HOME", "")
+    # the XDG spec ignores a relative XDG_CACHE_HOME
+    base = Path(cache) if cache and Path(cache).is_absolute() else Path.home() / ".cache"
+    return base / "moe_viz"
+
+
+def default_store(environ: os._Environ | dict = os.environ, package_dir: Path = PACKAGE_DIR) -> Path:
+    """The store every command and the dashboard use when no --store is given (absolute)."""
+    return home(environ, package_dir) / STORE_FILE
+
 
 # A DuckDB database file has an 8-byte checksum, then these 4 bytes.
 DUCKDB_MAGIC = b"DUCK"

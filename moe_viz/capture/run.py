@@ -259,16 +259,17 @@ def capture_model(
     model_id: str,
     domains: list[Documents],
     settings: CaptureSettings,
-    store_path: str | Path = store.DEFAULT_STORE,
+    store_path: str | Path | None = None,
     progress: ProgressCallback | None = None,
     extra_settings: dict | None = None,
     ranks: Ranks | None = None,
 ) -> list[str]:
-    """Capture already-read domains with a loaded model; returns one run id per domain.
+    """Capture already-read domains with a loaded model; returns one run id per domain (store: default_store()).
 
     With `ranks` of a data-parallel launch, each rank runs its share of the
     batches and rank 0 stores the combined statistics.
     """
+    store_path = store.default_store() if store_path is None else store_path
     settings.check()
     ranks = ranks or Ranks()
     find_moe_layers(model)  # fail before touching the store
@@ -318,7 +319,7 @@ def capture(
     model_id: str,
     domains: list[str],
     *,
-    store_path: str | Path = store.DEFAULT_STORE,
+    store_path: str | Path | None = None,
     settings: CaptureSettings | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -339,6 +340,7 @@ def capture(
     `resume` continues an interrupted layer-wise capture. Under torchrun /
     accelerate launch (RANK, WORLD_SIZE set) the batches are split over ranks.
     """
+    store_path = store.default_store() if store_path is None else store_path
     ranks = distributed.from_env()
     if resume and layerwise is False:
         raise MoeVizError("--resume continues an interrupted layer-wise capture: it cannot be used without --layerwise")

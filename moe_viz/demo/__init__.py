@@ -28,10 +28,11 @@ def missing_domains(store_path: str | Path) -> list[str]:
     return [d for d in corpora.DOMAINS if d not in have]
 
 
-def prepare(store_path: str | Path = store.DEFAULT_STORE, progress=None) -> list[str]:
-    """Capture every built-in domain not yet in the store; returns the new run ids."""
+def prepare(store_path: str | Path | None = None, progress=None) -> list[str]:
+    """Capture every built-in domain not yet in the store (default: store.default_store()); returns the new run ids."""
     from moe_viz.capture.run import CaptureSettings, capture
 
+    store_path = store.default_store() if store_path is None else store_path
     missing = missing_domains(store_path)
     if not missing:
         return []

@@ -46,11 +46,11 @@ def warm_imports() -> None:
 
 
 def store_path() -> str:
-    """The store given as `streamlit run app.py -- --store PATH` (default cache/moe_viz.duckdb)."""
+    """The store given as `streamlit run app.py -- --store PATH`, else store.default_store(); absolute."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--store", default=str(store.DEFAULT_STORE))
+    parser.add_argument("--store", default=None)
     args, _ = parser.parse_known_args(sys.argv[1:])
-    return args.store
+    return str(Path(args.store).absolute()) if args.store else str(store.default_store())
 
 
 def _stamp(path: str) -> float:

@@ -177,8 +177,8 @@ if Path(model_id).is_dir() and evaluated is not None and (evaluated.empty or job
     if job:
         evaluation_job(job[0])
 
+exports_dir = Path(path).resolve().parent / "exports"  # beside the store, so it follows MOE_VIZ_HOME
 with st.expander("Verify an existing export"):
-    exports_dir = Path(path).resolve().parent / "exports"
     existing = sorted(p.name for p in exports_dir.iterdir() if (p / PRUNE_MANIFEST).is_file()) if exports_dir.is_dir() else []
     if not existing:
         st.caption(f"No moe_viz exports under {exports_dir} yet.")
@@ -207,7 +207,7 @@ default_name = f"{Path(model_id).name}-{criterion}-keep{keep}"
 if st.session_state.get("pr_name") in (None, st.session_state.get("pr_name_default")):
     st.session_state["pr_name"] = default_name
 st.session_state["pr_name_default"] = default_name
-name = st.text_input("Export name (under cache/exports/)", key="pr_name",
+name = st.text_input(f"Export name (under {exports_dir})", key="pr_name",
                      help=f"follows the plan ({default_name}) until you type your own name")
 force = st.checkbox(REPLACE_BOX, key="pr_force",
                     help="only ever replaces a previous moe_viz export (a folder holding moe_viz_prune.json)")
@@ -215,7 +215,7 @@ if st.button("Export and verify", type="primary", key="pr_export"):
     st.session_state.pop("pr_result", None)  # a result shown below always belongs to this export
     status = None
     try:
-        out = export_name_path(Path(path).resolve().parent / "exports", name)  # one plain name, else refused
+        out = export_name_path(exports_dir, name)  # one plain name, else refused
         status = st.status(f"Exporting to {out} …", expanded=True)
         with status:
             export_pruned(plan, model_id, out, force=force, protect=[path],
