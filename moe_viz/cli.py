@@ -572,9 +572,7 @@ def _run_dashboard(store_path: str, port: int, threads: int | None = None) -> in
     import os
     import subprocess
 
-    app = Path(__file__).resolve().parent.parent / "app.py"
-    if not app.exists():
-        raise MoeVizError(f"the dashboard script {app} is missing: run from a clone of the repository")
+    app = Path(__file__).resolve().parent / "ui" / "app.py"  # shipped in the package: works from any directory
     # No file watcher (it would walk the store's cache/ and .git for nothing), no Deploy button, no usage statistics.
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
                "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",

@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz.analysis import tables
+from moe_viz.ui.app import page_path
 from moe_viz.ui.common import CHART_HEIGHT, COLOR_DIVERGING, COLOR_SEQUENTIAL, domain_run_ids, metric_values, pick_model_runs
 
 # the unit of each statistic or criterion, for the colour bar and the hover
@@ -98,4 +99,4 @@ c8.metric(f"{metric}{' A − B' if domain_b is not None else ''} at layer {layer
 if c8.button("Open expert detail", key="hm_open"):
     st.session_state["ex_layer"] = int(layer)
     st.session_state["ex_expert"] = int(expert)
-    st.switch_page("moe_viz/ui/pages/expert.py")
+    st.switch_page(page_path("expert"))
