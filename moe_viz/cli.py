@@ -581,7 +581,7 @@ def _run_dashboard(store_path: str, port: int, threads: int | None = None) -> in
     environment = dict(os.environ)
     if threads:
         environment["MOE_VIZ_THREADS"] = str(threads)
-    print(f"dashboard: http://127.0.0.1:{port}  (Ctrl+C to stop)")
+    print(f"dashboard: http://127.0.0.1:{port} on the store {Path(store_path).absolute()}  (Ctrl+C to stop)")
     return subprocess.call(command, env=environment)
 
 
@@ -807,11 +807,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.store is None:
             args.store = str(default_store())
         store = args.store
-        # stderr, so that --json output stays one JSON object
-        print(f"moe-viz: store {Path(store).absolute()}", file=sys.stderr)
     try:
         _set_threads(args.threads)
-        return args.func(args)
+        code = args.func(args)
+        if store is not None:  # last, on stderr: --json output stays one JSON object, errors stay one line
+            print(f"moe-viz: store {Path(store).absolute()}", file=sys.stderr)
+        return code
     except MoeVizError as exc:
         print(f"moe-viz: error: {_with_store(str(exc), store)}", file=sys.stderr)
         return 2

@@ -151,7 +151,8 @@ def test_evaluate_cli_json_plan_file_and_eval_domains(tmp_path, capsys):
 
     assert main(["evaluate", "--model", str(model_dir), "--store", str(store_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["moe-viz: error: give --criterion and one of --sparsity or --keep, or a --plan FILE"]
+    assert err == ["moe-viz: error: give --criterion and one of --sparsity or --keep, or a --plan FILE "
+                   f"[store: {store_path}]"]
 
 
 @pytest.mark.parametrize("family, keep", [("qwen3_moe", 8), ("granitemoe", 4)])

@@ -85,8 +85,21 @@ def test_commands_use_moe_viz_home_and_print_the_store(home_store, tmp_path, mon
     assert main(["prune", "--model", str(model_dir), "--criterion", "reap", "--keep", "2",
                  "--out", str(tmp_path / "export"), "--store", "mine.duckdb"]) == 2
     err = capsys.readouterr().err
-    assert f"moe-viz: store {elsewhere / 'mine.duckdb'}\n" in err
-    assert err.count(str(elsewhere / "mine.duckdb")) == 2  # the no-store error names it once, not twice
+    assert err.strip().splitlines() == [f"moe-viz: error: no store at {elsewhere / 'mine.duckdb'}: run `moe-viz "
+                                        "capture` or `moe-viz demo` first"]  # one line, naming the store once
+
+
+def test_ui_says_which_store_it_serves(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    monkeypatch.setenv("MOE_VIZ_HOME", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda command, env: seen.update(command=command) or 0)
+    assert main(["ui", "--port", "8599"]) == 0
+    store = tmp_path / "moe_viz.duckdb"
+    assert f"dashboard: http://127.0.0.1:8599 on the store {store}" in capsys.readouterr().out
+    assert seen["command"][-3:] == ["--", "--store", str(store)]
+    assert Path(seen["command"][seen["command"].index("run") + 1]) == ROOT / "moe_viz" / "ui" / "app.py"
 
 
 def test_dashboard_reads_and_shows_the_home_store(home_store, tmp_path, monkeypatch):
@@ -99,5 +112,5 @@ def test_dashboard_reads_and_shows_the_home_store(home_store, tmp_path, monkeypa
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert len(at.get("plotly_chart")) == 1  # the heatmap of the captured run, not "no store"
+    assert len(at.get("vega_lite_chart")) == 1  # the heatmap of the captured run, not "no store"
     assert f"store: `{tmp_path / 'moe_viz.duckdb'}`" in [c.value for c in at.sidebar.caption]
