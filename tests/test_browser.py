@@ -21,7 +21,7 @@ from tiny_models import SAMPLE_TEXT, save_tiny_model
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 PAGES = {  # url path -> what the page's main content is
-    "": "stPlotlyChart",
+    "": "stVegaLiteChart",  # the clickable heatmap (Altair)
     "overlap": "stPlotlyChart",
     "rankings": "stPlotlyChart",
     "expert": "stPlotlyChart",
@@ -88,4 +88,32 @@ def test_every_page_renders_in_chromium(server):
             assert page.locator('[data-testid="stException"]').count() == 0, f"exception on {name}"
             if main_element == "stPlotlyChart":
                 assert page.locator(".js-plotly-plot .main-svg").count() > 0, f"chart not drawn on {name}"
+        browser.close()
+
+
+def test_clicking_a_heatmap_cell_opens_that_expert(server):
+    """A real click on the cell (layer 1, expert 5) opens Expert detail on layer 1, expert 5."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server)
+        cells = page.locator('[data-testid="stVegaLiteChart"] g.mark-rect path')
+        cells.first.wait_for(timeout=60_000)
+        # Vega's SVG marks carry their tooltip fields as an aria-label: "expert: 5; ...; layer: 1; ..."
+        labels = cells.evaluate_all("paths => paths.map(p => p.getAttribute('aria-label') || '')")
+        (index,) = [i for i, label in enumerate(labels) if label.startswith("expert: 5;") and "; layer: 1;" in label]
+        cells.nth(index).click()
+        page.wait_for_url("**/expert", timeout=60_000)
+        page.wait_for_selector('[data-testid="stPlotlyChart"]', timeout=60_000)
+        # each picker is a combobox input labelled by its name, whose value is the chosen option
+        chosen = {name: page.locator(f'[data-testid="stMain"] input[aria-label="{name}"]').input_value()
+                  for name in ("Layer", "Expert")}
+        assert chosen["Layer"] == "1" and chosen["Expert"] == "5", chosen
+        page.screenshot(path=str(ARTIFACTS / "heatmap-click-expert.png"))
+        # back on Heatmaps, the old click does not send the user away again
+        page.locator('[data-testid="stSidebarNav"] a').first.click()
+        page.wait_for_url(server + "/", timeout=60_000)
+        cells.first.wait_for(timeout=60_000)
+        page.wait_for_load_state("networkidle")
+        assert page.url == server + "/"
         browser.close()

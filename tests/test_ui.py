@@ -78,6 +78,20 @@ def _charts(at):
     return [pio.from_json(e.proto.spec) for e in at.get("plotly_chart")]
 
 
+def _heatmap(at):
+    """The Heatmaps page's Altair chart: its Vega-Lite spec and the frame it draws."""
+    from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+
+    (chart,) = at.get("vega_lite_chart")
+    (dataset,) = chart.proto.datasets
+    return json.loads(chart.proto.spec), convert_arrow_bytes_to_pandas_df(dataset.data.data)
+
+
+def _grid(frame, column):
+    """A long (layer, expert) column as a layer x expert array."""
+    return frame.pivot(index="layer", columns="expert", values=column).sort_index().sort_index(axis=1).to_numpy()
+
+
 def _frequency_share(store_path, domain):
     frame = _sql(store_path, """
         SELECT s.layer, s.expert, s.routed_tokens / (l.top_k * l.tokens) AS share
@@ -89,28 +103,35 @@ def _frequency_share(store_path, domain):
 def test_heatmap_shows_the_chosen_statistic_and_differences(captured, monkeypatch):
     _, _, store_path = captured
     at = _app(store_path, monkeypatch)
-    heat = _charts(at)[0].data[0]
-    np.testing.assert_allclose(_array(heat.customdata), _frequency_share(store_path, "code"))
+    _, frame = _heatmap(at)
+    np.testing.assert_allclose(_grid(frame, "value"), _frequency_share(store_path, "code"))
+    np.testing.assert_allclose(_grid(frame, "colour"), _frequency_share(store_path, "code"))
 
     at.selectbox(key="hm_domain").set_value("math").run()
-    np.testing.assert_allclose(_array(_charts(at)[0].data[0].customdata), _frequency_share(store_path, "math"))
+    np.testing.assert_allclose(_grid(_heatmap(at)[1], "value"), _frequency_share(store_path, "math"))
 
     at.radio(key="hm_mode").set_value("Difference A − B").run()
     at.selectbox(key="hm_domain").set_value("code").run()
     at.selectbox(key="hm_domain_b").set_value("prose").run()
-    heat = _charts(at)[0].data[0]
+    spec, frame = _heatmap(at)
     expected = _frequency_share(store_path, "code") - _frequency_share(store_path, "prose")
-    np.testing.assert_allclose(_array(heat.customdata)[..., 2], expected)  # [..., 0] is A, [..., 1] B
-    assert heat.zmid == 0 and heat.zmin == -heat.zmax
+    np.testing.assert_allclose(_grid(frame, "value"), expected)
+    scale = spec["encoding"]["color"]["scale"]
+    limit = np.abs(expected).max()
+    assert scale["domainMid"] == 0 and scale["domain"] == pytest.approx([-limit, limit])
 
     at.radio(key="hm_mode").set_value("One domain").run()
     at.selectbox(key="hm_metric").set_value("reap").run()
     reap = _sql(store_path, """SELECT s.layer, s.expert, coalesce(s.reap_sum / nullif(s.routed_tokens, 0), 0) AS v
         FROM expert_stats s JOIN runs r USING (run_id) WHERE r.domain = 'code' ORDER BY 1, 2""")
-    np.testing.assert_allclose(_array(_charts(at)[0].data[0].customdata),
-                               reap.pivot(index="layer", columns="expert", values="v").to_numpy())
+    reap = reap.pivot(index="layer", columns="expert", values="v").to_numpy()
+    np.testing.assert_allclose(_grid(_heatmap(at)[1], "value"), reap)
     at.radio(key="hm_scale").set_value("log").run()
-    assert "log10" in _charts(at)[0].layout.title.text
+    spec, frame = _heatmap(at)
+    assert "log10" in spec["title"]
+    floor = reap[reap > 0].min() / 10
+    np.testing.assert_allclose(_grid(frame, "colour"), np.log10(np.maximum(reap, floor)))
+    np.testing.assert_allclose(_grid(frame, "value"), reap)  # the hover keeps the exact value
 
 
 def test_heatmap_cell_opens_expert_detail(captured, monkeypatch):
@@ -121,6 +142,20 @@ def test_heatmap_cell_opens_expert_detail(captured, monkeypatch):
     at.button(key="hm_open").click().run()
     assert not at.exception
     assert at.selectbox(key="ex_layer").value == 1 and at.selectbox(key="ex_expert").value == 5
+
+
+def test_heatmap_click_selects_the_cell_it_names():
+    """The selection payload st.altair_chart returns for a click on the point parameter `cell`."""
+    from moe_viz.ui.heatmap_chart import SELECTION, clicked_cell
+
+    assert SELECTION == "cell"
+    assert clicked_cell({"selection": {"cell": [{"layer": 3, "expert": 17}]}}) == (3, 17)
+    # shift-click adds points; the newest is last
+    assert clicked_cell({"selection": {"cell": [{"layer": 0, "expert": 1}, {"layer": 2, "expert": 0}]}}) == (2, 0)
+    assert clicked_cell({"selection": {"cell": [{"layer": "1", "expert": "4"}]}}) == (1, 4)
+    for nothing in (None, {}, {"selection": {}}, {"selection": {"cell": {}}}, {"selection": {"cell": []}},
+                    {"selection": {"cell": [{"layer": 1}]}}):
+        assert clicked_cell(nothing) is None
 
 
 def test_overlap_page_follows_k_and_shows_random_reference(captured, monkeypatch):
@@ -411,23 +446,28 @@ def test_prune_page_errors_name_the_box_and_savings_are_good(captured, monkeypat
 def test_heatmap_colour_bar_names_the_unit_and_difference_hover_shows_both(captured, monkeypatch):
     _, _, store_path = captured
     at = _app(store_path, monkeypatch)
-    heat = _charts(at)[0].data[0]
-    assert heat.colorbar.title.text == "frequency_share<br>(fraction of the layer's k·T slots)"
-    assert "frequency_share %{customdata:.6g} (fraction of the layer's k·T slots)" in heat.hovertemplate
+    spec, _ = _heatmap(at)
+    unit = "(fraction of the layer's k·T slots)"
+    assert spec["encoding"]["color"]["title"] == ["frequency_share", unit]
+    tooltip = {t["field"]: t for t in spec["encoding"]["tooltip"]}
+    assert tooltip["value"]["title"] == f"frequency_share {unit}" and tooltip["value"]["format"] == ".6g"
+    assert {"layer", "expert"} <= set(tooltip)
+    assert spec["params"] == [{"name": "cell", "select": {"type": "point", "fields": ["layer", "expert"], "on": "click"}}]
     at.selectbox(key="hm_metric").set_value("reap").run()
     at.radio(key="hm_scale").set_value("log").run()
-    assert _charts(at)[0].data[0].colorbar.title.text == "log10 reap<br>(gate·‖f_e(x)‖, mean over routed tokens)"
+    assert _heatmap(at)[0]["encoding"]["color"]["title"] == ["log10 reap", "(gate·‖f_e(x)‖, mean over routed tokens)"]
     at.radio(key="hm_scale").set_value("linear").run()
     at.selectbox(key="hm_metric").set_value("frequency_share").run()
     at.radio(key="hm_mode").set_value("Difference A − B").run()
     at.selectbox(key="hm_domain").set_value("math").run()
     at.selectbox(key="hm_domain_b").set_value("code").run()
-    heat = _charts(at)[0].data[0]
-    hover = _array(heat.customdata)
-    np.testing.assert_allclose(hover[..., 0], _frequency_share(store_path, "math"), rtol=1e-12)
-    np.testing.assert_allclose(hover[..., 1], _frequency_share(store_path, "code"), rtol=1e-12)
-    np.testing.assert_allclose(hover[..., 2], _frequency_share(store_path, "math") - _frequency_share(store_path, "code"),
+    spec, frame = _heatmap(at)
+    np.testing.assert_allclose(_grid(frame, "a"), _frequency_share(store_path, "math"), rtol=1e-12)
+    np.testing.assert_allclose(_grid(frame, "b"), _frequency_share(store_path, "code"), rtol=1e-12)
+    np.testing.assert_allclose(_grid(frame, "value"),
+                               _frequency_share(store_path, "math") - _frequency_share(store_path, "code"),
                                rtol=1e-12, atol=1e-15)
-    assert ("A math: %{customdata[0]:.6g}<br>B code: %{customdata[1]:.6g}<br>A − B: %{customdata[2]:.6g}"
-            in heat.hovertemplate)
-    assert heat.colorbar.title.text == "frequency_share, A − B<br>(fraction of the layer's k·T slots)"
+    tooltip = [(t["field"], t.get("title")) for t in spec["encoding"]["tooltip"]]
+    assert tooltip == [("layer", "layer"), ("expert", "expert"), ("a", "A math"), ("b", "B code"),
+                       ("value", f"A − B {unit}")]
+    assert spec["encoding"]["color"]["title"] == ["frequency_share, A − B", unit]

@@ -1,12 +1,11 @@
 """Heatmaps: a statistic or criterion over layers x experts, for one domain or the difference of two."""
 
-import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz.analysis import tables
 from moe_viz.ui.app import page_path
-from moe_viz.ui.common import CHART_HEIGHT, COLOR_DIVERGING, COLOR_SEQUENTIAL, domain_run_ids, metric_values, pick_model_runs
+from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, metric_values, pick_model_runs
+from moe_viz.ui.heatmap_chart import SELECTION, clicked_cell, heatmap_chart, heatmap_frame
 
 # the unit of each statistic or criterion, for the colour bar and the hover
 UNITS = {
@@ -54,49 +53,31 @@ if values.value.isna().all():
             f"{model_runs.model_id.iloc[0]} --domain {domain}` to fill it in.")
     st.stop()
 matrix = tables.metric_matrix(values, domain)
-hover = f"{metric} %{{customdata:.6g}} ({unit(metric)})"
-if domain_b is not None:
-    matrix_a, matrix_b = matrix, tables.metric_matrix(values, domain_b)
-    matrix = matrix_a - matrix_b
-exact = matrix.to_numpy(dtype=float)
-customdata = exact
-shown = exact
-colour = dict(colorscale=COLOR_SEQUENTIAL)
-title = f"{metric} — {domain}"
-bar_title = f"{metric}<br>({unit(metric)})"
-if domain_b is not None:
-    limit = float(np.nanmax(np.abs(exact))) or 1.0
-    colour = dict(colorscale=COLOR_DIVERGING, zmid=0.0, zmin=-limit, zmax=limit)
-    title = f"{metric} — {domain} minus {domain_b}"
-    bar_title = f"{metric}, A − B<br>({unit(metric)})"
-    # hover shows both sides and the difference: customdata[..., 0] = A, [..., 1] = B, [..., 2] = A − B
-    customdata = np.stack([side.reindex(index=matrix.index, columns=matrix.columns).to_numpy(dtype=float)
-                           for side in (matrix_a, matrix_b)] + [exact], axis=-1)
-    hover = (f"{metric} ({unit(metric)})<br>A {domain}: %{{customdata[0]:.6g}}<br>B {domain_b}: %{{customdata[1]:.6g}}"
-             "<br>A − B: %{customdata[2]:.6g}")
-elif scale == "log":
-    positive = exact[exact > 0]
-    floor = positive.min() / 10 if positive.size else 1e-12
-    shown = np.log10(np.maximum(exact, floor))
-    title += " (log10)"
-    bar_title = f"log10 {metric}<br>({unit(metric)})"
-figure = go.Figure(go.Heatmap(
-    z=shown, x=[str(e) for e in matrix.columns], y=[str(l) for l in matrix.index], customdata=customdata,
-    hovertemplate=f"layer %{{y}}<br>expert %{{x}}<br>{hover}<extra></extra>",
-    colorbar=dict(title=bar_title), **colour,
-))
-figure.update_layout(title=title, xaxis_title="expert", yaxis_title="MoE layer (decoder index)",
-                     height=CHART_HEIGHT, margin=dict(l=60, r=20, t=50, b=50))
-figure.update_yaxes(autorange="reversed", type="category")
-figure.update_xaxes(type="category")
-st.plotly_chart(figure, key="heatmap")
-st.caption(tables.METRICS[metric] + ". Hover a cell for exact values; pick a cell below to open its detail.")
+matrix_b = tables.metric_matrix(values, domain_b) if domain_b is not None else None
+log = domain_b is None and scale == "log"
+frame = heatmap_frame(matrix, matrix_b, log=log)
+title = f"{metric} — {domain}" + (f" minus {domain_b}" if domain_b is not None else "") + (" (log10)" if log else "")
+event = st.altair_chart(heatmap_chart(frame, metric, unit(metric), title, domain, domain_b, log, CHART_HEIGHT),
+                        key="heatmap", on_select="rerun", selection_mode=SELECTION, width="stretch")
+st.caption(tables.METRICS[metric] + ". Hover a cell for exact values; click a cell to open that expert's detail "
+           "(or pick a layer and expert below).")
+
+
+def open_expert(layer: int, expert: int) -> None:
+    st.session_state["ex_layer"] = int(layer)
+    st.session_state["ex_expert"] = int(expert)
+    st.switch_page(page_path("expert"))
+
+
+cell = clicked_cell(event)
+if cell is not None and cell in {(int(l), int(e)) for l, e in zip(frame.layer, frame.expert)}:
+    open_expert(*cell)
 
 c6, c7, c8 = st.columns([1, 1, 2])
 layer = c6.selectbox("Layer", list(matrix.index), key="hm_layer")
 expert = c7.selectbox("Expert", list(matrix.columns), key="hm_expert")
-c8.metric(f"{metric}{' A − B' if domain_b is not None else ''} at layer {layer}, expert {expert}", f"{matrix.loc[layer, expert]:.6g}")
+shown = frame.set_index(["layer", "expert"]).value
+c8.metric(f"{metric}{' A − B' if domain_b is not None else ''} at layer {layer}, expert {expert}",
+          f"{shown.loc[(int(layer), int(expert))]:.6g}")
 if c8.button("Open expert detail", key="hm_open"):
-    st.session_state["ex_layer"] = int(layer)
-    st.session_state["ex_expert"] = int(expert)
-    st.switch_page(page_path("expert"))
+    open_expert(layer, expert)

@@ -1,0 +1,97 @@
+"""The clickable layer x expert heatmap: Altair rects whose click names the (layer, expert) cell.
+
+Streamlit 1.67's `st.plotly_chart(on_select=...)` returns no points for a Plotly heatmap; a
+Vega-Lite point selection on `mark_rect` does return the clicked cell. No Streamlit import
+here: the page draws the chart and passes its event to `clicked_cell`.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+SELECTION = "cell"  # the point-selection parameter: st.altair_chart's event.selection.cell
+SEQUENTIAL_SCHEME = "viridis"  # perceptually uniform and colour-blind safe
+DIVERGING_SCHEME = "redblue"  # reversed below: blue < 0 < red, readable with red-green colour blindness
+
+
+def heatmap_frame(matrix: pd.DataFrame, matrix_b: pd.DataFrame | None = None, log: bool = False) -> pd.DataFrame:
+    """The long table behind the heatmap, one row per (layer, expert).
+
+    matrix, matrix_b: layer x expert values (index layer, columns expert). Columns: layer,
+    expert, value (the exact value: A − B when matrix_b is given), `a` and `b` (difference
+    only), and `colour` (what the colour encodes: log10 of value, floored at a tenth of the
+    smallest positive value, when log; else value).
+    """
+    frame = _long(matrix, "value")
+    if matrix_b is not None:
+        frame = frame.rename(columns={"value": "a"})
+        frame["b"] = _long(matrix_b.reindex(index=matrix.index, columns=matrix.columns), "b")["b"].to_numpy()
+        frame["value"] = frame.a - frame.b
+    values = frame.value.to_numpy(dtype=float)
+    if log:
+        positive = values[values > 0]
+        floor = positive.min() / 10 if positive.size else 1e-12
+        frame["colour"] = np.log10(np.maximum(np.nan_to_num(values, nan=floor), floor))
+        frame.loc[np.isnan(values), "colour"] = np.nan
+    else:
+        frame["colour"] = values
+    return frame
+
+
+def _long(matrix: pd.DataFrame, name: str) -> pd.DataFrame:
+    layers, experts = np.meshgrid(matrix.index.to_numpy(), matrix.columns.to_numpy(), indexing="ij")
+    return pd.DataFrame({"layer": layers.ravel().astype(int), "expert": experts.ravel().astype(int),
+                         name: matrix.to_numpy(dtype=float).ravel()})
+
+
+def heatmap_chart(frame: pd.DataFrame, metric: str, unit: str, title: str, domain: str,
+                  domain_b: str | None = None, log: bool = False, height: int = 460) -> alt.Chart:
+    """Rects coloured by `frame.colour`; hover shows layer, expert and the exact values with their unit.
+
+    A difference (domain_b given) uses a diverging scale centred at 0 and its hover shows A, B and A − B.
+    Clicking a cell selects it (parameter SELECTION, fields layer and expert).
+    """
+    cell = alt.selection_point(name=SELECTION, fields=["layer", "expert"], on="click")
+    if domain_b is not None:
+        limit = float(np.nanmax(np.abs(frame.value.to_numpy(dtype=float)))) if frame.value.notna().any() else 0.0
+        limit = limit or 1.0
+        scale = alt.Scale(scheme=DIVERGING_SCHEME, reverse=True, domain=[-limit, limit], domainMid=0)
+        legend = [f"{metric}, A − B", f"({unit})"]
+        values = [alt.Tooltip("a:Q", title=f"A {domain}", format=".6g"),
+                  alt.Tooltip("b:Q", title=f"B {domain_b}", format=".6g"),
+                  alt.Tooltip("value:Q", title=f"A − B ({unit})", format=".6g")]
+    else:
+        scale = alt.Scale(scheme=SEQUENTIAL_SCHEME)
+        legend = [f"log10 {metric}" if log else metric, f"({unit})"]
+        values = [alt.Tooltip("value:Q", title=f"{metric} ({unit})", format=".6g")]
+    return (
+        alt.Chart(frame, title=title, height=height)
+        .mark_rect()
+        .encode(
+            x=alt.X("expert:O", title="expert"),
+            y=alt.Y("layer:O", title="MoE layer (decoder index)"),
+            color=alt.Color("colour:Q", scale=scale, title=legend),
+            stroke=alt.condition(cell, alt.value("black"), alt.value(None)),
+            strokeWidth=alt.condition(cell, alt.value(2), alt.value(0)),
+            tooltip=[alt.Tooltip("layer:O", title="layer"), alt.Tooltip("expert:O", title="expert"), *values],
+        )
+        .add_params(cell)
+    )
+
+
+def clicked_cell(event) -> tuple[int, int] | None:
+    """(layer, expert) of the clicked cell in st.altair_chart's event, or None when nothing is selected.
+
+    The event is {"selection": {SELECTION: [{"layer": L, "expert": E, ...}]}}, an empty list or
+    dict when nothing is selected (shift-click adds points: the last one is the newest).
+    """
+    selection = (event or {}).get("selection", {}).get(SELECTION) or []
+    if not isinstance(selection, list) or not selection:
+        return None
+    point = selection[-1]
+    try:
+        return int(point["layer"]), int(point["expert"])
+    except (KeyError, TypeError, ValueError):
+        return None
