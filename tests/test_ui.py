@@ -471,3 +471,42 @@ def test_heatmap_colour_bar_names_the_unit_and_difference_hover_shows_both(captu
     assert tooltip == [("layer", "layer"), ("expert", "expert"), ("a", "A math"), ("b", "B code"),
                        ("value", f"A − B {unit}")]
     assert spec["encoding"]["color"]["title"] == ["frequency_share, A − B", unit]
+
+
+def test_prune_page_cli_command_exports_the_same_plan(captured, tmp_path, monkeypatch, capsys):
+    import shlex
+
+    from moe_viz.prune.export import PRUNE_MANIFEST
+
+    _, model_dir, store_path = captured
+    at = _app(store_path, monkeypatch, "prune")
+    at.selectbox(key="pr_criterion").set_value("frequency").run()
+    at.select_slider(key="pr_keep").set_value(3).run()
+    at.multiselect(key="pr_domains").set_value(["code", "prose"]).run()
+    at.number_input(key="pr_w_prose").set_value(0.3).run()  # unequal weights: the mix must come through exactly
+    at.text_input(key="pr_name").set_value("from-cli").run()
+    heat = _charts(at)[0].data[0]
+    mask = _array(heat.z)
+    page_dropped = {int(layer): np.flatnonzero(row == 0).tolist() for layer, row in zip(heat.y, mask)}
+    (command,) = [c.value for c in at.code]
+    argv = shlex.split(command)
+    assert argv[:2] == ["moe-viz", "prune"]
+    assert argv[argv.index("--store") + 1] == str(store_path) and argv[argv.index("--keep") + 1] == "3"
+    assert argv[argv.index("--out") + 1] == str(store_path.parent / "exports" / "from-cli")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--domain"] == ["code:1.0", "prose:0.3"]
+    monkeypatch.chdir(tmp_path)  # the command names everything absolutely
+    assert main(argv[1:]) == 0, capsys.readouterr().err
+    manifest = json.loads((store_path.parent / "exports" / "from-cli" / PRUNE_MANIFEST).read_text())
+    exported = manifest["plan"]
+    dropped = {int(layer): sorted(set(range(n)) - set(exported["kept"][layer]))
+               for layer, n in exported["num_experts"].items()}
+    assert dropped == page_dropped
+    assert exported["criterion"] == "frequency" and exported["domains"] == {"code": 1.0, "prose": 0.3}
+    # the mix matters here: the same criterion on code alone drops other experts
+    alone = _array(_charts(at.multiselect(key="pr_domains").set_value(["code"]).run())[0].data[0].z)
+    assert alone.tolist() != mask.tolist()
+    # a global plan cannot be exported: the page gives the `evaluate --scope global` command instead
+    at.multiselect(key="pr_domains").set_value(["code", "prose"]).run()
+    at.radio(key="pr_scope").set_value("global").run()
+    (command,) = [c.value for c in at.code]
+    assert shlex.split(command)[:2] == ["moe-viz", "evaluate"] and command.endswith("--scope global")

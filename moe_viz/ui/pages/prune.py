@@ -9,6 +9,7 @@ import streamlit as st
 
 from moe_viz.analysis import compare, criteria
 from moe_viz import jobs
+from moe_viz.prune.command import prune_command
 from moe_viz.prune.export import PRUNE_MANIFEST, export_name_path, export_pruned
 from moe_viz.models import MoeVizError
 from moe_viz.prune.plan import RouterConstraints, build_plan, preview, size_summary
@@ -198,6 +199,8 @@ st.subheader("Export")
 if not plan.exportable:
     st.warning("This global plan keeps different numbers of experts per layer, so it cannot be exported: "
                "switch the scope to uniform.")
+    st.caption("The same plan, evaluated from a terminal (copy button on the right):")
+    st.code(prune_command(plan, path, ""), language="bash")
     st.stop()
 if config is None or not Path(model_id).is_dir():
     st.warning(f"The model {model_id} is not a local directory, so it cannot be exported from here.")
@@ -211,6 +214,9 @@ name = st.text_input(f"Export name (under {exports_dir})", key="pr_name",
                      help=f"follows the plan ({default_name}) until you type your own name")
 force = st.checkbox(REPLACE_BOX, key="pr_force",
                     help="only ever replaces a previous moe_viz export (a folder holding moe_viz_prune.json)")
+st.caption("The same export from a terminal (copy button on the right):" if plan.scope == "uniform" else
+           "The same plan, evaluated from a terminal (`moe-viz prune` builds uniform plans; copy button on the right):")
+st.code(prune_command(plan, path, exports_dir / name, force=force), language="bash")
 if st.button("Export and verify", type="primary", key="pr_export"):
     st.session_state.pop("pr_result", None)  # a result shown below always belongs to this export
     status = None
