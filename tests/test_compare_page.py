@@ -18,6 +18,7 @@ from moe_viz.cli import main
 from moe_viz.prune.plan import RouterConstraints, build_plan, preview
 from moe_viz.prune.sweep import plan_key
 from test_sweep import captured  # noqa: F401  (a tiny model captured on code and prose)
+from chart_downloads import check_plotly_downloads, downloads  # noqa: F401 (fixture)
 from test_ui import _app, _array, _charts, _frame
 
 MIX = {"code": 1.0, "prose": 0.5}
@@ -256,3 +257,9 @@ def test_background_sweep_from_the_page_stores_its_plans(swept, monkeypatch, tmp
         key = plan_key(_plan(store_path, model_dir, criterion, mix={"code": 1.0}, sparsity=0.5), 0)
         expected = _sql(store_path, "SELECT kl FROM plan_evals WHERE plan_key = ? AND eval_domain = 'code'", key)
         np.testing.assert_allclose(_array(lines[(criterion, "code")][0].y), expected.kl, rtol=1e-12)
+
+
+def test_quality_curves_offer_their_data_as_csv_and_save_svg(swept, monkeypatch, downloads):
+    _, _, _, store_path = swept
+    at = _app(store_path, monkeypatch, "compare")
+    assert set(check_plotly_downloads(at, downloads, "compare")) == {"cp_kl", "cp_nll_delta", "cp_cut"}

@@ -22,6 +22,23 @@ COLOR_DIVERGING = "RdBu_r"  # blue-red diverging: readable with red-green colour
 # Kept / dropped experts: Okabe-Ito blue and orange, told apart by every common colour-vision deficiency.
 KEPT_COLOR, DROPPED_COLOR = "#0072B2", "#E69F00"
 CHART_HEIGHT = 460
+# The modebar's camera saves SVG, drawn in the browser (no kaleido, no Chrome on the server); no Plotly logo link.
+PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "svg"}}
+
+
+def csv_download(data: pd.DataFrame, key: str, container=None) -> None:
+    """A download button for `data`, the frame a chart draws, as `<key>.csv` (widget key `<key>_csv`)."""
+    (container or st).download_button(
+        "CSV of this chart's data", data.to_csv(index=False).encode("utf-8"), file_name=f"{key}.csv",
+        mime="text/csv", key=f"{key}_csv", on_click="ignore", icon=":material/download:")
+
+
+def plotly_chart(figure, data: pd.DataFrame, key: str, container=None, **kwargs):
+    """st.plotly_chart whose modebar camera saves `<key>.svg`, then a CSV download of `data` (what it draws)."""
+    config = {**PLOTLY_CONFIG, "toImageButtonOptions": {"format": "svg", "filename": key}}
+    event = (container or st).plotly_chart(figure, key=key, config=config, **kwargs)
+    csv_download(data, key, container)
+    return event
 
 
 def warm_imports() -> None:

@@ -17,7 +17,7 @@ from moe_viz.models import MoeVizError
 from moe_viz.prune.plan import RouterConstraints
 from moe_viz.prune.sweep import stored_sweeps
 from moe_viz.ui.common import (CHART_HEIGHT, causal_vs_observational, domain_run_ids, layer_stats, pick_model_runs,
-                               store_path)
+                               plotly_chart, store_path)
 
 # Paul Tol's "muted" qualitative scheme (distinguishable with the common colour-vision deficiencies);
 # each criterion also has its own marker symbol. The random baseline is grey and dashed.
@@ -193,7 +193,7 @@ def quality_section(evals: pd.DataFrame, path: str, runs_key: tuple, model_id: s
     chosen_points = [labels[p] for p in picks]
     picked = points[[(c, s) in chosen_points for c, s in zip(points.criterion, points.sparsity)]]
     for metric in QUALITY:
-        st.plotly_chart(quality_figure(points, metric, picked), key=f"cp_{metric}")
+        plotly_chart(quality_figure(points, metric, picked), points, f"cp_{metric}")
     if (points.shared_with.notna()).any():
         st.caption("Some points share a plan with another criterion (the same experts kept): a sweep evaluates "
                    "such a plan once and stores it under the first criterion; hover a point to see which.")
@@ -239,7 +239,7 @@ def tradeoff_section(path: str, runs_key: tuple, model_id: str, run_ids: dict, g
         st.caption(f"left out: {note}")
     if cut.empty:
         return
-    st.plotly_chart(tradeoff_figure(cut), key="cp_cut")
+    plotly_chart(tradeoff_figure(cut), cut, "cp_cut")
     st.dataframe(cut, hide_index=True, key="cp_cut_table")
 
 

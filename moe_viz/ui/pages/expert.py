@@ -4,7 +4,7 @@ import plotly.express as px
 import streamlit as st
 
 from moe_viz.analysis import tables, criteria
-from moe_viz.ui.common import coactivation, domain_run_ids, expert_stats, layer_stats, pick_model_runs
+from moe_viz.ui.common import coactivation, domain_run_ids, expert_stats, layer_stats, pick_model_runs, plotly_chart
 
 st.title("Expert detail")
 model_runs = pick_model_runs()
@@ -19,7 +19,7 @@ profile = tables.expert_profile(stats, layers, layer, expert)
 share = px.bar(profile, x="domain", y="frequency_share", title=f"Layer {layer}, expert {expert}: routed share by domain",
                labels={"frequency_share": "routed-token share (fraction of k·T slots)", "domain": "domain"})
 share.add_hline(y=1 / int(layers.num_experts.max()), line_dash="dash", line_color="grey", annotation_text="uniform 1/E")
-st.plotly_chart(share, key="expert_share")
+plotly_chart(share, profile, "expert_share")
 
 ranks = profile.set_index("domain")[[c for c in profile.columns if c.startswith("rank:")]]
 ranks.columns = [c.removeprefix("rank:") for c in ranks.columns]
@@ -38,5 +38,5 @@ else:
                   labels={"x": "partner expert (most likely first)", "p_given_expert": "probability"})
     # numeric-looking labels would make Plotly use a linear axis (index order, gaps): categories by probability
     bars.update_xaxes(type="category", categoryorder="array", categoryarray=partners.partner.astype(str).tolist())
-    st.plotly_chart(bars, key="expert_partners")
+    plotly_chart(bars, partners, "expert_partners")
     st.dataframe(partners, hide_index=True)

@@ -4,7 +4,7 @@ import plotly.express as px
 import streamlit as st
 
 from moe_viz.analysis import tables
-from moe_viz.ui.common import domain_run_ids, expert_stats, layer_stats, pick_model_runs
+from moe_viz.ui.common import domain_run_ids, expert_stats, layer_stats, pick_model_runs, plotly_chart
 
 st.title("Router health")
 model_runs = pick_model_runs()
@@ -16,14 +16,14 @@ c1, c2 = st.columns(2)
 imbalance = px.line(health, x="layer", y="load_imbalance", color="domain", markers=True,
                     title="Load imbalance (1 = perfectly balanced)", labels=labels)
 imbalance.update_xaxes(type="category")
-c1.plotly_chart(imbalance, key="health_imbalance")
+plotly_chart(imbalance, health[["domain", "layer", "load_imbalance"]], "health_imbalance", c1)
 entropy = px.line(health, x="layer", y="entropy_normalised", color="domain", markers=True,
                   title="Mean router entropy, normalised (1 = uniform)", labels=labels)
 entropy.update_layout(yaxis_range=[0, 1.02])
 entropy.update_xaxes(type="category")
-c2.plotly_chart(entropy, key="health_entropy")
+plotly_chart(entropy, health[["domain", "layer", "entropy_mean", "entropy_normalised"]], "health_entropy", c2)
 never = px.bar(health, x="layer", y="never_routed", color="domain", barmode="group",
                title="Experts never routed on the calibration data", labels=labels)
 never.update_xaxes(type="category")
-st.plotly_chart(never, key="health_never")
+plotly_chart(never, health[["domain", "layer", "never_routed", "num_experts"]], "health_never")
 st.dataframe(health, hide_index=True)

@@ -4,8 +4,8 @@ import streamlit as st
 
 from moe_viz.analysis import tables
 from moe_viz.ui.app import page_path
-from moe_viz.ui.common import CHART_HEIGHT, domain_run_ids, metric_values, pick_model_runs
-from moe_viz.ui.heatmap_chart import SELECTION, clicked_cell, heatmap_chart, heatmap_frame
+from moe_viz.ui.common import CHART_HEIGHT, csv_download, domain_run_ids, metric_values, pick_model_runs
+from moe_viz.ui.heatmap_chart import SELECTION, clicked_cell, heatmap_chart, heatmap_frame, heatmap_svg
 
 # the unit of each statistic or criterion, for the colour bar and the hover
 UNITS = {
@@ -61,6 +61,12 @@ event = st.altair_chart(heatmap_chart(frame, metric, unit(metric), title, domain
                         key="heatmap", on_select="rerun", selection_mode=SELECTION, width="stretch")
 st.caption(tables.METRICS[metric] + ". Hover a cell for exact values; click a cell to open that expert's detail "
            "(or pick a layer and expert below).")
+d1, d2 = st.columns(2)
+csv_download(frame, "heatmap", d1)
+legend = f"{'log10 ' if log else ''}{metric}{', A − B' if domain_b is not None else ''} ({unit(metric)})"
+d2.download_button("SVG of this heatmap", heatmap_svg(frame, title, legend, diverging=domain_b is not None),
+                   file_name="heatmap.svg", mime="image/svg+xml", key="heatmap_svg", on_click="ignore",
+                   icon=":material/download:")
 
 
 def open_expert(layer: int, expert: int) -> None:

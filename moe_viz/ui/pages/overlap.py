@@ -7,7 +7,7 @@ import streamlit as st
 
 from moe_viz.analysis import domain_stats
 from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, criteria_help, domain_run_ids, layer_stats,
-                               measured_criteria, mutual_information, overlap, pick_model_runs)
+                               measured_criteria, mutual_information, overlap, pick_model_runs, plotly_chart)
 
 st.title("Domain overlap")
 model_runs = pick_model_runs()
@@ -38,7 +38,8 @@ heat = go.Figure(go.Heatmap(z=matrix.to_numpy(), x=domains, y=domains, zmin=0, z
                             colorbar=dict(title="Jaccard")))
 heat.update_layout(title=f"Top-{k} Jaccard overlap at layer {layer} (random k-sets: {reference:.3f})",
                    xaxis_title="domain", yaxis_title="domain", height=CHART_HEIGHT)
-st.plotly_chart(heat, key="overlap_matrix")
+plotly_chart(heat, matrix.rename_axis(index="domain_a", columns="domain_b").stack().rename("jaccard").reset_index(),
+             "overlap_matrix")
 
 VIEWS = ["Mean over layers", "Lines across layers"]
 view = st.radio("Across layers", VIEWS, horizontal=True, key="ov_view",
@@ -60,7 +61,7 @@ if view == VIEWS[0]:
     figure.update_layout(title=f"Top-{k} Jaccard overlap by {criterion}, mean over layers (bars: min–max)",
                          xaxis_title="domain pair", yaxis_title="Jaccard overlap (0–1)")
     figure.update_xaxes(type="category", categoryorder="array", categoryarray=summary["pair"].tolist())
-    key = "overlap_mean"
+    key, data = "overlap_mean", summary.rename(columns={"mean": "mean_jaccard", "min": "min_over_layers", "max": "max_over_layers"})
 else:
     figure = go.Figure([  # plain traces: plotly.express takes ~10x longer to build 45 of them
         go.Scatter(x=group.layer.astype(str), y=group.jaccard, mode="lines+markers", name=pair,
@@ -70,10 +71,10 @@ else:
     figure.update_layout(title=f"Top-{k} Jaccard overlap by {criterion} across layers", legend_title_text="pair",
                          xaxis_title="MoE layer (decoder index)", yaxis_title="Jaccard overlap (0–1)")
     figure.update_xaxes(type="category")
-    key = "overlap_lines"
+    key, data = "overlap_lines", jaccard[["pair", "layer", "jaccard"]]
 figure.add_hline(**reference_line)
 figure.update_layout(height=CHART_HEIGHT, yaxis_range=[0, 1.02], showlegend=True)  # one pair keeps its legend too
-st.plotly_chart(figure, key=key)
+plotly_chart(figure, data.assign(random_k_sets=reference), key)
 
 st.subheader("Does expert choice depend on the domain?")
 st.caption("Top-k overlap is a weak signal on its own: busy generalist experts sit in every domain's top-k. "
@@ -83,4 +84,4 @@ mi_figure = px.bar(mi, x="layer", y="mutual_information", title="Mutual informat
                    labels={"layer": "MoE layer (decoder index)", "mutual_information": "nats"})
 mi_figure.update_layout(height=360)
 mi_figure.update_xaxes(type="category")
-st.plotly_chart(mi_figure, key="overlap_mi")
+plotly_chart(mi_figure, mi, "overlap_mi")

@@ -15,7 +15,7 @@ from moe_viz.models import MoeVizError
 from moe_viz.prune.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.prune.sweep import plan_key, stored_plan_results
 from moe_viz.ui.common import (CHART_HEIGHT, DROPPED_COLOR, KEPT_COLOR, criteria_help, domain_run_ids, layer_stats,
-                               pick_model_runs, store_path)
+                               pick_model_runs, plotly_chart, store_path)
 from moe_viz.prune.verify import verify_from_store
 
 
@@ -108,15 +108,16 @@ heat.update_layout(title=f"Kept (blue) and dropped (orange) experts — {criteri
                    xaxis_title="expert", yaxis_title="MoE layer (decoder index)", height=CHART_HEIGHT)
 heat.update_yaxes(autorange="reversed", type="category")
 heat.update_xaxes(type="category")
-st.plotly_chart(heat, key="prune_mask")
+plotly_chart(heat, mask.rename_axis(index="layer", columns="expert").stack().rename("kept").reset_index(), "prune_mask")
 
 lost = preview(plan, path)
 summary = lost.groupby("domain", as_index=False)[["routed_share_lost", "reap_share_lost"]].mean()
-bars = px.bar(summary.melt(id_vars="domain", var_name="measure", value_name="share"), x="domain", y="share",
+lost_shares = summary.melt(id_vars="domain", var_name="measure", value_name="share")
+bars = px.bar(lost_shares, x="domain", y="share",
               color="measure", barmode="group", title="Mass carried by the dropped experts (mean over layers)",
               labels={"share": "fraction of the domain's total", "domain": "calibration domain"})
 bars.update_layout(yaxis_range=[0, 1])
-st.plotly_chart(bars, key="prune_lost")
+plotly_chart(bars, lost_shares, "prune_lost")
 st.dataframe(summary, hide_index=True)
 
 if config is not None:

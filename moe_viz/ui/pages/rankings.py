@@ -8,7 +8,7 @@ import streamlit as st
 
 from moe_viz.analysis import tables, criteria
 from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, DROPPED_COLOR, KEPT_COLOR, causal_vs_observational,
-                               criteria_help, domain_run_ids, expert_stats, layer_stats, pick_model_runs)
+                               criteria_help, domain_run_ids, expert_stats, layer_stats, pick_model_runs, plotly_chart)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -56,7 +56,7 @@ figure = px.bar(ranked, x="expert_label", y="score", color="status",
 figure.update_layout(height=CHART_HEIGHT)
 # numeric-looking labels would make Plotly use a linear axis in expert-index order: bars in rank order
 figure.update_xaxes(type="category", categoryorder="array", categoryarray=ranked.expert_label.tolist())
-st.plotly_chart(figure, key="ranking_bars")
+plotly_chart(figure, ranked[["rank", "expert", "score", "routed", "status"]], "ranking_bars")
 st.dataframe(ranked[["rank", "expert", "score", "routed", "status"]], hide_index=True)
 
 st.subheader("Criteria agreement")
@@ -74,7 +74,8 @@ heat = go.Figure(go.Heatmap(z=matrix.to_numpy(), x=list(names), y=list(names), z
                             colorbar=dict(title="Spearman ρ")))
 heat.update_layout(title=f"Rank correlation between criteria, mean over layers ({domain})", height=CHART_HEIGHT,
                    xaxis_title="criterion", yaxis_title="criterion")
-st.plotly_chart(heat, key="agreement_matrix")
+plotly_chart(heat, matrix.rename_axis(index="criterion_a", columns="criterion_b").stack().rename("spearman")
+             .reset_index(), "agreement_matrix")
 st.caption(f"Per layer {layer}: Spearman ρ of the rankings and top-{k} overlap |A∩B|/k."
            + (" `reconstruction` is causal (measured by masking each expert); its row shows where routing "
               "statistics agree with what removing an expert really does." if "reconstruction" in names else ""))
