@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.io as pio
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -268,20 +267,9 @@ def test_expert_profile_and_partners_match_sql(synthetic):
 # -- the Heatmaps page itself ---------------------------------------------------------------------------------
 
 
-def _heat(at):
-    return pio.from_json(at.get("plotly_chart")[0].proto.spec).data[0]
-
-
-def _array(value):
-    import base64
-
-    if isinstance(value, dict) and "bdata" in value:
-        shape = [int(s) for s in str(value.get("shape", "-1")).split(",")]
-        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).reshape(shape)
-    return np.asarray(value)
-
-
 def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
+    from test_ui import _grid, _heatmap
+
     path, ids = synthetic
     monkeypatch.setattr("sys.argv", ["app.py", "--store", str(path)])
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
@@ -292,11 +280,11 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
     at.selectbox(key="hm_domain").set_value("math").run()
     for metric in tables.METRICS:  # ... plotted as SQL computes it, on the domain with the fewest tokens
         at.selectbox(key="hm_metric").set_value(metric).run()
-        heat = _heat(at)
+        _, frame = _heatmap(at)
         expected = metric_matrix(path, metric, ids["math"]).to_numpy()
-        np.testing.assert_allclose(_array(heat.z), expected, rtol=1e-12, atol=1e-15, err_msg=metric)
-        np.testing.assert_allclose(_array(heat.customdata), expected, rtol=1e-12, atol=1e-15, err_msg=metric)
-        assert list(heat.y) == [str(l) for l in LAYERS] and list(heat.x) == [str(e) for e in range(E)]
+        np.testing.assert_allclose(_grid(frame, "colour"), expected, rtol=1e-12, atol=1e-15, err_msg=metric)
+        np.testing.assert_allclose(_grid(frame, "value"), expected, rtol=1e-12, atol=1e-15, err_msg=metric)
+        assert sorted(frame.layer.unique()) == list(LAYERS) and sorted(frame.expert.unique()) == list(range(E))
 
     at.selectbox(key="hm_metric").set_value("easy_ep").run()
     at.selectbox(key="hm_layer").set_value(3).run()  # the picked cell's value: the never-routed expert of math
@@ -309,12 +297,13 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
     at.radio(key="hm_scale").set_value("log").run()
     for metric in ("frequency_share", "reap", "nllb"):  # zeros (never routed) get the floor m/10
         at.selectbox(key="hm_metric").set_value(metric).run()
-        heat = _heat(at)
+        _, frame = _heatmap(at)
         values = metric_matrix(path, metric, ids["math"]).to_numpy()
         assert (values == 0).any()
         floor = values[values > 0].min() / 10
-        np.testing.assert_allclose(_array(heat.z), np.log10(np.maximum(values, floor)), rtol=1e-12, err_msg=metric)
-        np.testing.assert_allclose(_array(heat.customdata), values, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(_grid(frame, "colour"), np.log10(np.maximum(values, floor)), rtol=1e-12,
+                                   err_msg=metric)
+        np.testing.assert_allclose(_grid(frame, "value"), values, rtol=1e-12, atol=1e-15)
 
     at.radio(key="hm_mode").set_value("Difference A − B").run()
     units = {"frequency_share": "fraction of the layer's k·T slots", "soft_count_mean": "router probability per token",
@@ -324,15 +313,17 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
         at.selectbox(key="hm_domain_b").set_value(b).run()
         for metric in ("frequency_share", "soft_count_mean", "nllb", "ean_mean"):
             at.selectbox(key="hm_metric").set_value(metric).run()
-            heat = _heat(at)
+            spec, frame = _heatmap(at)
             side_a, side_b = metric_matrix(path, metric, ids[a]).to_numpy(), metric_matrix(path, metric, ids[b]).to_numpy()
             expected = side_a - side_b
-            np.testing.assert_allclose(_array(heat.z), expected, rtol=1e-12, atol=1e-15, err_msg=(metric, a, b))
-            hover = _array(heat.customdata)  # A, B and A − B for every cell, all three in the hover
-            np.testing.assert_allclose(hover[..., 0], side_a, rtol=1e-12, atol=1e-15)
-            np.testing.assert_allclose(hover[..., 1], side_b, rtol=1e-12, atol=1e-15)
-            np.testing.assert_allclose(hover[..., 2], expected, rtol=1e-12, atol=1e-15)
-            assert all(f"%{{customdata[{i}]:.6g}}" in heat.hovertemplate for i in range(3))
+            np.testing.assert_allclose(_grid(frame, "colour"), expected, rtol=1e-12, atol=1e-15, err_msg=(metric, a, b))
+            # A, B and A − B for every cell, all three in the hover
+            np.testing.assert_allclose(_grid(frame, "a"), side_a, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(_grid(frame, "b"), side_b, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(_grid(frame, "value"), expected, rtol=1e-12, atol=1e-15)
+            hover = [(t["field"], t.get("format")) for t in spec["encoding"]["tooltip"]]
+            assert hover[2:] == [("a", ".6g"), ("b", ".6g"), ("value", ".6g")]
+            scale = spec["encoding"]["color"]["scale"]
             limit = np.abs(expected).max()
-            assert heat.zmid == 0 and heat.zmin == pytest.approx(-limit, rel=1e-12) and heat.zmax == pytest.approx(limit, rel=1e-12)
-            assert heat.colorbar.title.text == f"{metric}, A − B<br>({units[metric]})"
+            assert scale["domainMid"] == 0 and scale["domain"] == pytest.approx([-limit, limit], rel=1e-12)
+            assert spec["encoding"]["color"]["title"] == [f"{metric}, A − B", f"({units[metric]})"]
