@@ -31,6 +31,12 @@ def unit(metric: str) -> str:
     return UNITS.get(metric, tables.METRICS[metric])
 
 
+def open_expert(layer: int, expert: int) -> None:
+    st.session_state["ex_layer"] = int(layer)
+    st.session_state["ex_expert"] = int(expert)
+    st.switch_page(page_path("expert"))
+
+
 st.title("Expert heatmaps")
 model_runs = pick_model_runs()
 run_ids = domain_run_ids(model_runs)
@@ -59,25 +65,18 @@ frame = heatmap_frame(matrix, matrix_b, log=log)
 title = f"{metric} — {domain}" + (f" minus {domain_b}" if domain_b is not None else "") + (" (log10)" if log else "")
 event = st.altair_chart(heatmap_chart(frame, metric, unit(metric), title, domain, domain_b, log, CHART_HEIGHT),
                         key="heatmap", on_select="rerun", selection_mode=SELECTION, width="stretch")
-st.caption(tables.METRICS[metric] + ". Hover a cell for exact values; click a cell to open that expert's detail "
-           "(or pick a layer and expert below).")
+cell = clicked_cell(event)  # handled before anything else is drawn: the page switches right away
+if cell is not None and cell in {(int(l), int(e)) for l, e in zip(frame.layer, frame.expert)}:
+    open_expert(*cell)
+
+st.caption(tables.METRICS[metric] + ". Hover a cell for its value (6 significant digits; the CSV has full "
+           "precision); click a cell to open that expert's detail (or pick a layer and expert below).")
 d1, d2 = st.columns(2)
 csv_download(frame, "heatmap", d1)
 legend = f"{'log10 ' if log else ''}{metric}{', A − B' if domain_b is not None else ''} ({unit(metric)})"
 d2.download_button("SVG of this heatmap", heatmap_svg(frame, title, legend, diverging=domain_b is not None),
                    file_name="heatmap.svg", mime="image/svg+xml", key="heatmap_svg", on_click="ignore",
                    icon=":material/download:")
-
-
-def open_expert(layer: int, expert: int) -> None:
-    st.session_state["ex_layer"] = int(layer)
-    st.session_state["ex_expert"] = int(expert)
-    st.switch_page(page_path("expert"))
-
-
-cell = clicked_cell(event)
-if cell is not None and cell in {(int(l), int(e)) for l, e in zip(frame.layer, frame.expert)}:
-    open_expert(*cell)
 
 c6, c7, c8 = st.columns([1, 1, 2])
 layer = c6.selectbox("Layer", list(matrix.index), key="hm_layer")
