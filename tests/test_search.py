@@ -274,8 +274,9 @@ def test_search_cli_nonuniform_table_and_bad_input(captured, tmp_path, capsys):
     assert ("not exportable" in out) == (not plan.exportable)
 
     assert main(_search_cli(captured, "--keep", "4", "--population", "1")) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["moe-viz: error: --population 1 must be at least 2"]
+    store = f"[store: {captured[1]}]"  # every error names the store it used
+    assert capsys.readouterr().err.strip().splitlines() == [f"moe-viz: error: --population 1 must be at least 2 {store}"]
     assert main(_search_cli(captured)) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["moe-viz: error: give one of --keep K or --sparsity X"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"moe-viz: error: give one of --keep K or --sparsity X {store}"]
     assert main(_search_cli(captured, "--keep", "4", "--criteria", "reap,nope")) == 2
     assert "unknown criterion 'nope'" in capsys.readouterr().err

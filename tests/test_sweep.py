@@ -77,4 +77,5 @@ def test_bad_sparsities_fail_before_the_model_loads(captured, capsys):
                  "--sparsities", "0.5,x"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["moe-viz: error: --sparsities '0.5,x' must be numbers separated by commas, e.g. 0.25,0.5"]
+    assert err == ["moe-viz: error: --sparsities '0.5,x' must be numbers separated by commas, e.g. 0.25,0.5 "
+                   f"[store: {store_path}]"]

@@ -368,5 +368,5 @@ def test_prune_cli_lowers_top_k_and_verifies(tmp_path, broken_setup, capsys):
 
     assert main(base + ["--keep", "4", "--top-k", "3", "--out", str(tmp_path / "more")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "moe-viz: error: --top-k 3 must be between 1 and the model's top-k 2"]
+        f"moe-viz: error: --top-k 3 must be between 1 and the model's top-k 2 [store: {store_path}]"]
     assert not (tmp_path / "more").exists()
