@@ -2,27 +2,26 @@
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.io as pio
 import pytest
-from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.runtime.media_file_manager import MediaFileManager
 
 
 @pytest.fixture
 def downloads(monkeypatch):
-    """file id -> bytes of every file a download button offers (recorded as Streamlit stores it)."""
+    """deferred file id -> the function a download button runs when clicked (recorded as Streamlit registers it)."""
     files = {}
-    original = MemoryMediaFileStorage.load_and_get_id
+    original = MediaFileManager.add_deferred
 
-    def record(self, data, mimetype, kind, filename=None):
-        file_id = original(self, data, mimetype, kind, filename)
-        files[file_id] = data
+    def record(self, data_callable, *args, **kwargs):
+        file_id = original(self, data_callable, *args, **kwargs)
+        files[file_id] = data_callable
         return file_id
 
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record)
     return files
 
 
@@ -32,8 +31,13 @@ def element_key(element) -> str:
 
 
 def offered(at, downloads) -> dict[str, bytes]:
-    """Download button key -> the bytes it offers."""
-    return {element_key(b): downloads[Path(b.proto.url).stem] for b in at.get("download_button")}
+    """Download button key -> the bytes it gives when clicked (every button is deferred: nothing is made per rerun)."""
+    files = {}
+    for button in at.get("download_button"):
+        assert button.proto.deferred_file_id and not button.proto.url, element_key(button)
+        data = downloads[button.proto.deferred_file_id]()
+        files[element_key(button)] = data.encode() if isinstance(data, str) else data
+    return files
 
 
 def plotted_numbers(figure) -> np.ndarray:

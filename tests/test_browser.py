@@ -121,3 +121,27 @@ def test_clicking_a_heatmap_cell_opens_that_expert(server):
         page.wait_for_load_state("networkidle")
         assert page.url == server + "/"
         browser.close()
+
+
+def test_heatmap_downloads_arrive_in_chromium(server, tmp_path):
+    """The deferred CSV and SVG downloads are written on click and reach the browser whole."""
+    import csv
+    import xml.etree.ElementTree as ET
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        page.goto(server)
+        page.locator('[data-testid="stVegaLiteChart"] g.mark-rect path').first.wait_for(timeout=60_000)
+        files = {}
+        for label in ("CSV of this chart's data", "SVG of this heatmap"):
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name=label).click()
+            files[label] = tmp_path / download.value.suggested_filename
+            download.value.save_as(files[label])
+        browser.close()
+    rows = list(csv.DictReader(files["CSV of this chart's data"].open()))
+    assert files["CSV of this chart's data"].name == "heatmap.csv"
+    assert len(rows) == 2 * 8 and set(rows[0]) == {"layer", "expert", "value", "colour"}  # 2 layers x 8 experts
+    svg = ET.parse(files["SVG of this heatmap"]).getroot()
+    assert len([r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if "data-layer" in r.attrib]) == 16

@@ -54,5 +54,15 @@ def test_heatmap_csv_is_the_charted_frame_and_svg_draws_every_cell(captured, mon
         by_cell = charted.set_index(["layer", "expert"])
         for rect in cells:
             row = by_cell.loc[(int(rect.get("data-layer")), int(rect.get("data-expert")))]
-            assert rect.get("fill") == sample_colorscale(scale, [(row.colour - low) / (high - low)], colortype="rgb")[0]
+            exact = sample_colorscale(scale, [(row.colour - low) / (high - low)], colortype="rgb")[0]
+            # the fill is the scale's colour at this value, to one 8-bit step (the scale is sampled at 1024 levels)
+            np.testing.assert_allclose(_rgb(rect.get("fill")), _rgb(exact), atol=1)
             assert f": {row.value:.6g}" in rect.find("{http://www.w3.org/2000/svg}title").text
+        # the cell positions follow the chart's axes: layers down, experts across, in order
+        x = {int(r.get("data-expert")): float(r.get("x")) for r in cells}
+        y = {int(r.get("data-layer")): float(r.get("y")) for r in cells}
+        assert sorted(x, key=x.get) == sorted(x) and sorted(y, key=y.get) == sorted(y)
+
+
+def _rgb(colour: str) -> list[float]:
+    return [float(c) for c in colour.removeprefix("rgb(").removesuffix(")").split(",")]

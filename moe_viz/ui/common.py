@@ -27,9 +27,12 @@ PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "svg"}
 
 
 def csv_download(data: pd.DataFrame, key: str, container=None) -> None:
-    """A download button for `data`, the frame a chart draws, as `<key>.csv` (widget key `<key>_csv`)."""
+    """A download button for `data`, the frame a chart draws, as `<key>.csv` (widget key `<key>_csv`).
+
+    Deferred: the CSV is written when the button is clicked, not on every rerun (a big heatmap's is megabytes).
+    """
     (container or st).download_button(
-        "CSV of this chart's data", data.to_csv(index=False).encode("utf-8"), file_name=f"{key}.csv",
+        "CSV of this chart's data", lambda: data.to_csv(index=False).encode("utf-8"), file_name=f"{key}.csv",
         mime="text/csv", key=f"{key}_csv", on_click="ignore", icon=":material/download:")
 
 

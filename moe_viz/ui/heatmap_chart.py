@@ -97,42 +97,47 @@ def clicked_cell(event) -> tuple[int, int] | None:
         return None
 
 
+COLOUR_LEVELS = 1024  # SVG fills: the colour scale sampled at this many levels (within one 8-bit step of exact)
+
+
 def heatmap_svg(frame: pd.DataFrame, title: str, legend: str, diverging: bool = False, cell: int = 18) -> str:
     """The heatmap as a standalone SVG (st.altair_chart has no export menu in Streamlit 1.67).
 
-    One <rect> per (layer, expert) with the same colour scale as the chart (Viridis, or RdBu
-    reversed and centred at 0 for a difference) and the exact value in its <title> tooltip,
-    axis labels, and a legend with the colour range. NaN cells are light grey.
+    One <rect> per (layer, expert) coloured on the chart's scale (Viridis, or RdBu reversed
+    and centred at 0 for a difference; sampled at COLOUR_LEVELS levels) with the exact value
+    in its <title> tooltip, axis labels, and a legend with the colour range. NaN cells are
+    light grey. Vectorised: a 94 x 512 heatmap takes well under a second.
     """
     from xml.sax.saxutils import escape
 
     from plotly.colors import sample_colorscale
 
-    layers, experts = sorted(frame.layer.unique()), sorted(frame.expert.unique())
+    layers, experts = np.sort(frame.layer.unique()), np.sort(frame.expert.unique())
     colour = frame.colour.to_numpy(dtype=float)
     finite = colour[np.isfinite(colour)]
     if diverging:
-        limit = float(np.abs(finite).max()) if finite.size else 1.0
+        limit = float(np.abs(finite).max()) if finite.size else 0.0
         low, high, scale = -(limit or 1.0), limit or 1.0, "RdBu_r"
     else:
         scale = "Viridis"
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         low, high = (low, high) if high > low else (low - 0.5, high + 0.5)  # one value: a range to map it into
+    palette = np.array(sample_colorscale(scale, list(np.linspace(0, 1, COLOUR_LEVELS)), colortype="rgb") + ["#dddddd"])
+    level = np.round((np.nan_to_num(colour, nan=low) - low) / (high - low) * (COLOUR_LEVELS - 1)).astype(int)
+    fills = palette[np.where(np.isfinite(colour), np.clip(level, 0, COLOUR_LEVELS - 1), COLOUR_LEVELS)]
     left, top = 50, 40
+    xs = left + cell * np.searchsorted(experts, frame.expert.to_numpy())
+    ys = top + cell * np.searchsorted(layers, frame.layer.to_numpy())
     width, height = left + cell * len(experts) + 120, top + cell * len(layers) + 50
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
              f'font-size="10"><text x="{left}" y="20" font-size="13">{escape(title)}</text>']
-    for row in frame.itertuples(index=False):
-        x, y = left + cell * experts.index(row.expert), top + cell * layers.index(row.layer)
-        fill = "#dddddd" if not np.isfinite(row.colour) else \
-            sample_colorscale(scale, [(row.colour - low) / (high - low)], colortype="rgb")[0]
-        parts.append(f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}" data-layer="{row.layer}" '
-                     f'data-expert="{row.expert}"><title>{escape(_cell_text(row))}</title></rect>')
-    for i, layer in enumerate(layers):
-        parts.append(f'<text x="{left - 4}" y="{top + cell * i + cell * 0.7}" text-anchor="end">{layer}</text>')
-    for i, expert in enumerate(experts):
-        parts.append(f'<text x="{left + cell * i + cell / 2}" y="{top + cell * len(layers) + 12}" '
-                     f'text-anchor="middle">{expert}</text>')
+    parts += [f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}" data-layer="{row.layer}" '
+              f'data-expert="{row.expert}"><title>{escape(_cell_text(row))}</title></rect>'
+              for x, y, fill, row in zip(xs, ys, fills, frame.itertuples(index=False))]
+    parts += [f'<text x="{left - 4}" y="{top + cell * i + cell * 0.7}" text-anchor="end">{layer}</text>'
+              for i, layer in enumerate(layers)]
+    parts += [f'<text x="{left + cell * i + cell / 2}" y="{top + cell * len(layers) + 12}" text-anchor="middle">'
+              f'{expert}</text>' for i, expert in enumerate(experts)]
     parts.append(f'<text x="{left}" y="{height - 8}">expert (x) · MoE layer (y)</text>')
     legend_x = left + cell * len(experts) + 20
     stops = "".join(f'<stop offset="{t:.2f}" stop-color="{c}"/>' for t, c in

@@ -1,5 +1,7 @@
 """Heatmaps: a statistic or criterion over layers x experts, for one domain or the difference of two."""
 
+import functools
+
 import streamlit as st
 
 from moe_viz.analysis import tables
@@ -74,7 +76,8 @@ st.caption(tables.METRICS[metric] + ". Hover a cell for its value (6 significant
 d1, d2 = st.columns(2)
 csv_download(frame, "heatmap", d1)
 legend = f"{'log10 ' if log else ''}{metric}{', A − B' if domain_b is not None else ''} ({unit(metric)})"
-d2.download_button("SVG of this heatmap", heatmap_svg(frame, title, legend, diverging=domain_b is not None),
+svg = functools.partial(heatmap_svg, frame, title, legend, diverging=domain_b is not None)  # written on click
+d2.download_button("SVG of this heatmap", svg,
                    file_name="heatmap.svg", mime="image/svg+xml", key="heatmap_svg", on_click="ignore",
                    icon=":material/download:")
 
