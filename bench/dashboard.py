@@ -133,7 +133,7 @@ def browser_timings(path: Path) -> None:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=flags)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(url)
-            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)
+            page.wait_for_selector('.js-plotly-plot .main-svg, [data-testid="stVegaLiteChart"] .marks', timeout=120_000)
             page.wait_for_timeout(8000)  # a user reading the first page: the app warms its imports meanwhile
             print("page change in Chromium (click in the sidebar until the main chart is drawn), first visit / second visit:")
             headings = {"Domain overlap": "Domain overlap", "Saliency rankings": "Saliency rankings",
@@ -148,7 +148,8 @@ def browser_timings(path: Path) -> None:
                         "h => { const t = document.querySelector('h1');"
                         " return t && t.innerText.trim() === h"
                         " && !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-                        " && document.querySelector('.js-plotly-plot .main-svg'); }", arg=heading, timeout=120_000)
+                        " && document.querySelector('.js-plotly-plot .main-svg, [data-testid=\"stVegaLiteChart\"] .marks'); }",
+                        arg=heading, timeout=120_000)
                     times.append(time.perf_counter() - start)
                     page.get_by_role("link", name="Runs").click()
                     page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)

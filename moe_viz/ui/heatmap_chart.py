@@ -13,6 +13,7 @@ import pandas as pd
 
 SELECTION = "cell"  # the point-selection parameter: st.altair_chart's event.selection.cell
 SEQUENTIAL_SCHEME = "viridis"  # perceptually uniform and colour-blind safe
+MAX_AXIS_LABELS = 48
 DIVERGING_SCHEME = "redblue"  # reversed below: blue < 0 < red, readable with red-green colour blindness
 
 
@@ -70,15 +71,21 @@ def heatmap_chart(frame: pd.DataFrame, metric: str, unit: str, title: str, domai
         alt.Chart(frame, title=title, height=height)
         .mark_rect()
         .encode(
-            x=alt.X("expert:O", title="expert"),
-            y=alt.Y("layer:O", title="MoE layer (decoder index)"),
+            # at most ~MAX_AXIS_LABELS labels per axis: a 512-expert axis would lay out (and thin) 512 of them
+            x=alt.X("expert:O", title="expert", axis=alt.Axis(values=_ticks(frame.expert))),
+            y=alt.Y("layer:O", title="MoE layer (decoder index)", axis=alt.Axis(values=_ticks(frame.layer))),
             color=alt.Color("colour:Q", scale=scale, title=legend),
-            stroke=alt.condition(cell, alt.value("black"), alt.value(None)),
-            strokeWidth=alt.condition(cell, alt.value(2), alt.value(0)),
             tooltip=[alt.Tooltip("layer:O", title="layer"), alt.Tooltip("expert:O", title="expert"), *values],
         )
         .add_params(cell)
     )
+
+
+def _ticks(values: pd.Series) -> list[int]:
+    """Every value when there are few; else every n-th, so that at most MAX_AXIS_LABELS are drawn."""
+    ordered = sorted(int(v) for v in values.unique())
+    step = -(-len(ordered) // MAX_AXIS_LABELS)
+    return ordered[::step]
 
 
 def clicked_cell(event) -> tuple[int, int] | None:

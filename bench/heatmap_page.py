@@ -1,0 +1,105 @@
+"""Heatmaps page in Chromium: this checkout against a reference checkout, interleaved, on the big store.
+
+    python bench/heatmap_page.py --reference /work/main [--layers 94 --experts 512] [--reps 5]
+
+Starts one dashboard per checkout on the same synthetic store (LAYERS x EXPERTS x 10 domains,
+built by bench/dashboard.py's build_store if missing) and, alternating between them,
+times a page change Runs -> Heatmaps until the heatmap is drawn (Plotly's SVG or Vega's marks)
+and the script run is over. Reports the median, min and max per checkout and the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dashboard  # noqa: E402
+
+HERE = Path(__file__).resolve().parent.parent
+DRAWN = ("h => { const t = document.querySelector('h1'); return t && t.innerText.trim() === h"
+         " && !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+         " && document.querySelector('.js-plotly-plot .main-svg, [data-testid=\"stVegaLiteChart\"] .marks'); }")
+
+
+def start(checkout: Path, store: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(checkout / "app.py"), "--server.address",
+                               "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+                               "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+                               "--", "--store", str(store)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=checkout, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            return server, url
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                raise SystemExit(f"the dashboard of {checkout} did not start")
+            time.sleep(0.3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", required=True, help="another checkout (e.g. /work/main)")
+    parser.add_argument("--layers", type=int, default=dashboard.LAYERS)
+    parser.add_argument("--experts", type=int, default=dashboard.EXPERTS)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    store = Path(f"/tmp/moe_viz_big_{args.layers}x{args.experts}.duckdb")
+    if not store.exists():
+        dashboard.LAYERS, dashboard.EXPERTS = args.layers, args.experts
+        dashboard.build_store(store)
+    checkouts = {"reference": Path(args.reference).resolve(), "this": HERE}
+    servers = {name: start(path, store) for name, path in checkouts.items()}
+    times: dict[str, list[float]] = {name: [] for name in checkouts}
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                        args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            pages = {}
+            for name, (_, url) in servers.items():
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                page.goto(url)
+                page.wait_for_function(DRAWN, arg="Expert heatmaps", timeout=180_000)
+                pages[name] = page
+            for rep in range(args.reps + 1):  # the first round warms both servers' caches and is not counted
+                for name in (list(checkouts) if rep % 2 else list(checkouts)[::-1]):
+                    page = pages[name]
+                    page.get_by_role("link", name="Runs").click()
+                    page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
+                    started = time.perf_counter()
+                    page.get_by_role("link", name="Heatmaps").click()
+                    page.wait_for_function(DRAWN, arg="Expert heatmaps", timeout=180_000)
+                    if rep:
+                        times[name].append(time.perf_counter() - started)
+            browser.close()
+    finally:
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(timeout=60)
+    for name, values in times.items():
+        print(f"{name:<10} {checkouts[name]}: median {statistics.median(values):.2f} s "
+              f"(min {min(values):.2f}, max {max(values):.2f}, n={len(values)})")
+    print(f"ratio this / reference (medians): "
+          f"{statistics.median(times['this']) / statistics.median(times['reference']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
