@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from moe_viz.models import MoeLayer
-from moe_viz.capture.routing_stats import LayerAccumulator, token_shift
+from moe_viz.capture.routing_stats import LayerAccumulator, Scratch, token_shift
 
 try:  # private helper of transformers' grouped_mm experts forward; the fast path mirrors that forward
     from transformers.integrations.moe import _grouped_linear
@@ -104,7 +104,7 @@ class _LayerTap:
         self.layer = layer
         self.observer = observer
         device = layer.router.weight.device
-        self.acc = LayerAccumulator(layer.layer, layer.name, layer.num_experts, layer.score_fn, device)
+        self.acc = LayerAccumulator(layer.layer, layer.name, layer.num_experts, layer.score_fn, device, observer.scratch)
         self.handles: list = []
         self.replaced_forward = False
         self._clear()
@@ -189,22 +189,27 @@ class RoutingObserver:
     """
 
     def __init__(self, layers: list[MoeLayer], fast: bool = True):
+        self.scratch = Scratch()  # work buffers shared by the layers, which run one after another
         self.taps = [_LayerTap(layer, self) for layer in layers]
         self.fast = fast
         self._valid: torch.Tensor | None = None
+        self._all_valid = True
         self._valid_by_device: dict = {}
 
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
         self._valid = None if attention_mask is None else attention_mask.reshape(-1)
+        # A mask without padding is the common case (packed sequences): say so once, on the host.
+        self._all_valid = self._valid is None or (self._valid.device.type == "cpu" and bool(self._valid.all()))
         self._valid_by_device = {}
 
-    def valid_on(self, device: torch.device, num_tokens: int) -> torch.Tensor:
-        if self._valid is None:
-            return torch.ones(num_tokens, device=device)
-        if self._valid.numel() != num_tokens:
+    def valid_on(self, device: torch.device, num_tokens: int) -> torch.Tensor | None:
+        """(T,) 1 for real tokens, 0 for padding, on `device`; None when every token is real."""
+        if self._valid is not None and self._valid.numel() != num_tokens:
             raise RuntimeError(
                 f"attention mask covers {self._valid.numel()} tokens but the layer saw {num_tokens}"
             )
+        if self._all_valid:
+            return None
         key = str(device)
         if key not in self._valid_by_device:
             self._valid_by_device[key] = self._valid.to(device, non_blocking=True)
