@@ -74,8 +74,14 @@ def padded_batches(sequences: list[list[int]], batch_size: int, pad_id: int = 0)
         yield ids, mask
 
 
-def tqdm_progress() -> ProgressCallback:
-    """A progress bar per domain on stderr, with tokens/s and ETA."""
+def tqdm_progress(file=None) -> ProgressCallback:
+    """A progress bar per domain on `file` (stderr), with tokens/s and ETA.
+
+    The bar starts at the domain's first report, which `capture_model` sends
+    before the first forward (tokens_done = 0), and shows the average rate since
+    then (smoothing=0): a bar started after the first batch would credit that
+    batch's tokens to no time at all (tens of Mtok/s on a one-batch run).
+    """
     from tqdm.auto import tqdm
 
     bars: dict[str, tqdm] = {}
@@ -84,7 +90,8 @@ def tqdm_progress() -> ProgressCallback:
         bar = bars.get(p.domain)
         if bar is None:
             bar = bars[p.domain] = tqdm(
-                total=p.tokens_total, desc=f"capture {p.domain}", unit="tok", unit_scale=True, file=sys.stderr
+                total=p.tokens_total, desc=f"capture {p.domain}", unit="tok", unit_scale=True, smoothing=0,
+                file=file if file is not None else sys.stderr,
             )
         if p.detail:
             bar.set_postfix_str(p.detail, refresh=False)
@@ -224,6 +231,8 @@ def store_domain_runs(
                         store_path, model_id=model_id, model_fingerprint=fingerprint, model_type=model_type,
                         domain=docs.domain, source=docs.source, settings=run_settings, tool_version=__version__,
                     )
+                if progress is not None:  # start the clock before the first forward, not after it
+                    progress(Progress(docs.domain, 0, total, 0.0))
                 with _heartbeat(store_path, run_id) if run_id else nullcontext():
                     accumulators = collect(docs.domain, sequences, on_batch)
             distributed.reduce_accumulators(ranks, accumulators)
