@@ -184,6 +184,10 @@ MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (run_id, layer, expert, eval_set)
         )""",
     ],
+    # A 94-layer x 512-expert top-8 run has ~12.3M co-activation rows. Their ART index made writing a
+    # run ~5x slower and deleting a replaced run (a re-capture) take ~18 s (bench/store_write.py). A run's
+    # rows are written together in layer order, so DuckDB's min/max zone maps find (run, layer) without it.
+    5: ["DROP INDEX IF EXISTS coactivation_run"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 STAT_TABLES = ("expert_stats", "layer_stats", "coactivation")  # written by a capture

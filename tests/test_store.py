@@ -203,7 +203,9 @@ def test_a_v1_store_migrates_to_the_current_schema_and_keeps_its_runs(store_path
     with duckdb.connect(str(store_path), read_only=True) as con:
         assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()] == list(range(1, store.SCHEMA_VERSION + 1))
         columns = {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
+        indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall()}
     assert {"host", "pid_namespace", "pid", "process_started", "heartbeat_at"} <= columns
+    assert "coactivation_run" not in indexes and "expert_stats_run" in indexes  # v5 dropped only the big one
     runs = store.list_runs(store_path).set_index("run_id")
     assert runs.status.to_dict() == {"done0000000a": "complete", "dead0000000b": "interrupted"}
     assert store.layer_stats(store_path, ["done0000000a"]).tokens.tolist() == [10]
