@@ -231,9 +231,9 @@ def store_domain_runs(
                         store_path, model_id=model_id, model_fingerprint=fingerprint, model_type=model_type,
                         domain=docs.domain, source=docs.source, settings=run_settings, tool_version=__version__,
                     )
-                if progress is not None:  # start the clock before the first forward, not after it
-                    progress(Progress(docs.domain, 0, total, 0.0))
                 with _heartbeat(store_path, run_id) if run_id else nullcontext():
+                    if progress is not None:  # start the clock before the first forward, not after it
+                        progress(Progress(docs.domain, 0, total, 0.0))
                     accumulators = collect(docs.domain, sequences, on_batch)
             distributed.reduce_accumulators(ranks, accumulators)
             with distributed.together(ranks, f"storing domain {docs.domain}"):
