@@ -1,28 +1,39 @@
 """Capture overhead vs a bare forward pass, measured side by side.
 
-    python bench/capture_overhead.py --config 100m            # CPU, 1 thread
+    python bench/capture_overhead.py --sweep [--write]          # E x tokens, end to end (CPU, 1 thread)
+    python bench/capture_overhead.py --config 100m [--write]    # observer variants on one forward
     python bench/capture_overhead.py --config large --device cuda
 
-Variants, timed in interleaved repetitions on the same model and tokens:
-- bare:       the model's forward, nothing attached
-- capture:    moe_viz's observer (fast path with the default grouped_mm experts)
-- recompute:  moe_viz's observer forced onto the recompute path
-- dense:      an "every expert on every token" observer, the way REAP's reference
-              code measures activation norms (norms of all E experts per token)
-Reports the median time of each and the median of per-repetition ratios to bare.
+--sweep: random-init Qwen3-MoE models (hidden 512, 4 layers, top-8, expert width 128)
+with 16 ... 512 experts; for each token count, interleaved repetitions of
+- bare:     the forward passes over the packed sequences, nothing attached;
+- observer: `collect_routing_stats` (observer construction, the same forwards, to_frames);
+- capture:  `capture_model` end to end, i.e. what `moe-viz capture` pays after loading:
+            begin_run, the observed forwards, to_frames and the DuckDB write of the run.
+
+--config: one forward of a fixed config, variants bare / capture (observer) /
+recompute (observer forced onto the path for non-default experts implementations) /
+dense ("every expert on every token" norms, the way REAP's reference code measures them).
+
+Reports medians and the median (min-max) of per-repetition ratios to bare.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from moe_viz.models import find_moe_layers
+from benchlib import machine, ratios, spread, table, write_section
 from moe_viz.capture.observe import RoutingObserver, slot_outputs
+from moe_viz.capture.run import CaptureSettings, capture_model, collect_routing_stats, padded_batches
+from moe_viz.capture.sources import Documents
+from moe_viz.models import find_moe_layers
 
 CONFIGS = {
     # name: (hidden, layers, experts, top_k, expert width, vocab, batch, seq)
@@ -30,18 +41,24 @@ CONFIGS = {
     "100m": (512, 6, 32, 4, 384, 8192, 4, 512),
     "large": (2048, 8, 64, 8, 768, 32000, 8, 1024),
 }
+SWEEP_SHAPE = dict(hidden=512, layers=4, top_k=8, width=128, vocab=8192, batch=4, seq=512)
 
 
-def build(name: str, device: str, dtype: torch.dtype):
-    hidden, layers, experts, top_k, width, vocab, batch, seq = CONFIGS[name]
+def build_model(hidden, layers, experts, top_k, width, vocab, seq, device="cpu", dtype=torch.float32):
     config = Qwen3MoeConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
         num_key_value_heads=4, head_dim=hidden // 8, intermediate_size=width * 2, moe_intermediate_size=width,
         num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True, max_position_embeddings=seq,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
-    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+
+
+def build(name: str, device: str, dtype: torch.dtype):
+    """(model, input ids of one forward) for a named config (also used by bench/plan_eval.py)."""
+    hidden, layers, experts, top_k, width, vocab, batch, seq = CONFIGS[name]
+    model = build_model(hidden, layers, experts, top_k, width, vocab, seq, device, dtype)
+    ids = torch.randint(0, vocab, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(0))
     return model, ids
 
 
@@ -67,10 +84,16 @@ class DenseObserver:
             handle.remove()
 
 
-def timed(model, ids, context=None) -> float:
+def clock(device: str):
+    """Process CPU time on CPU (robust on a shared machine; the hooks never wait), wall time on a GPU."""
+    return time.perf_counter if device.startswith("cuda") else time.process_time
+
+
+def timed_forward(model, ids, context=None) -> float:
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    now = clock(str(ids.device))
     sync()
-    start = time.perf_counter()
+    start = now()
     with torch.no_grad():
         if context is None:
             model(ids, use_cache=False)
@@ -78,43 +101,110 @@ def timed(model, ids, context=None) -> float:
             with context:
                 model(ids, use_cache=False)
     sync()
-    return time.perf_counter() - start
+    return now() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on 2-core VMs)")
-    parser.add_argument("--skip-dense", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def config_mode(args) -> None:
+    hidden, layers, experts, top_k, width, vocab, batch, seq = CONFIGS[args.config]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, ids = build(args.config, args.device, dtype)
-    layers = find_moe_layers(model)
+    moe_layers = find_moe_layers(model)
     params = sum(p.numel() for p in model.parameters())
     variants = {
         "bare": lambda: None,
-        "capture": lambda: RoutingObserver(layers, fast=True),
-        "recompute": lambda: RoutingObserver(layers, fast=False),
+        "capture": lambda: RoutingObserver(moe_layers, fast=True),
+        "recompute": lambda: RoutingObserver(moe_layers, fast=False),
     }
     if not args.skip_dense:
         variants["dense"] = lambda: DenseObserver(model)
     for make in variants.values():  # warm-up
-        timed(model, ids, make())
+        timed_forward(model, ids, make())
     times = {name: [] for name in variants}
     for _ in range(args.reps):
         for name, make in variants.items():
-            times[name].append(timed(model, ids, make()))
-    device_name = torch.cuda.get_device_name(ids.device) if ids.is_cuda else f"CPU, {args.threads} thread(s)"
-    print(f"config={args.config} params={params / 1e6:.1f}M tokens={ids.numel()} dtype={args.dtype} "
-          f"device={device_name} reps={args.reps}")
-    print(f"{'variant':<10} {'median s':>9} {'ratio to bare (median of pairs)':>32}")
-    for name, values in times.items():
-        ratios = [v / b for v, b in zip(values, times["bare"])]
-        print(f"{name:<10} {statistics.median(values):9.4f} {statistics.median(ratios):32.3f}")
+            times[name].append(timed_forward(model, ids, make()))
+    device = torch.cuda.get_device_name(ids.device) if ids.is_cuda else f"CPU, {args.threads} thread(s)"
+    header = (f"`{args.config}`: hidden {hidden}, {layers} layers, {experts} experts top-{top_k}, width {width}, "
+              f"{params / 1e6:.1f}M params, {ids.numel()} tokens per forward, {args.dtype}, {device}; "
+              f"{args.reps} interleaved repetitions after one warm-up")
+    rows = [[name, spread(values, "{:.3f}"), spread(ratios(values, times["bare"]), "{:.2f}") if name != "bare" else ""]
+            for name, values in times.items()]
+    body = "\n".join([header + ".", "", table(["variant", "seconds (CPU time on CPU): median (min–max)", "ratio to bare"], rows), "",
+                      f"Machine: {machine(args.threads)}."])
+    print(body)
+    if args.write:
+        write_section(f"capture-config-{args.config}", body)
+
+
+def sweep_mode(args) -> None:
+    shape = SWEEP_SHAPE
+    tokens_per_forward = shape["batch"] * shape["seq"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moe_viz_capture_bench_") as work:
+        for experts in args.experts:
+            model = build_model(shape["hidden"], shape["layers"], experts, shape["top_k"], shape["width"],
+                                shape["vocab"], shape["seq"])
+            params = sum(p.numel() for p in model.parameters())
+            store_path = Path(work) / f"e{experts}.duckdb"
+            for tokens in args.tokens:
+                g = torch.Generator().manual_seed(tokens)
+                sequences = torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]), generator=g).tolist()
+                docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
+                settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
+
+                @torch.no_grad()
+                def bare():
+                    for ids, mask in padded_batches(sequences, shape["batch"]):
+                        model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+                variants = {
+                    "bare": bare,
+                    "observer": lambda: collect_routing_stats(model, sequences, shape["batch"]),
+                    "capture": lambda: capture_model(model, None, "bench", [docs], settings, store_path=store_path),
+                }
+                times = {name: [] for name in variants}
+                for rep in range(args.reps + 1):  # the first round warms up (and creates the store)
+                    for name, run in variants.items():
+                        start = time.process_time()
+                        run()
+                        if rep:
+                            times[name].append(time.process_time() - start)
+                obs = ratios(times["observer"], times["bare"])
+                cap = ratios(times["capture"], times["bare"])
+                rows.append([experts, f"{params / 1e6:.0f}M", f"{tokens:,}", f"{statistics.median(times['bare']):.2f}",
+                             spread(obs, "{:.3f}"), spread(cap, "{:.3f}")])
+                print(rows[-1], flush=True)
+            del model
+    header = (f"Random-init Qwen3-MoE, hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
+              f"expert width {shape['width']}, vocab {shape['vocab']}, fp32, {tokens_per_forward} tokens per forward "
+              f"({shape['batch']} × {shape['seq']}); {args.reps} interleaved repetitions after one warm-up round; "
+              "process CPU time; ratios are per-repetition ratios to bare, median (min–max)")
+    body = "\n".join([header + ".", "",
+                      table(["experts", "params", "tokens", "bare (s)", "observer / bare", "capture end to end / bare"],
+                            rows), "", f"Machine: {machine(args.threads)}."])
+    print(body)
+    if args.write:
+        write_section("capture-sweep", body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="experts x tokens sweep, end to end")
+    parser.add_argument("--experts", type=int, nargs="+", default=[16, 64, 128, 256, 512])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on 2-core VMs)")
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.sweep:
+        sweep_mode(args)
+    else:
+        config_mode(args)
 
 
 if __name__ == "__main__":

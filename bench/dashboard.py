@@ -1,16 +1,18 @@
 """Dashboard data queries on a synthetic big store: 94 layers x 512 experts x 10 domains.
 
-    python bench/dashboard.py [--store /tmp/moe_viz_big.duckdb] [--browser]
+    python bench/dashboard.py [--store /tmp/moe_viz_big_dense.duckdb] [--browser] [--write]
 
-Times each view's store query (what a page asks DuckDB for) and the analysis
-computed from it, median of 5 runs, and with --browser the page changes in
-headless Chromium (time from navigation until the page's main chart is drawn).
+The store holds what 10 real captures of a 94-layer x 512-expert top-8 model would: per run
+48,128 expert rows and every expert pair of every layer (12.3M co-activation rows, as dense as
+a real ~200k-token capture; bench/store_write.py). Times each view's store query (what a page
+asks DuckDB for) and the analysis computed from it, median (min–max) of 5 calls that open and
+close the store as the dashboard does, and with --browser the page changes in headless
+Chromium (from the click in the sidebar until the page's main chart is drawn).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchlib import machine, spread, table, write_section
+from store_write import synthetic_run
 from moe_viz.analysis import tables, criteria, domain_stats
 from moe_viz import store
 from moe_viz.prune.plan import build_plan, preview
@@ -41,30 +45,27 @@ def build_store(path: Path) -> None:
         layers = pd.DataFrame({"layer": np.arange(LAYERS), "module": [f"model.layers.{l}.mlp" for l in range(LAYERS)],
                                "tokens": 200_000, "num_experts": EXPERTS, "top_k": TOP_K, "router_score": "softmax",
                                "entropy_mean": rng.uniform(3, 6, LAYERS)})
-        a = rng.integers(0, EXPERTS, 200_000)
-        b = rng.integers(0, EXPERTS, 200_000)
-        pairs = pd.DataFrame({"layer": rng.integers(0, LAYERS, a.size), "expert_a": np.minimum(a, b), "expert_b": np.maximum(a, b)})
-        pairs = pairs[pairs.expert_a < pairs.expert_b].groupby(["layer", "expert_a", "expert_b"], as_index=False).size()
-        pairs = pairs.rename(columns={"size": "tokens"}).astype({"layer": "int32", "expert_a": "int32", "expert_b": "int32"})
+        pairs = synthetic_run(d)["coactivation"]  # every pair of every layer, counts ~ Poisson(43)
         run_id = store.begin_run(path, model_id="synthetic-94x512", model_fingerprint="synthetic", model_type="qwen3_moe",
                                  domain=f"domain{d}", source="synthetic", settings={}, tool_version="bench")
         store.complete_run(path, run_id, expert_stats=experts, layer_stats=layers, coactivation=pairs,
                            tokens=200_000, sequences=400)
 
 
-def timed(fn, reps: int = 5) -> float:
+def timed(fn, reps: int = 5) -> list[float]:
     values = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        values.append(time.perf_counter() - start)
-    return statistics.median(values) * 1000
+        values.append((time.perf_counter() - start) * 1000)
+    return values
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default="/tmp/moe_viz_big.duckdb")
+    parser.add_argument("--store", default="/tmp/moe_viz_big_dense.duckdb")
     parser.add_argument("--browser", action="store_true")
+    parser.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
     args = parser.parse_args()
     path = Path(args.store)
     if not path.exists():
@@ -76,6 +77,7 @@ def main() -> None:
     layers_all = store.layer_stats(path, ids)
     stats_one = stats_all[stats_all.run_id == one[0]]
     reap_columns = tables.metric_columns("reap")
+    pairs_40 = store.coactivation(path, one[0], 40)
     rows = [  # (view: the store query it issues, ms, optional (computation on the result, ms))
         ("runs list (every page)", timed(lambda: store.list_runs(path)), None),
         ("heatmap: 1 domain, REAP columns", timed(lambda: store.expert_stats(path, one, reap_columns)),
@@ -90,7 +92,8 @@ def main() -> None:
          ("router health, 10 domains", timed(lambda: tables.router_health(stats_all, layers_all)))),
         ("expert detail: 10 domains, 1 layer", timed(lambda: store.expert_stats(path, ids, layer=40)),
          ("expert profile, 10 domains", timed(lambda: tables.expert_profile(stats_all, layers_all, 40, 7)))),
-        ("expert detail: co-activation, 1 layer", timed(lambda: store.coactivation(path, one[0], 40)), None),
+        ("expert detail: co-activation, 1 layer", timed(lambda: store.coactivation(path, one[0], 40)),
+         ("partners of one expert", timed(lambda: tables.coactivation_partners(pairs_40, 1000, 7)))),
         ("rankings: 1 domain, all columns", timed(lambda: store.expert_stats(path, one)),
          ("criteria agreement, 94 layers", timed(lambda: tables.criteria_agreement(
              stats_one, [c for c in criteria.CRITERIA if c != "random"], 64), reps=3))),
@@ -98,14 +101,22 @@ def main() -> None:
         ("prune: plan (2-domain mix) + preview", timed(lambda: preview(build_plan(
             path, "synthetic-94x512", "reap", {"domain0": 1.0, "domain1": 0.5}, keep=256), path), reps=3), None),
     ]
-    print(f"store: {LAYERS} layers x {EXPERTS} experts x {DOMAINS} domains ({len(stats_all):,} expert rows), median ms")
-    for name, ms, derived in rows:
-        print(f"  {name:<46} {ms:7.1f} ms" + (f"   | {derived[0]:<30} {derived[1]:7.1f} ms" if derived else ""))
+    coact_rows = store.coactivation(path, one[0], 40).shape[0]
+    lines = [[name, spread(ms, "{:.0f}"), derived[0] if derived else "", spread(derived[1], "{:.0f}") if derived else ""]
+             for name, ms, derived in rows]
+    body = [f"{LAYERS} layers × {EXPERTS} experts × {DOMAINS} domains: {len(stats_all):,} expert rows, "
+            f"{coact_rows:,} co-activation rows per layer and run. Milliseconds, median (min–max) of 5 calls "
+            "(3 for the slowest computations), each opening and closing the store as the dashboard does.", "",
+            table(["view: the store query it issues", "ms", "computation on the result", "ms"], lines)]
     if args.browser:
-        browser_timings(path)
+        body += ["", browser_timings(path)]
+    body += ["", f"Machine: {machine()}."]
+    print("\n".join(body))
+    if args.write:
+        write_section("dashboard", "\n".join(body))
 
 
-def browser_timings(path: Path) -> None:
+def browser_timings(path: Path) -> str:
     import shutil
     import socket
     import urllib.request
@@ -135,7 +146,7 @@ def browser_timings(path: Path) -> None:
             page.goto(url)
             page.wait_for_selector('.js-plotly-plot .main-svg, [data-testid="stVegaLiteChart"] .marks', timeout=120_000)
             page.wait_for_timeout(8000)  # a user reading the first page: the app warms its imports meanwhile
-            print("page change in Chromium (click in the sidebar until the main chart is drawn), first visit / second visit:")
+            rows = []
             headings = {"Domain overlap": "Domain overlap", "Saliency rankings": "Saliency rankings",
                         "Expert detail": "Expert detail", "Router health": "Router health",
                         "Prune & export": "Prune & export", "Heatmaps": "Expert heatmaps"}
@@ -153,10 +164,14 @@ def browser_timings(path: Path) -> None:
                     times.append(time.perf_counter() - start)
                     page.get_by_role("link", name="Runs").click()
                     page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
-                print(f"  {title:<20} {times[0]:6.2f} s / {times[1]:6.2f} s")
+                rows.append([title, f"{times[0]:.2f}", f"{times[1]:.2f}"])
+                print(rows[-1], flush=True)
             browser.close()
     finally:
         server.terminate()
+    return ("Page change in headless Chromium, from the click in the sidebar until the new page's heading is shown, "
+            "its script has finished and its main chart is drawn (after 8 s on the first page, while the app warms "
+            "its imports in the background); one run:\n\n" + table(["page", "first visit (s)", "second visit (s)"], rows))
 
 
 if __name__ == "__main__":

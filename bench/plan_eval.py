@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.config:
@@ -82,6 +83,17 @@ def main() -> None:
     print(f"bare forward: median {statistics.median(times['bare']):.3f} s")
     print(f"one plan:     median {statistics.median(times['plan']):.3f} s")
     print(f"plan / bare: median ratio {statistics.median(ratios):.3f} (per rep: {', '.join(f'{r:.3f}' for r in ratios)})")
+    if args.write:
+        from benchlib import machine, spread, table, write_section
+
+        name = "random 126M Qwen3-MoE (`--config 100m`)" if args.config == "100m" else (
+            f"random `{args.config}`" if args.config else "shipped demo model")
+        row = [name, f"{len(stream):,}", spread(times["bare"], "{:.2f}"), spread(times["plan"], "{:.2f}"),
+               spread(ratios, "{:.2f}")]
+        body = "\n".join([f"{args.reps} interleaved repetitions; wall seconds, median (min–max).", "",
+                          table(["model", "tokens", "bare forward (s)", "one plan (s)", "plan / bare"], [row]), "",
+                          f"Machine: {machine(args.threads)}."])
+        write_section(f"plan-eval-{args.config or 'demo'}", body)
 
 
 if __name__ == "__main__":
