@@ -226,7 +226,8 @@ def _loading_problems(info: dict) -> str:
 
 
 def load_model(
-    model_id: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+    model_id: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+    max_memory: dict | None = None,
 ) -> tuple[nn.Module, object | None]:
     """Load a causal LM (safetensors only) and its tokenizer if it has one.
 
@@ -252,6 +253,7 @@ def load_model(
             config=config,
             dtype=torch_dtype,
             device_map=device_map,
+            max_memory=max_memory if device_map == "auto" else None,  # e.g. one data-parallel rank's GPUs
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,

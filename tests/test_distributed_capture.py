@@ -68,3 +68,20 @@ def test_a_failing_rank_fails_the_run_on_every_rank_with_no_rows(tmp_path, domai
     for table in (store.expert_stats(path, runs.run_id.tolist()), store.layer_stats(path, runs.run_id.tolist())):
         assert table.empty
     assert obstacle.read_text() == "not a directory"  # never destroy what moe_viz did not create
+
+
+def test_ranks_come_from_the_launcher_environment():
+    from moe_viz.capture.distributed import Ranks, from_env
+    from moe_viz.models import MoeVizError
+
+    assert from_env({}) == Ranks()  # not launched: one process
+    ranks = from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert ranks == Ranks(3, 4, 1, 2) and not ranks.main and ranks.distributed
+    # 11 batches over 4 ranks: rank 3 runs 3 and 7; together the ranks run each batch exactly once
+    assert ranks.batches(11) == [3, 7]
+    assert sorted(b for r in range(4) for b in Ranks(r, 4).batches(11)) == list(range(11))
+    assert Ranks(5, 8).batches(3) == []  # more ranks than batches: this rank only joins the reductions
+    with pytest.raises(MoeVizError, match="RANK='x' is not an integer"):
+        from_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(MoeVizError, match="not a valid rank assignment"):
+        from_env({"RANK": "2", "WORLD_SIZE": "2"})

@@ -51,11 +51,27 @@ class Ranks:
         """This rank's batch numbers out of `count`: rank, rank + W, ..."""
         return list(range(self.rank, count, self.world_size))
 
+    def gpus(self) -> list[int]:
+        """This rank's GPUs: the machine's GPUs split evenly over the ranks on it (at least one each)."""
+        count = torch.cuda.device_count()
+        per = max(1, count // self.local_world_size)
+        first = (self.local_rank * per) % count
+        return list(range(first, min(first + per, count)))
+
     def device(self, device: str) -> str:
-        """One GPU per rank on a multi-GPU machine: cuda:LOCAL_RANK for auto/cuda; otherwise as given."""
+        """auto/cuda under a launcher: this rank's first GPU (cuda:LOCAL_RANK with one GPU per rank)."""
         if self.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+            return f"cuda:{self.gpus()[0]}"
         return device
+
+    def max_memory(self, device: str) -> dict | None:
+        """For device_map="auto" inside a rank that owns several GPUs: only those (and its share of host memory)."""
+        if not (self.distributed and device == "auto" and torch.cuda.is_available() and len(self.gpus()) > 1):
+            return None
+        import psutil
+
+        return {**{gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in self.gpus()},
+                "cpu": psutil.virtual_memory().available // self.local_world_size}
 
 
 def from_env(environ=os.environ) -> Ranks:
@@ -150,15 +166,21 @@ def reduce_op(name: str):
 
 
 def reduce_accumulators(ranks: Ranks, accumulators: list[LayerAccumulator]) -> None:
-    """Combine every rank's accumulators in place (all ranks end with the totals)."""
+    """Combine every rank's accumulators in place (all ranks end with the totals).
+
+    Each tensor is reduced on the process group's device (the rank's current
+    GPU for NCCL, the CPU for gloo) and copied back to where its layer lives.
+    """
     if not ranks.distributed:
         return
     import torch.distributed as dist
 
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     for acc in accumulators:
         for name, tensor in accumulator_tensors(acc).items():
-            dist.all_reduce(tensor, op=reduce_op(name))
-        device = next(iter(accumulator_tensors(acc).values())).device
-        top_k = torch.tensor([acc.top_k or 0], device=device)  # a rank with no batch saw no k
+            shared = tensor.to(on)
+            dist.all_reduce(shared, op=reduce_op(name))
+            tensor.copy_(shared)
+        top_k = torch.tensor([acc.top_k or 0], device=on)  # a rank with no batch saw no k
         dist.all_reduce(top_k, op=dist.ReduceOp.MAX)
         acc.top_k = int(top_k.item()) or None

@@ -48,7 +48,7 @@ class CaptureSettings:
 @dataclass
 class Progress:
     domain: str
-    tokens_done: float
+    tokens_done: int
     tokens_total: int
     elapsed_s: float
     detail: str = ""  # e.g. the current layer of a layer-wise capture
@@ -380,8 +380,9 @@ def capture(
                 embeddings = engine.model.get_input_embeddings().weight
                 where = str(engine.device)
             else:
-                model, tokenizer = load_model(model_id, device=ranks.device(device), dtype=dtype,
-                                              trust_remote_code=trust_remote_code)
+                spread = ranks.max_memory(device)  # device_map="auto" over this rank's GPUs
+                model, tokenizer = load_model(model_id, device="auto" if spread else ranks.device(device),
+                                              dtype=dtype, trust_remote_code=trust_remote_code, max_memory=spread)
                 embeddings = model.get_input_embeddings().weight
                 where = str(_input_device(model))
             text_domains = [docs.domain for docs in documents if not docs.pretokenised]

@@ -64,7 +64,8 @@ def job_panel() -> None:
         if status["state"] == "running" and progress.get("tokens_total"):
             done, total = progress["tokens_done"], progress["tokens_total"]
             rate = done / progress["elapsed_s"] if progress.get("elapsed_s") else 0
-            st.progress(min(done / total, 1.0), text=f"{label}: {progress['domain']} {done:,}/{total:,} tokens ({rate:,.0f} tok/s)")
+            st.progress(min(done / total, 1.0), text=f"{label}: {progress['domain']} {done:,}/{total:,} tokens ({rate:,.0f} tok/s)"
+                        + (f", {progress['detail']}" if progress.get("detail") else ""))
         elif status["state"] == "failed":
             st.error(f"{label}: {status['error']}")
         else:
