@@ -416,6 +416,15 @@ class LayerwiseCapture:
             head.weight = nn.Parameter(head.weight.to("meta"), requires_grad=False)  # never run: free it
         self._outer_loaded = True
 
+    def drop_outer(self) -> None:
+        """Free the embeddings and final norm once every batch's layer inputs are recorded (needed no more)."""
+        for module_name, module in self.model.named_modules():
+            if module is self.layers or module_name.startswith(self.layers_prefix + "."):
+                continue
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(param.to("meta"), requires_grad=False))
+        self._outer_loaded = False
+
     def load_layer(self, index: int) -> nn.Module:
         layer = self.layers[index]
         load_tensors(self.model, self.keys, index, self.device, self.dtype, layer, f"{self.layers_prefix}.{index}")
@@ -485,6 +494,7 @@ def run_layerwise(
                 state.save_hidden(0, d, number, first)
                 first = None
             hidden[d].append(first)
+    streamer.drop_outer()  # on a GPU only the current layer (and batch) stays there from now on
 
     accumulators: dict[int, list[LayerAccumulator]] = {d: [] for d in range(len(batches))}
     tokens = sum(int(m.sum()) for domain_batches in batches for _, _, m in domain_batches)
