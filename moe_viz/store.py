@@ -42,21 +42,13 @@ import pandas as pd
 import psutil
 
 from moe_viz.models import MoeVizError
-from moe_viz.store_location import default_store, location_problem
+# default_store is re-exported: store.default_store() is the one public name for the default store path
+from moe_viz.store_location import default_store, location_problem  # noqa: F401
 
 try:
     import fcntl
 except ImportError:  # Windows: no writer gate, plain retries
     fcntl = None
-
-
-
-def __getattr__(name: str):
-    # DEFAULT_STORE used to be the constant cache/moe_viz.duckdb (relative to the current directory);
-    # it now follows MOE_VIZ_HOME and where moe_viz is installed (store_location.home).
-    if name == "DEFAULT_STORE":
-        return default_store()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 LOCK_TIMEOUT_S = 60.0

@@ -114,3 +114,11 @@ def test_dashboard_reads_and_shows_the_home_store(home_store, tmp_path, monkeypa
     assert not at.exception, [e.value for e in at.exception]
     assert len(at.get("vega_lite_chart")) == 1  # the heatmap of the captured run, not "no store"
     assert f"store: `{tmp_path / 'moe_viz.duckdb'}`" in [c.value for c in at.sidebar.caption]
+
+
+def test_the_default_store_has_one_name():
+    """store.default_store (a re-export of store_location.default_store) is the one name; DEFAULT_STORE is gone."""
+    from moe_viz import store, store_location
+
+    assert store.default_store is store_location.default_store
+    assert not hasattr(store, "DEFAULT_STORE")
