@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -810,7 +811,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _set_threads(args.threads)
         code = args.func(args)
-        if store is not None:  # last, on stderr: --json output stays one JSON object, errors stay one line
+        # last, on stderr: --json output stays one JSON object, errors stay one line; under torchrun
+        # only rank 0 (the rank that writes the store) says it, once
+        if store is not None and os.environ.get("RANK", "0") == "0":
             print(f"moe-viz: store {Path(store).absolute()}", file=sys.stderr)
         return code
     except MoeVizError as exc:

@@ -42,6 +42,9 @@ def test_two_ranks_store_what_one_process_stores(tmp_path, domains, mode):
     extra = ["--layerwise"] if mode == "layerwise" else []
     done = torchrun(capture_args(model_dir, domains, tmp_path / "two.duckdb", *extra))
     assert done.returncode == 0, done.stderr[-3000:]
+    # only rank 0 (the writer) names the store: once in the two ranks' combined output
+    assert (done.stdout + done.stderr).count("moe-viz: store ") == 1, done.stderr[-3000:]
+    assert f"moe-viz: store {(tmp_path / 'two.duckdb').absolute()}\n" in done.stderr
     runs = store.list_runs(tmp_path / "two.duckdb")
     assert len(runs) == 2 and set(runs.status) == {"complete"}  # one run per domain, written once
     settings = [json.loads(s) for s in runs.settings]
