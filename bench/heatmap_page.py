@@ -1,11 +1,11 @@
 """Heatmaps page in Chromium: this checkout against a reference checkout, interleaved, on the big store.
 
-    python bench/heatmap_page.py --reference /work/main [--layers 94 --experts 512] [--reps 5]
+    python bench/heatmap_page.py --reference /work/main [--reference OTHER ...] [--layers 94 --experts 512] [--reps 5]
 
-Starts one dashboard per checkout on the same synthetic store (LAYERS x EXPERTS x 10 domains,
+Starts one dashboard per checkout (this one and each --reference) on the same synthetic store (LAYERS x EXPERTS x 10 domains,
 built by bench/dashboard.py's build_store if missing) and, alternating between them,
 times a page change Runs -> Heatmaps until the heatmap is drawn (Plotly's SVG or Vega's marks)
-and the script run is over. Reports the median, min and max per checkout and the ratio of medians.
+and the script run is over. Reports the median, min and max per checkout and each ratio of medians.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def start(checkout: Path, store: Path) -> tuple[subprocess.Popen, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", required=True, help="another checkout (e.g. /work/main)")
+    parser.add_argument("--reference", required=True, action="append", help="another checkout (e.g. /work/main)")
     parser.add_argument("--layers", type=int, default=dashboard.LAYERS)
     parser.add_argument("--experts", type=int, default=dashboard.EXPERTS)
     parser.add_argument("--reps", type=int, default=5)
@@ -66,7 +66,9 @@ def main() -> None:
     if not store.exists():
         dashboard.LAYERS, dashboard.EXPERTS = args.layers, args.experts
         dashboard.build_store(store)
-    checkouts = {"reference": Path(args.reference).resolve(), "this": HERE}
+    checkouts = {f"reference{i + 1}" if len(args.reference) > 1 else "reference": Path(path).resolve()
+                 for i, path in enumerate(args.reference)}
+    checkouts["this"] = HERE
     servers = {name: start(path, store) for name, path in checkouts.items()}
     times: dict[str, list[float]] = {name: [] for name in checkouts}
     try:
@@ -80,7 +82,7 @@ def main() -> None:
                 page.wait_for_function(DRAWN, arg="Expert heatmaps", timeout=180_000)
                 pages[name] = page
             for rep in range(args.reps + 1):  # the first round warms both servers' caches and is not counted
-                for name in (list(checkouts) if rep % 2 else list(checkouts)[::-1]):
+                for name in (list(checkouts) if rep % 2 else list(checkouts)[::-1]):  # alternate who goes first
                     page = pages[name]
                     page.get_by_role("link", name="Runs").click()
                     page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
@@ -97,8 +99,10 @@ def main() -> None:
     for name, values in times.items():
         print(f"{name:<10} {checkouts[name]}: median {statistics.median(values):.2f} s "
               f"(min {min(values):.2f}, max {max(values):.2f}, n={len(values)})")
-    print(f"ratio this / reference (medians): "
-          f"{statistics.median(times['this']) / statistics.median(times['reference']):.2f}")
+    for name in checkouts:
+        if name != "this":
+            print(f"ratio this / {name} (medians): "
+                  f"{statistics.median(times['this']) / statistics.median(times[name]):.2f}")
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ def test_expert_profile_and_partners_match_sql(synthetic):
 
 
 def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
-    from test_ui import _grid, _heatmap
+    from test_ui import SIX_DIGITS, _grid, _heatmap
 
     path, ids = synthetic
     monkeypatch.setattr("sys.argv", ["app.py", "--store", str(path)])
@@ -282,8 +282,8 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
         at.selectbox(key="hm_metric").set_value(metric).run()
         _, frame = _heatmap(at)
         expected = metric_matrix(path, metric, ids["math"]).to_numpy()
-        np.testing.assert_allclose(_grid(frame, "colour"), expected, rtol=1e-12, atol=1e-15, err_msg=metric)
-        np.testing.assert_allclose(_grid(frame, "value"), expected, rtol=1e-12, atol=1e-15, err_msg=metric)
+        np.testing.assert_allclose(_grid(frame, "colour"), expected, **SIX_DIGITS, err_msg=metric)
+        np.testing.assert_allclose(_grid(frame, "value"), expected, **SIX_DIGITS, err_msg=metric)
         assert sorted(frame.layer.unique()) == list(LAYERS) and sorted(frame.expert.unique()) == list(range(E))
 
     at.selectbox(key="hm_metric").set_value("easy_ep").run()
@@ -301,9 +301,9 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
         values = metric_matrix(path, metric, ids["math"]).to_numpy()
         assert (values == 0).any()
         floor = values[values > 0].min() / 10
-        np.testing.assert_allclose(_grid(frame, "colour"), np.log10(np.maximum(values, floor)), rtol=1e-12,
+        np.testing.assert_allclose(_grid(frame, "colour"), np.log10(np.maximum(values, floor)), **SIX_DIGITS,
                                    err_msg=metric)
-        np.testing.assert_allclose(_grid(frame, "value"), values, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(_grid(frame, "value"), values, **SIX_DIGITS)
 
     at.radio(key="hm_mode").set_value("Difference A − B").run()
     units = {"frequency_share": "fraction of the layer's k·T slots", "soft_count_mean": "router probability per token",
@@ -316,13 +316,14 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
             spec, frame = _heatmap(at)
             side_a, side_b = metric_matrix(path, metric, ids[a]).to_numpy(), metric_matrix(path, metric, ids[b]).to_numpy()
             expected = side_a - side_b
-            np.testing.assert_allclose(_grid(frame, "colour"), expected, rtol=1e-12, atol=1e-15, err_msg=(metric, a, b))
+            np.testing.assert_allclose(_grid(frame, "colour"), expected, **SIX_DIGITS, err_msg=(metric, a, b))
             # A, B and A − B for every cell, all three in the hover
-            np.testing.assert_allclose(_grid(frame, "a"), side_a, rtol=1e-12, atol=1e-15)
-            np.testing.assert_allclose(_grid(frame, "b"), side_b, rtol=1e-12, atol=1e-15)
-            np.testing.assert_allclose(_grid(frame, "value"), expected, rtol=1e-12, atol=1e-15)
-            hover = [(t["field"], t.get("format")) for t in spec["encoding"]["tooltip"]]
-            assert hover[2:] == [("a", ".6g"), ("b", ".6g"), ("value", ".6g")]
+            np.testing.assert_allclose(_grid(frame, "a"), side_a, **SIX_DIGITS)
+            np.testing.assert_allclose(_grid(frame, "b"), side_b, **SIX_DIGITS)
+            np.testing.assert_allclose(_grid(frame, "value"), expected, **SIX_DIGITS)
+            _, data = _heatmap(at, raw=True)  # the hover (the datum) names A, B and A − B
+            assert list(data.columns) == ["layer", "expert", f"A {a}", f"B {b}", "A minus B", "unit"]
+            assert set(data.unit) == {units[metric]}
             scale = spec["encoding"]["color"]["scale"]
             limit = np.abs(expected).max()
             assert scale["domainMid"] == 0 and scale["domain"] == pytest.approx([-limit, limit], rel=1e-12)

@@ -103,9 +103,12 @@ def test_clicking_a_heatmap_cell_opens_that_expert(server):
         page.goto(server)
         cells = page.locator('[data-testid="stVegaLiteChart"] g.mark-rect path')
         cells.first.wait_for(timeout=60_000)
-        # Vega's SVG marks carry their tooltip fields as an aria-label: "expert: 5; ...; layer: 1; ..."
+        # Vega's SVG marks carry their encoded fields as an aria-label: "expert: 5; MoE layer (decoder index): 1; ..."
         labels = cells.evaluate_all("paths => paths.map(p => p.getAttribute('aria-label') || '')")
-        (index,) = [i for i, label in enumerate(labels) if label.startswith("expert: 5;") and "; layer: 1;" in label]
+        fields = [dict(part.split(": ", 1) for part in label.split("; ") if ": " in part) for label in labels]
+        found = [i for i, f in enumerate(fields) if f.get("expert") == "5" and f.get("MoE layer (decoder index)") == "1"]
+        assert len(found) == 1, labels[:3]
+        (index,) = found
         cells.nth(index).click()
         page.wait_for_url("**/expert", timeout=60_000)
         page.wait_for_selector('[data-testid="stPlotlyChart"]', timeout=60_000)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import plotly.io as pio
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -78,13 +79,33 @@ def _charts(at):
     return [pio.from_json(e.proto.spec) for e in at.get("plotly_chart")]
 
 
-def _heatmap(at):
-    """The Heatmaps page's Altair chart: its Vega-Lite spec and the frame it draws."""
+# the heatmap's data holds the hover's values rounded to 6 significant digits: at most this far from exact
+SIX_DIGITS = {"rtol": 5e-6, "atol": 1e-15}
+
+
+def _heatmap(at, raw=False):
+    """The Heatmaps page's Altair chart: its Vega-Lite spec and the frame it draws.
+
+    Unless raw, the frame's columns are renamed to layer, expert, value, colour (and a, b for a
+    difference): the colour column is the one the spec's colour encodes; value is the statistic's
+    column (or "A minus B"); a and b are the "A <domain>" and "B <domain>" columns.
+    """
     from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 
     (chart,) = at.get("vega_lite_chart")
     (dataset,) = chart.proto.datasets
-    return json.loads(chart.proto.spec), convert_arrow_bytes_to_pandas_df(dataset.data.data)
+    spec, data = json.loads(chart.proto.spec), convert_arrow_bytes_to_pandas_df(dataset.data.data)
+    if raw:
+        return spec, data
+    names = list(data.columns)
+    assert names[:2] == ["layer", "expert"] and names[-1] == "unit", names
+    frame = data[["layer", "expert"]].copy()
+    if "A minus B" in names:
+        frame["a"], frame["b"], frame["value"] = data[names[2]], data[names[3]], data["A minus B"]
+    else:
+        frame["value"] = data[names[2]]
+    frame["colour"] = data[spec["encoding"]["color"]["field"]]
+    return spec, frame
 
 
 def _grid(frame, column):
@@ -104,18 +125,18 @@ def test_heatmap_shows_the_chosen_statistic_and_differences(captured, monkeypatc
     _, _, store_path = captured
     at = _app(store_path, monkeypatch)
     _, frame = _heatmap(at)
-    np.testing.assert_allclose(_grid(frame, "value"), _frequency_share(store_path, "code"))
-    np.testing.assert_allclose(_grid(frame, "colour"), _frequency_share(store_path, "code"))
+    np.testing.assert_allclose(_grid(frame, "value"), _frequency_share(store_path, "code"), **SIX_DIGITS)
+    np.testing.assert_allclose(_grid(frame, "colour"), _frequency_share(store_path, "code"), **SIX_DIGITS)
 
     at.selectbox(key="hm_domain").set_value("math").run()
-    np.testing.assert_allclose(_grid(_heatmap(at)[1], "value"), _frequency_share(store_path, "math"))
+    np.testing.assert_allclose(_grid(_heatmap(at)[1], "value"), _frequency_share(store_path, "math"), **SIX_DIGITS)
 
     at.radio(key="hm_mode").set_value("Difference A − B").run()
     at.selectbox(key="hm_domain").set_value("code").run()
     at.selectbox(key="hm_domain_b").set_value("prose").run()
     spec, frame = _heatmap(at)
     expected = _frequency_share(store_path, "code") - _frequency_share(store_path, "prose")
-    np.testing.assert_allclose(_grid(frame, "value"), expected)
+    np.testing.assert_allclose(_grid(frame, "value"), expected, **SIX_DIGITS)
     scale = spec["encoding"]["color"]["scale"]
     limit = np.abs(expected).max()
     assert scale["domainMid"] == 0 and scale["domain"] == pytest.approx([-limit, limit])
@@ -125,13 +146,13 @@ def test_heatmap_shows_the_chosen_statistic_and_differences(captured, monkeypatc
     reap = _sql(store_path, """SELECT s.layer, s.expert, coalesce(s.reap_sum / nullif(s.routed_tokens, 0), 0) AS v
         FROM expert_stats s JOIN runs r USING (run_id) WHERE r.domain = 'code' ORDER BY 1, 2""")
     reap = reap.pivot(index="layer", columns="expert", values="v").to_numpy()
-    np.testing.assert_allclose(_grid(_heatmap(at)[1], "value"), reap)
+    np.testing.assert_allclose(_grid(_heatmap(at)[1], "value"), reap, **SIX_DIGITS)
     at.radio(key="hm_scale").set_value("log").run()
     spec, frame = _heatmap(at)
     assert "log10" in spec["title"]
     floor = reap[reap > 0].min() / 10
-    np.testing.assert_allclose(_grid(frame, "colour"), np.log10(np.maximum(reap, floor)))
-    np.testing.assert_allclose(_grid(frame, "value"), reap)  # the hover keeps the exact value
+    np.testing.assert_allclose(_grid(frame, "colour"), np.log10(np.maximum(reap, floor)), **SIX_DIGITS)
+    np.testing.assert_allclose(_grid(frame, "value"), reap, **SIX_DIGITS)  # the hover shows the value, not its log
 
 
 def test_heatmap_cell_opens_expert_detail(captured, monkeypatch):
@@ -142,6 +163,23 @@ def test_heatmap_cell_opens_expert_detail(captured, monkeypatch):
     at.button(key="hm_open").click().run()
     assert not at.exception
     assert at.selectbox(key="ex_layer").value == 1 and at.selectbox(key="ex_expert").value == 5
+
+
+def test_heatmap_chart_data_rounds_to_six_significant_digits():
+    """chart_data: the hover's values are the exact ones rounded to 6 significant digits; NaN stays NaN."""
+    from moe_viz.ui.heatmap_chart import chart_data, heatmap_frame
+
+    matrix = pd.DataFrame([[1234567.89, 0.000123456789], [np.nan, -2 / 3]], index=[3, 5], columns=[0, 7])
+    data, colour = chart_data(heatmap_frame(matrix), "reap", "unit u", "code")
+    assert colour == "reap" and list(data.columns) == ["layer", "expert", "reap", "unit"]
+    assert data.reap.tolist()[:2] == [1234570.0, 0.000123457] and np.isnan(data.reap[2])
+    assert data.reap[3] == -0.666667 and repr(float(data.reap[3])) == "-0.666667"  # shortest text: 6 digits
+    assert (data.layer.tolist(), data.expert.tolist()) == ([3, 3, 5, 5], [0, 7, 0, 7])
+    data, colour = chart_data(heatmap_frame(matrix, matrix * 2), "reap", "u", "code", "math")
+    assert colour == "A minus B" and list(data.columns) == ["layer", "expert", "A code", "B math", "A minus B", "unit"]
+    assert data["A minus B"].tolist()[:2] == [-1234570.0, -0.000123457]
+    data, colour = chart_data(heatmap_frame(matrix, log=True), "reap", "u", "code", log=True)
+    assert colour == "log10 reap" and data["log10 reap"][1] == float(f"{np.log10(0.000123456789):.6g}")
 
 
 def test_heatmap_click_selects_the_cell_it_names():
@@ -449,27 +487,33 @@ def test_heatmap_colour_bar_names_the_unit_and_difference_hover_shows_both(captu
     spec, _ = _heatmap(at)
     unit = "(fraction of the layer's k·T slots)"
     assert spec["encoding"]["color"]["title"] == ["frequency_share", unit]
-    tooltip = {t["field"]: t for t in spec["encoding"]["tooltip"]}
-    assert tooltip["value"]["title"] == f"frequency_share {unit}" and tooltip["value"]["format"] == ".6g"
-    assert {"layer", "expert"} <= set(tooltip)
+    # the hover is the datum: its columns are named as the hover shows them, with the unit
+    assert spec["mark"]["tooltip"] == {"content": "data"}
+    _, data = _heatmap(at, raw=True)
+    assert list(data.columns) == ["layer", "expert", "frequency_share", "unit"]
+    assert set(data.unit) == {"fraction of the layer's k·T slots"}
+    assert spec["encoding"]["color"]["field"] == "frequency_share"
     assert spec["params"] == [{"name": "cell", "select": {"type": "point", "fields": ["layer", "expert"], "on": "click"}}]
     at.selectbox(key="hm_metric").set_value("reap").run()
     at.radio(key="hm_scale").set_value("log").run()
-    assert _heatmap(at)[0]["encoding"]["color"]["title"] == ["log10 reap", "(gate·‖f_e(x)‖, mean over routed tokens)"]
+    spec, data = _heatmap(at, raw=True)
+    assert spec["encoding"]["color"]["title"] == ["log10 reap", "(gate·‖f_e(x)‖, mean over routed tokens)"]
+    assert list(data.columns) == ["layer", "expert", "reap", "log10 reap", "unit"]
+    assert spec["encoding"]["color"]["field"] == "log10 reap"
     at.radio(key="hm_scale").set_value("linear").run()
     at.selectbox(key="hm_metric").set_value("frequency_share").run()
     at.radio(key="hm_mode").set_value("Difference A − B").run()
     at.selectbox(key="hm_domain").set_value("math").run()
     at.selectbox(key="hm_domain_b").set_value("code").run()
     spec, frame = _heatmap(at)
-    np.testing.assert_allclose(_grid(frame, "a"), _frequency_share(store_path, "math"), rtol=1e-12)
-    np.testing.assert_allclose(_grid(frame, "b"), _frequency_share(store_path, "code"), rtol=1e-12)
+    np.testing.assert_allclose(_grid(frame, "a"), _frequency_share(store_path, "math"), **SIX_DIGITS)
+    np.testing.assert_allclose(_grid(frame, "b"), _frequency_share(store_path, "code"), **SIX_DIGITS)
     np.testing.assert_allclose(_grid(frame, "value"),
                                _frequency_share(store_path, "math") - _frequency_share(store_path, "code"),
-                               rtol=1e-12, atol=1e-15)
-    tooltip = [(t["field"], t.get("title")) for t in spec["encoding"]["tooltip"]]
-    assert tooltip == [("layer", "layer"), ("expert", "expert"), ("a", "A math"), ("b", "B code"),
-                       ("value", f"A − B {unit}")]
+                               **SIX_DIGITS)
+    _, data = _heatmap(at, raw=True)
+    assert list(data.columns) == ["layer", "expert", "A math", "B code", "A minus B", "unit"]
+    assert spec["encoding"]["color"]["field"] == "A minus B"
     assert spec["encoding"]["color"]["title"] == ["frequency_share, A − B", unit]
 
 

@@ -1,8 +1,11 @@
 """The clickable layer x expert heatmap: Altair rects whose click names the (layer, expert) cell.
 
 Streamlit 1.67's `st.plotly_chart(on_select=...)` returns no points for a Plotly heatmap; a
-Vega-Lite point selection on `mark_rect` does return the clicked cell. No Streamlit import
-here: the page draws the chart and passes its event to `clicked_cell`.
+Vega-Lite point selection on `mark_rect` does return the clicked cell. Drawing one mark per
+cell is fast enough (94 x 512 in about the time of the Plotly heatmap, docs/BENCHMARKS.md) only
+because the browser evaluates few expressions per cell: scale domains are given, and the hover
+shows the datum itself, whose columns chart_data names and rounds. No Streamlit import here:
+the page draws the chart and passes its event to `clicked_cell`.
 """
 
 from __future__ import annotations
@@ -47,43 +50,76 @@ def _long(matrix: pd.DataFrame, name: str) -> pd.DataFrame:
                          name: matrix.to_numpy(dtype=float).ravel()})
 
 
+def chart_data(frame: pd.DataFrame, metric: str, unit: str, domain: str, domain_b: str | None = None,
+               log: bool = False) -> tuple[pd.DataFrame, str]:
+    """What the browser gets, and the name of its colour column: layer, expert, the hover's values, unit.
+
+    The hover shows the datum as it is, so the columns are named as it shows them: the statistic
+    (e.g. frequency_share), or "A code", "B prose" and "A minus B" for a difference, plus "log10
+    frequency_share" on a log scale and a "unit" column; values are rounded to 6 significant digits.
+    Streamlit evaluates Vega expressions with an interpreter, once per cell and expression: a tooltip
+    built from formatted fields cost a 94 x 512 heatmap seconds to draw (bench/heatmap_page.py).
+    The exact values stay in `frame` (the CSV). The colour column's name is letters, digits, spaces
+    and underscores only (a field with punctuation drew no chart in Streamlit 1.67).
+    """
+    data = frame[["layer", "expert"]].copy()
+    if domain_b is not None:
+        data[f"A {domain}"] = _six_digits(frame.a)
+        data[f"B {domain_b}"] = _six_digits(frame.b)
+        data["A minus B"] = _six_digits(frame.value)
+    else:
+        data[metric] = _six_digits(frame.value)
+    if log:
+        data[f"log10 {metric}"] = _six_digits(frame.colour)
+    data["unit"] = pd.Categorical([unit] * len(data))
+    return data, data.columns[-2]
+
+
+def _six_digits(values: pd.Series) -> np.ndarray:
+    """Values rounded to 6 significant digits (NaN stays NaN): a float whose shortest text is its 6-digit form."""
+    return np.array([float(f"{v:.6g}") for v in values.to_numpy(dtype=float)])
+
+
 def heatmap_chart(frame: pd.DataFrame, metric: str, unit: str, title: str, domain: str,
                   domain_b: str | None = None, log: bool = False, height: int = 460) -> alt.Chart:
-    """Rects coloured by `frame.colour`; hover shows layer, expert and the exact values with their unit.
+    """Rects coloured by `frame.colour`; hover shows layer, expert and the values with their unit.
 
     A difference (domain_b given) uses a diverging scale centred at 0 and its hover shows A, B and A − B.
-    Clicking a cell selects it (parameter SELECTION, fields layer and expert).
+    Clicking a cell selects it (parameter SELECTION, fields layer and expert). Every scale's domain is
+    given, so the browser computes none over the cells; the hover is the datum itself (chart_data).
     """
     cell = alt.selection_point(name=SELECTION, fields=["layer", "expert"], on="click")
+    data, colour_column = chart_data(frame, metric, unit, domain, domain_b, log)
+    colour = frame.colour.to_numpy(dtype=float)  # the exact values: the scale's ends are not rounded
+    finite = colour[np.isfinite(colour)]
     if domain_b is not None:
-        limit = float(np.nanmax(np.abs(frame.value.to_numpy(dtype=float)))) if frame.value.notna().any() else 0.0
+        limit = float(np.abs(finite).max()) if finite.size else 0.0
         limit = limit or 1.0
         scale = alt.Scale(scheme=DIVERGING_SCHEME, reverse=True, domain=[-limit, limit], domainMid=0)
         legend = [f"{metric}, A − B", f"({unit})"]
-        values = [alt.Tooltip("a:Q", title=f"A {domain}", format=".6g"),
-                  alt.Tooltip("b:Q", title=f"B {domain_b}", format=".6g"),
-                  alt.Tooltip("value:Q", title=f"A − B ({unit})", format=".6g")]
     else:
-        scale = alt.Scale(scheme=SEQUENTIAL_SCHEME)
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        scale = alt.Scale(scheme=SEQUENTIAL_SCHEME, domain=[low, high])
         legend = [f"log10 {metric}" if log else metric, f"({unit})"]
-        values = [alt.Tooltip("value:Q", title=f"{metric} ({unit})", format=".6g")]
+    layers = sorted(int(v) for v in frame.layer.unique())
+    experts = sorted(int(v) for v in frame.expert.unique())
     return (
-        alt.Chart(frame, title=title, height=height)
-        .mark_rect()
+        alt.Chart(data, title=title, height=height)
+        .mark_rect(tooltip={"content": "data"})
         .encode(
             # at most ~MAX_AXIS_LABELS labels per axis: a 512-expert axis would lay out (and thin) 512 of them
-            x=alt.X("expert:O", title="expert", axis=alt.Axis(values=_ticks(frame.expert))),
-            y=alt.Y("layer:O", title="MoE layer (decoder index)", axis=alt.Axis(values=_ticks(frame.layer))),
-            color=alt.Color("colour:Q", scale=scale, title=legend),
-            tooltip=[alt.Tooltip("layer:O", title="layer"), alt.Tooltip("expert:O", title="expert"), *values],
+            x=alt.X("expert:O", title="expert", scale=alt.Scale(domain=experts),
+                    axis=alt.Axis(values=_ticks(experts))),
+            y=alt.Y("layer:O", title="MoE layer (decoder index)", scale=alt.Scale(domain=layers),
+                    axis=alt.Axis(values=_ticks(layers))),
+            color=alt.Color(f"{colour_column}:Q", scale=scale, title=legend),
         )
         .add_params(cell)
     )
 
 
-def _ticks(values: pd.Series) -> list[int]:
+def _ticks(ordered: list[int]) -> list[int]:
     """Every value when there are few; else every n-th, so that at most MAX_AXIS_LABELS are drawn."""
-    ordered = sorted(int(v) for v in values.unique())
     step = -(-len(ordered) // MAX_AXIS_LABELS)
     return ordered[::step]
 
