@@ -1,10 +1,11 @@
 """Heatmaps page in Chromium: this checkout against a reference checkout, interleaved, on the big store.
 
     python bench/heatmap_page.py --reference /work/main [--reference OTHER ...] [--layers 94 --experts 512] [--reps 5]
+        [--write]   # replaces the section bench:heatmap-page of docs/BENCHMARKS.md
 
 Starts one dashboard per checkout (this one and each --reference) on the same synthetic store (LAYERS x EXPERTS x 10 domains,
 built by bench/dashboard.py's build_store if missing) and, alternating between them,
-times a page change Runs -> Heatmaps until the heatmap is drawn (Plotly's SVG or Vega's marks)
+times a page change Runs -> Heatmaps until the heatmap is drawn (Plotly's image, Vega's painted canvas)
 and the script run is over. Reports the median, min and max per checkout and each ratio of medians.
 """
 
@@ -24,12 +25,18 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 import dashboard  # noqa: E402
 
 HERE = Path(__file__).resolve().parent.parent
-DRAWN = ("h => { const t = document.querySelector('h1'); return t && t.innerText.trim() === h"
-         " && !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-         " && document.querySelector('.js-plotly-plot .main-svg, [data-testid=\"stVegaLiteChart\"] .marks'); }")
+# Drawn: Plotly's heatmap image is in the SVG, or Vega's canvas has paint at its centre (a cell: the
+# canvas element exists before Vega has run its dataflow), or Vega's SVG has its marks.
+DRAWN = ("h => { const t = document.querySelector('h1');"
+         " if (!t || t.innerText.trim() !== h || document.querySelector('[data-testid=\"stStatusWidget\"]')) return false;"
+         " if (document.querySelector('.js-plotly-plot g.hm image, [data-testid=\"stVegaLiteChart\"] svg.marks path'))"
+         " return true;"
+         " const c = document.querySelector('[data-testid=\"stVegaLiteChart\"] canvas.marks');"
+         " return !!c && c.width > 0 && c.getContext('2d').getImageData(c.width >> 1, c.height >> 1, 1, 1).data[3] > 0; }")
 
 
 def start(checkout: Path, store: Path) -> tuple[subprocess.Popen, str]:
@@ -61,6 +68,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=dashboard.LAYERS)
     parser.add_argument("--experts", type=int, default=dashboard.EXPERTS)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="replace the bench:heatmap-page section of docs/BENCHMARKS.md")
     args = parser.parse_args()
     store = Path(f"/tmp/moe_viz_big_{args.layers}x{args.experts}.duckdb")
     if not store.exists():
@@ -103,6 +111,18 @@ def main() -> None:
         if name != "this":
             print(f"ratio this / {name} (medians): "
                   f"{statistics.median(times['this']) / statistics.median(times[name]):.2f}")
+    if args.write:
+        rows = [[f"{name}: `{checkouts[name]}` at {_commit(checkouts[name])}", benchlib.spread(values, "{:.2f}"),
+                 "" if name == "this" else benchlib.spread(benchlib.ratios(times["this"], values), "{:.2f}")]
+                for name, values in times.items()]
+        benchlib.write_section("heatmap-page", f"{args.layers} × {args.experts} cells, 10 domains; {benchlib.machine()}"
+                               f"\n\n" + benchlib.table(["checkout", "page change Runs → Heatmaps, s",
+                                                          "this / it, per repetition"], rows))
+
+
+def _commit(checkout: Path) -> str:
+    done = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h"], capture_output=True, text=True)
+    return done.stdout.strip() or "?"
 
 
 if __name__ == "__main__":

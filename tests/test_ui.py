@@ -172,14 +172,15 @@ def test_heatmap_chart_data_rounds_to_six_significant_digits():
     matrix = pd.DataFrame([[1234567.89, 0.000123456789], [np.nan, -2 / 3]], index=[3, 5], columns=[0, 7])
     data, colour = chart_data(heatmap_frame(matrix), "reap", "unit u", "code")
     assert colour == "reap" and list(data.columns) == ["layer", "expert", "reap", "unit"]
-    assert data.reap.tolist()[:2] == [1234570.0, 0.000123457] and np.isnan(data.reap[2])
-    assert data.reap[3] == -0.666667 and repr(float(data.reap[3])) == "-0.666667"  # shortest text: 6 digits
+    assert data.reap.tolist()[:2] == [1234570.0, 0.000123457] and np.isnan(data.reap.iloc[2])
+    assert data.reap.iloc[3] == -0.666667 and repr(float(data.reap.iloc[3])) == "-0.666667"  # shortest text: 6 digits
     assert (data.layer.tolist(), data.expert.tolist()) == ([3, 3, 5, 5], [0, 7, 0, 7])
+    assert data.index.dtype == "category"  # not numeric: Streamlit would hand Vega (and the hover) an "(index)" field
     data, colour = chart_data(heatmap_frame(matrix, matrix * 2), "reap", "u", "code", "math")
     assert colour == "A minus B" and list(data.columns) == ["layer", "expert", "A code", "B math", "A minus B", "unit"]
     assert data["A minus B"].tolist()[:2] == [-1234570.0, -0.000123457]
     data, colour = chart_data(heatmap_frame(matrix, log=True), "reap", "u", "code", log=True)
-    assert colour == "log10 reap" and data["log10 reap"][1] == float(f"{np.log10(0.000123456789):.6g}")
+    assert colour == "log10 reap" and data["log10 reap"].iloc[1] == float(f"{np.log10(0.000123456789):.6g}")
 
 
 def test_heatmap_click_selects_the_cell_it_names():

@@ -1,10 +1,10 @@
 """The clickable layer x expert heatmap: Altair rects whose click names the (layer, expert) cell.
 
 Streamlit 1.67's `st.plotly_chart(on_select=...)` returns no points for a Plotly heatmap; a
-Vega-Lite point selection on `mark_rect` does return the clicked cell. Drawing one mark per
-cell is fast enough (94 x 512 in about the time of the Plotly heatmap, docs/BENCHMARKS.md) only
-because the browser evaluates few expressions per cell: scale domains are given, and the hover
-shows the datum itself, whose columns chart_data names and rounds. No Streamlit import here:
+Vega-Lite point selection on `mark_rect` does return the clicked cell. One mark per cell costs
+the browser (94 x 512: docs/BENCHMARKS.md), so it evaluates few expressions per cell: scale
+domains are given, and the hover shows the datum itself, whose columns chart_data names and
+rounds. No Streamlit import here:
 the page draws the chart and passes its event to `clicked_cell`.
 """
 
@@ -72,6 +72,8 @@ def chart_data(frame: pd.DataFrame, metric: str, unit: str, domain: str, domain_
     if log:
         data[f"log10 {metric}"] = _six_digits(frame.colour)
     data["unit"] = pd.Categorical([unit] * len(data))
+    # Streamlit hands Vega a numeric index as a field "(index)", which the hover would show
+    data.index = pd.CategoricalIndex([""] * len(data))
     return data, data.columns[-2]
 
 
