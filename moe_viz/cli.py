@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from moe_viz.models import MoeVizError
+from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS
 from moe_viz.store import check_store_path
 from moe_viz.store_location import HOME_ENV, default_store
 
@@ -31,7 +32,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from moe_viz.capture.run import CaptureSettings, capture, tqdm_progress
 
     settings = CaptureSettings(
-        max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed
+        max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        trace_tokens=args.trace_tokens,
     )
     progress = tqdm_progress()
     if args.progress_file:
@@ -54,6 +56,41 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if args.progress_file:
         _write_json(Path(args.progress_file), {"finished": True, "run_ids": run_ids})
     print(f"stored {len(run_ids)} run(s) in {args.store}: {', '.join(run_ids)}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Trace the routing of a text through a MoE model: every token's experts and gates in every MoE layer.
+
+    Writes token_routes, run_tokens and token_pieces as Parquet (plus meta.json) into a new --out
+    directory (the dashboard's Token routes page runs this for pasted text).
+    """
+    from moe_viz.capture.trace import save_trace, trace_text
+    from moe_viz.models import load_model
+
+    if (args.text is None) == (args.text_file is None):
+        raise MoeVizError("give exactly one of --text or --text-file")
+    if Path(args.out).exists():
+        raise MoeVizError(f"{args.out} already exists: choose a new --out directory")
+    if args.text_file is not None:
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MoeVizError(f"cannot read --text-file {args.text_file}: {exc}") from None
+    else:
+        text = args.text
+    progress_file = Path(args.progress_file) if args.progress_file else None
+    if progress_file:
+        _write_json(progress_file, {"stage": "loading model", "finished": False})
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    if progress_file:
+        _write_json(progress_file, {"stage": "tracing", "finished": False})
+    frames = trace_text(model, tokenizer, text, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                        batch_size=args.batch_size)
+    out = save_trace(args.out, frames, {"model": args.model, "tokens": len(frames["run_tokens"])})
+    if progress_file:
+        _write_json(progress_file, {"stage": "traced", "out": str(out), "finished": True})
+    print(f"traced {len(frames['run_tokens'])} tokens into {out}")
     return 0
 
 
@@ -669,7 +706,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-host-memory", default=None, metavar="SIZE",
                    help="layer-wise: hidden states beyond this (e.g. 64G) are kept on disk (default: all in memory)")
     p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # for the dashboard's jobs
+    p.add_argument("--trace-tokens", type=int, default=DEFAULT_TRACE_TOKENS, metavar="N",
+                   help=f"record every routed slot of the first N tokens per domain (default {DEFAULT_TRACE_TOKENS}; "
+                        "0: none; in-memory captures only)")
     p.set_defaults(func=cmd_capture)
+
+    p = commands.add_parser("trace", help=cmd_trace.__doc__.splitlines()[0], description=cmd_trace.__doc__)
+    p.add_argument("--model", required=True, help="local model directory or hub id (with a tokenizer)")
+    p.add_argument("--text", default=None, help="the text to trace")
+    p.add_argument("--text-file", default=None, help="a UTF-8 file with the text to trace")
+    p.add_argument("--out", required=True, help="new directory for the trace (Parquet files)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="trace at most this many tokens (default 2048)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # for the dashboard's jobs
+    _model_arguments(p)
+    p.set_defaults(func=cmd_trace)
 
     from moe_viz.analysis.criteria import CRITERIA
 

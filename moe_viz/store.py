@@ -180,10 +180,35 @@ MIGRATIONS: dict[int, list[str]] = {
     # run ~5x slower and deleting a replaced run (a re-capture) take ~18 s (bench/store_write.py). A run's
     # rows are written together in layer order, so DuckDB's min/max zone maps find (run, layer) without it.
     5: ["DROP INDEX IF EXISTS coactivation_run"],
+    # Token-level routing traces (moe_viz/capture/trace.py): the first N calibration tokens of a run.
+    6: [
+        """CREATE TABLE token_routes (
+            run_id VARCHAR NOT NULL,
+            seq INTEGER NOT NULL,            -- calibration sequence (capture order; .jsonl input_ids: the record)
+            pos INTEGER NOT NULL,            -- position in that sequence
+            token_id INTEGER NOT NULL,
+            layer SMALLINT NOT NULL,         -- decoder layer index, as in expert_stats
+            slot SMALLINT NOT NULL,          -- 0..k-1, the order the router returned
+            expert SMALLINT NOT NULL,
+            gate REAL NOT NULL               -- the weight the model applied to this expert's output
+        )""",
+        """CREATE TABLE run_tokens (
+            run_id VARCHAR NOT NULL,
+            seq INTEGER NOT NULL,
+            pos INTEGER NOT NULL,
+            token_id INTEGER NOT NULL
+        )""",
+        """CREATE TABLE token_pieces (
+            run_id VARCHAR NOT NULL,
+            token_id INTEGER NOT NULL,
+            piece VARCHAR NOT NULL           -- tokenizer.decode([token_id])
+        )""",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 STAT_TABLES = ("expert_stats", "layer_stats", "coactivation")  # written by a capture
-RUN_TABLES = STAT_TABLES + ("expert_knockout",)  # every table whose rows belong to a run
+TRACE_TABLES = ("token_routes", "run_tokens", "token_pieces")  # written by a capture with a token trace
+RUN_TABLES = STAT_TABLES + ("expert_knockout",) + TRACE_TABLES  # every table whose rows belong to a run
 
 
 def tables_at(version: int) -> frozenset[str]:
@@ -539,9 +564,13 @@ def complete_run(
     coactivation: pd.DataFrame,
     tokens: int,
     sequences: int,
+    trace: dict[str, pd.DataFrame] | None = None,
     lock_timeout: float | None = None,
 ) -> None:
     """Write all of a run's rows and mark it complete, in one transaction.
+
+    `trace`: the token-level trace frames (TRACE_TABLES -> frame, capture/trace.py), written in the
+    same transaction.
 
     Earlier runs with the same settings key (same model, domain, source and
     settings) are deleted in the same transaction, so a re-capture replaces
@@ -553,6 +582,7 @@ def complete_run(
     how to import them: the statistics are never thrown away.
     """
     frames = {"expert_stats": expert_stats, "layer_stats": layer_stats, "coactivation": coactivation}
+    frames.update({table: trace[table] for table in TRACE_TABLES} if trace else {})
     timeout = _commit_timeout(lock_timeout)
     try:
         with connect(path, timeout=timeout) as con:
@@ -678,7 +708,9 @@ def import_run_file(saved: str | Path, path: str | Path) -> str:
         run_id, tokens, sequences = str(meta["run_id"]), int(meta["tokens"]), int(meta["sequences"])
         frames = {}
         with duckdb.connect() as mem:
-            for table in STAT_TABLES:
+            for table in STAT_TABLES + TRACE_TABLES:
+                if table in TRACE_TABLES and not (saved / f"{table}.parquet").exists():
+                    continue  # a capture without a token trace
                 frames[table] = mem.execute("SELECT * EXCLUDE (run_id) FROM read_parquet(?)",
                                             [str(saved / f"{table}.parquet")]).df()
     except (OSError, ValueError, KeyError, TypeError, duckdb.Error) as exc:

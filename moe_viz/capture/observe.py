@@ -150,6 +150,8 @@ class _LayerTap:
         if self.logits is None or self.norms is None:
             raise RuntimeError(f"moe_viz saw {self.layer.name} run without its router or experts being observed")
         valid = self.observer.valid_on(self.logits.device, self.logits.shape[0])
+        if self.observer.tracer is not None:  # token-level trace (capture/trace.py)
+            self.observer.tracer.add(self.layer.layer, self.index, self.weights)
         self.acc.add(
             self.logits, self.index, self.weights, self.norms, token_shift(block_input, block_output), valid
         )
@@ -186,12 +188,14 @@ class RoutingObserver:
 
     Call `set_attention_mask` before each forward so padding is excluded.
     ``fast=False`` forces the recompute path everywhere (for benchmarks/tests).
+    ``tracer`` (a capture.trace.TokenTracer) also receives each layer's routing.
     """
 
-    def __init__(self, layers: list[MoeLayer], fast: bool = True):
+    def __init__(self, layers: list[MoeLayer], fast: bool = True, tracer=None):
         self.scratch = Scratch()  # work buffers shared by the layers, which run one after another
         self.taps = [_LayerTap(layer, self) for layer in layers]
         self.fast = fast
+        self.tracer = tracer
         self._valid: torch.Tensor | None = None
         self._all_valid = True
         self._valid_by_device: dict = {}

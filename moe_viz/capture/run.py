@@ -30,6 +30,7 @@ from moe_viz.capture.distributed import Ranks
 from moe_viz.capture.observe import RoutingObserver
 from moe_viz.capture.routing_stats import LayerAccumulator
 from moe_viz.capture.sources import Documents, pack_sequences, parse_domain, read_documents
+from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS, TokenTracer
 
 
 @dataclass
@@ -38,11 +39,13 @@ class CaptureSettings:
     seq_len: int = 512
     batch_size: int = 8
     seed: int = 0
+    trace_tokens: int = DEFAULT_TRACE_TOKENS  # per domain, token-level trace (capture/trace.py); 0: none
 
     def check(self) -> None:
         for name in ("max_tokens", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise MoeVizError(f"--{name.replace('_', '-')} must be a positive integer")
+        TokenTracer(self.trace_tokens)  # refuses a negative count
 
 
 @dataclass
@@ -134,17 +137,21 @@ def accumulate_routing(
     batches,
     on_batch: Callable[[int], None] | None = None,
     fast: bool = True,
+    tracer: TokenTracer | None = None,
 ) -> list[LayerAccumulator]:
     """Forward (input_ids (B,S), attention_mask (B,S)) CPU batches through `model`; one accumulator per MoE layer.
 
     Only host-side counts (from the CPU attention mask) are reported per batch,
-    so the device is never synchronised inside the loop.
+    so the device is never synchronised inside the loop. A `tracer` also records
+    the routing of its first tokens (`tracer.frames()` afterwards).
     """
     layers = find_moe_layers(model)
     device = _input_device(model)
-    with RoutingObserver(layers, fast=fast) as observer:
+    with RoutingObserver(layers, fast=fast, tracer=tracer) as observer:
         for ids, mask in batches:
             observer.set_attention_mask(mask)
+            if tracer is not None:
+                tracer.begin_batch(ids, mask)
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             if on_batch is not None:
                 on_batch(int(mask.sum()))
@@ -169,9 +176,11 @@ def collect_routing_stats(
     pad_id: int = 0,
     on_batch: Callable[[int], None] | None = None,
     fast: bool = True,
+    tracer: TokenTracer | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Forward `sequences` through `model` and return (expert, layer, co-activation) frames."""
-    return accumulator_frames(accumulate_routing(model, padded_batches(sequences, batch_size, pad_id), on_batch, fast))
+    return accumulator_frames(
+        accumulate_routing(model, padded_batches(sequences, batch_size, pad_id), on_batch, fast, tracer))
 
 
 def pad_id_of(tokenizer) -> int:
@@ -203,6 +212,7 @@ def store_domain_runs(
     run_settings: dict,
     collect: Collector,
     progress: ProgressCallback | None,
+    traces: Callable[[str], dict[str, pd.DataFrame] | None] | None = None,
 ) -> list[str]:
     """One stored run per domain: begin it (rank 0), collect, combine the ranks' accumulators, complete it.
 
@@ -247,6 +257,7 @@ def store_domain_runs(
                         coactivation=coact_df,
                         tokens=total,
                         sequences=len(sequences),
+                        trace=traces(docs.domain) if traces is not None else None,  # domain -> trace frames
                     )
         except store.RunSavedToFile:
             raise  # its statistics are in a file to import; the run reads `interrupted` until then
@@ -294,14 +305,21 @@ def capture_model(
         **(extra_settings or {}),
     }
 
+    tracers: dict[str, TokenTracer] = {}
+
     def collect(domain: str, sequences: list[list[int]], on_batch) -> list[LayerAccumulator]:
         batches = list(padded_batches(sequences, settings.batch_size, pad_id))
-        return accumulate_routing(model, [batches[i] for i in ranks.batches(len(batches))], on_batch)
+        mine = ranks.batches(len(batches))
+        tracer = None
+        if settings.trace_tokens and ranks.main:  # rank 0 traces the first N tokens of its own batches
+            tracer = tracers[domain] = TokenTracer(settings.trace_tokens, [i * settings.batch_size for i in mine])
+        return accumulate_routing(model, [batches[i] for i in mine], on_batch, tracer=tracer)
 
     return store_domain_runs(
         store_path=store_path, ranks=ranks, domains=domains, packed=packed, model_id=model_id,
         fingerprint=model_fingerprint(model), model_type=getattr(model.config, "model_type", ""),
         run_settings=run_settings, collect=collect, progress=progress,
+        traces=lambda domain: tracers.pop(domain).frames(tokenizer) if domain in tracers else None,
     )
 
 
