@@ -3,7 +3,7 @@
 Streamlit must not be driven from other threads, so long work runs as
 `python -m moe_viz COMMAND ... --progress-file F` in its own process; the page
 polls `job_status`. A job has a kind, the `moe-viz` command it runs (`capture`,
-`sweep`, `evaluate`). A job directory holds the kind, the command, the process
+`sweep`, `evaluate`, `trace`). A job directory holds the kind, the command, the process
 (pid and start time, in `pid`), the progress JSON (`finished: true` once the
 command completed), stderr, and any input file the command reads (a plan).
 
@@ -111,6 +111,22 @@ def start_evaluate(store_path: str | Path, model: str, plan_json: str, eval_doma
                  *_evaluation_options({}, eval_domains or [], seq_len, max_tokens, batch_size, device, seed)]
     _launch(folder, "evaluate", arguments, threads)
     return job_id
+
+
+def start_trace(store_path: str | Path, model: str, text: str, max_tokens: int = 2048, device: str = "auto",
+                threads: int | None = None) -> str:
+    """Trace the routing of `text` in the background (`moe-viz trace`); the trace lands in `trace_dir`."""
+    job_id, folder = _new_job(store_path, "trace")
+    (folder / "text.txt").write_text(text, encoding="utf-8")
+    arguments = ["--model", model, "--text-file", str(folder / "text.txt"), "--out", str(folder / "trace"),
+                 "--max-tokens", str(max_tokens), "--device", device]
+    _launch(folder, "trace", arguments, threads)
+    return job_id
+
+
+def trace_dir(store_path: str | Path, job_id: str) -> Path:
+    """Where a trace job writes its Parquet files (present once the job is done)."""
+    return jobs_dir(store_path) / job_id / "trace"
 
 
 def job_kind(store_path: str | Path, job_id: str) -> str:

@@ -190,7 +190,8 @@ MIGRATIONS: dict[int, list[str]] = {
             layer SMALLINT NOT NULL,         -- decoder layer index, as in expert_stats
             slot SMALLINT NOT NULL,          -- 0..k-1, the order the router returned
             expert SMALLINT NOT NULL,
-            gate REAL NOT NULL               -- the weight the model applied to this expert's output
+            gate REAL NOT NULL,              -- the weight the model applied to this expert's output
+            gate_rank SMALLINT NOT NULL      -- rank of this gate among the token's k (0: largest = top-1; ties by slot)
         )""",
         """CREATE TABLE run_tokens (
             run_id VARCHAR NOT NULL,

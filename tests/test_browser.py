@@ -25,6 +25,7 @@ PAGES = {  # url path -> what the page's main content is
     "overlap": "stPlotlyChart",
     "rankings": "stPlotlyChart",
     "expert": "stPlotlyChart",
+    "tokens": "stPlotlyChart",
     "health": "stPlotlyChart",
     "prune": "stPlotlyChart",
     "compare": "stPlotlyChart",  # the cut trade-off draws without any stored evaluation

@@ -272,8 +272,9 @@ def test_complete_run_saves_the_run_to_a_file_and_import_run_restores_it(tmp_pat
         command = message.split("import it with: ", 1)[1]
         assert command == f"moe-viz import-run {saved} --store {db}"
         assert saved.parent == tmp_path / "store.duckdb.pending" and saved.is_dir()
-        assert sorted(p.name for p in saved.iterdir()) == [
-            "coactivation.parquet", "expert_stats.parquet", "layer_stats.parquet", "run.json"]
+        assert sorted(p.name for p in saved.iterdir()) == [  # the token trace (on by default) is saved too
+            "coactivation.parquet", "expert_stats.parquet", "layer_stats.parquet", "run.json", "run_tokens.parquet",
+            "token_pieces.parquet", "token_routes.parquet"]
         assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no partial directory left
     finally:
         for h in holder:

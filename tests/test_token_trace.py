@@ -75,16 +75,20 @@ def test_token_routes_equal_plain_hooks(tmp_path, family):
     [run_id] = capture_model(model, None, "tiny", [docs], settings, store_path=db)
     expected, order = reference_trace(model, sequences, 4, LIMIT)
     with duckdb.connect(str(db), read_only=True) as con:
-        got = con.execute("""SELECT seq, pos, token_id, layer, slot, expert, gate FROM token_routes WHERE run_id = ?
+        got = con.execute("""SELECT seq, pos, token_id, layer, slot, expert, gate, gate_rank FROM token_routes WHERE run_id = ?
                              ORDER BY layer, seq, pos, slot""", [run_id]).df()
         tokens = con.execute("SELECT seq, pos, token_id FROM run_tokens WHERE run_id = ? ORDER BY seq, pos",
                              [run_id]).df()
         pieces = con.execute("SELECT token_id, piece FROM token_pieces WHERE run_id = ? ORDER BY 1", [run_id]).df()
     expected = expected.sort_values(["layer", "seq", "pos", "slot"]).reset_index(drop=True)
+    # rank of the gate within its token's k slots, 0 = largest, equal gates in slot order
+    expected["gate_rank"] = expected.assign(neg=-expected.gate).sort_values(["neg", "slot"]).groupby(
+        ["layer", "seq", "pos"]).cumcount()
     assert len(order) == LIMIT and order[-1] == (3, 3)
     if family == "deepseek_v3":
         assert sorted(got.layer.unique()) == [1, 2]  # decoder index: layer 0 is dense
-    for column in ["seq", "pos", "token_id", "layer", "slot", "expert"]:
+        assert (got.gate_rank != got.slot).any()  # selection by biased scores: slot order is not gate order
+    for column in ["seq", "pos", "token_id", "layer", "slot", "expert", "gate_rank"]:
         np.testing.assert_array_equal(got[column].to_numpy(), expected[column].to_numpy(), err_msg=column)
     np.testing.assert_array_equal(got.gate.to_numpy(np.float32), expected.gate.to_numpy(np.float32))
     assert tokens.values.tolist() == [[s, p, sequences[s][p]] for s, p in order]

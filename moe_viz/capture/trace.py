@@ -94,21 +94,30 @@ class TokenTracer:
             n, k = index.shape
             if n != len(tokens):
                 raise RuntimeError(f"layer {layer} traced {n} tokens, the inputs {len(tokens)}")
+            rank = gate_ranks(gate)
             blocks.append(pd.DataFrame({
                 "seq": np.repeat(run_tokens.seq.to_numpy(), k), "pos": np.repeat(run_tokens.pos.to_numpy(), k),
                 "token_id": np.repeat(run_tokens.token_id.to_numpy(), k), "layer": np.int16(layer),
                 "slot": np.tile(np.arange(k, dtype=np.int16), n), "expert": index.reshape(-1).astype(np.int16),
-                "gate": gate.reshape(-1).astype(np.float32)}))
+                "gate": gate.reshape(-1).astype(np.float32), "gate_rank": rank.reshape(-1)}))
         routes = pd.concat(blocks, ignore_index=True) if blocks else empty_frames()[0]
         return {"token_routes": routes, "run_tokens": run_tokens,
                 "token_pieces": token_pieces(tokenizer, np.unique(token_id))}
+
+
+def gate_ranks(gate: np.ndarray) -> np.ndarray:
+    """(n, k) rank of each slot's gate within its token: 0 for the largest (the top-1 expert), ties by slot."""
+    order = np.argsort(-gate, axis=1, kind="stable")  # stable: equal gates keep slot order
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(gate.shape[1])[None, :].repeat(len(gate), 0), axis=1)
+    return rank.astype(np.int16)
 
 
 def empty_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     routes = pd.DataFrame({"seq": np.zeros(0, np.int32), "pos": np.zeros(0, np.int32),
                            "token_id": np.zeros(0, np.int32), "layer": np.zeros(0, np.int16),
                            "slot": np.zeros(0, np.int16), "expert": np.zeros(0, np.int16),
-                           "gate": np.zeros(0, np.float32)})
+                           "gate": np.zeros(0, np.float32), "gate_rank": np.zeros(0, np.int16)})
     tokens = routes[["seq", "pos", "token_id"]].copy()
     pieces = pd.DataFrame({"token_id": np.zeros(0, np.int32), "piece": pd.Series([], dtype=object)})
     return routes, tokens, pieces

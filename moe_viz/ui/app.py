@@ -29,6 +29,7 @@ def main() -> None:
             st.Page(page_path("rankings"), url_path="rankings", title="Saliency rankings",
                     icon=":material/format_list_numbered:"),
             st.Page(page_path("expert"), url_path="expert", title="Expert detail", icon=":material/person_search:"),
+            st.Page(page_path("tokens"), url_path="tokens", title="Token routes", icon=":material/text_fields:"),
             st.Page(page_path("health"), url_path="health", title="Router health", icon=":material/monitor_heart:"),
             st.Page(page_path("prune"), url_path="prune", title="Prune & export", icon=":material/content_cut:"),
             st.Page(page_path("compare"), url_path="compare", title="Compare plans", icon=":material/compare_arrows:"),

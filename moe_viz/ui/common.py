@@ -196,6 +196,17 @@ def require_runs() -> pd.DataFrame:
     return complete
 
 
+@st.cache_resource(show_spinner=False)
+def model_config(model_id: str):
+    """The model's config from local files (None for a hub id without a local copy)."""
+    from transformers import AutoConfig
+
+    try:  # never reach for the network from a page: a hub id without a local copy just has no config
+        return AutoConfig.from_pretrained(model_id, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def model_label(model_id: str) -> str:
     """A name a person recognises for a captured model id (an absolute directory or a hub id).
 
@@ -242,3 +253,46 @@ def pick_model_runs() -> pd.DataFrame:
 
 def domain_run_ids(model_runs: pd.DataFrame) -> dict[str, str]:
     return dict(zip(model_runs.domain, model_runs.run_id))
+
+
+# -- token-level traces (moe_viz/analysis/token_profiles.py) ---------------------------
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _trace_view(path: str, stamp: float, run_id: str, view: str, args: tuple) -> object:
+    from moe_viz.analysis import token_profiles
+
+    return getattr(token_profiles, view)(token_profiles.TraceSource(path, run_id), *args)
+
+
+def trace_view(run_id: str, view: str, *args):
+    """A view of token_profiles (its name) on a run's stored trace, cached until the store changes."""
+    path = store_path()
+    return _trace_view(path, _stamp(path), run_id, view, args)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _domain_differences(path: str, stamp: float, run_a: str, run_b: str, layer: int) -> pd.DataFrame:
+    from moe_viz.analysis.token_profiles import TraceSource, domain_differences
+
+    return domain_differences(TraceSource(path, run_a), TraceSource(path, run_b), layer)
+
+
+def domain_differences(run_a: str, run_b: str, layer: int) -> pd.DataFrame:
+    path = store_path()
+    return _domain_differences(path, _stamp(path), run_a, run_b, int(layer))
+
+
+def visible(piece: str) -> str:
+    """A token piece with its whitespace made visible (space ·, newline ⏎, tab →)."""
+    return piece.replace(" ", "·").replace("\n", "⏎").replace("\t", "→")
+
+
+def context_html(before: str, piece: str, after: str) -> str:
+    """One example context as HTML: the token highlighted (escaped; newlines shown as ⏎)."""
+    import html
+
+    def text(s: str) -> str:
+        return html.escape(s.replace("\n", "⏎"))
+
+    return (f"<code>{text(before)}<mark style='background:{KEPT_COLOR};color:white'>{text(piece)}</mark>"
+            f"{text(after)}</code>")

@@ -15,18 +15,8 @@ from moe_viz.models import MoeVizError
 from moe_viz.prune.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.prune.sweep import plan_key, stored_plan_results
 from moe_viz.ui.common import (CHART_HEIGHT, DROPPED_COLOR, KEPT_COLOR, criteria_help, domain_run_ids, layer_stats,
-                               pick_model_runs, plotly_chart, store_path)
+                               model_config, pick_model_runs, plotly_chart, store_path)
 from moe_viz.prune.verify import verify_from_store
-
-
-@st.cache_resource(show_spinner=False)
-def model_config(model_id: str):
-    from transformers import AutoConfig
-
-    try:  # never reach for the network from a page: a hub id without a local copy just has no config
-        return AutoConfig.from_pretrained(model_id, local_files_only=True)
-    except (OSError, ValueError):
-        return None
 
 
 def show_verification(result: dict) -> None:
