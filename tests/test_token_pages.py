@@ -132,9 +132,8 @@ def test_token_routes_page_domain_sample_and_plan(traced, monkeypatch):
     everything = _sql(store_path, "SELECT * FROM token_routes WHERE run_id = $1", run_ids["code"])
     everything["dropped"] = [(l, e) in dropped for l, e in zip(everything.layer, everything.expert)]
     everything["g"] = everything.gate.astype(np.float64)
-    fractions = everything.groupby(["seq", "pos", "layer"]).apply(lambda c: c.g[c.dropped].sum() / c.g.sum(),
-                                                                     include_groups=False)
-    hurt = fractions.groupby(["seq", "pos"]).mean().rename("hurt").reset_index()
+    hurt = everything.groupby(["seq", "pos"]).apply(lambda c: c.g[c.dropped].sum() / c.g.sum(),
+                                                     include_groups=False).rename("hurt").reset_index()
     hurt = hurt.sort_values(["hurt", "seq", "pos"], ascending=[False, True, True]).head(20)
     shown = _tables(at, "seq", "pos", "hurt")[0]
     assert shown[["seq", "pos"]].values.tolist() == hurt[["seq", "pos"]].values.tolist()

@@ -147,14 +147,10 @@ def test_views_equal_python_loops(tmp_path):
         assert {v: len(top1[v]) for v in ids} == listed.distinct_top1.to_dict()
     # gate mass a plan removes: layer 1 drops experts 0, 4; layer 3 drops 5 (keeps other than half)
     kept, num = {1: [1, 2, 3, 5], 3: [0, 1, 2, 3, 4]}, {1: 6, 3: 6}
-    hurt = {}
+    hurt = {}  # share of the token's gate mass over all layers on dropped experts (layer 3's gates sum to 2.5)
     for (s, p) in tok:
-        fractions = []
-        for layer in (1, 3):
-            slots = routes[s, p, layer]
-            total = sum(np.float32(g) for _, g in slots)
-            fractions.append(sum(np.float32(g) for e, g in slots if e not in kept[layer]) / total)
-        hurt[s, p] = np.mean(fractions)
+        slots = [(layer, e, float(np.float32(g))) for layer in (1, 3) for e, g in routes[s, p, layer]]
+        hurt[s, p] = sum(g for layer, e, g in slots if e not in kept[layer]) / sum(g for _, _, g in slots)
     occ, by_id = tp.tokens_hurt(source, kept, num, top=200)
     assert len(occ) == T
     for s, p, h in zip(occ.seq, occ.pos, occ.hurt):

@@ -153,9 +153,10 @@ st.plotly_chart(figure, key="tr_routes")
 # -- which tokens does this plan hurt? ----------------------------------------------------
 if plan is not None:
     st.subheader(f"Which tokens does this plan hurt? ({criterion}, keep {keep} of {max(num_experts.values())})")
-    st.caption("hurt = mean over MoE layers of the fraction of the token's gate mass on dropped experts "
-               "(0: untouched, 1: every routed expert dropped in every layer).")
-    per_token = removed.groupby("pos").removed_fraction.mean()
+    st.caption("hurt = share of the token's applied gate mass, all MoE layers together, on experts the plan "
+               "drops (0: untouched, 1: every routed expert dropped in every layer). Darker = more hurt.")
+    sums = removed.groupby("pos")[["removed", "total"]].sum()
+    per_token = sums.removed / sums.total.where(sums.total > 0, 1.0)
     spans = "".join(
         f"<span title='hurt {per_token[p]:.2f}' style='background:rgba(230,159,0,{per_token[p]:.2f});"
         f"border-bottom:1px solid {DROPPED_COLOR}'>{html.escape(pieces[p].replace(chr(10), '⏎'))}</span>"
