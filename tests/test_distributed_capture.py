@@ -11,12 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
+import numpy as np
 import pytest
 
 from capture_compare import SETTINGS, assert_same_statistics, domains, reference, save_model  # noqa: F401 (fixture)
 from moe_viz import store
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sql(path, query, *params):
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute(query, list(params)).df()
 
 
 def torchrun(args, timeout=600):
@@ -52,6 +59,15 @@ def test_two_ranks_store_what_one_process_stores(tmp_path, domains, mode):
     assert [s["layerwise"] for s in settings] == [mode == "layerwise"] * 2
     ids = runs.set_index("domain").loc[["code", "prose"]].run_id.tolist()
     assert_same_statistics(tmp_path / "one.duckdb", ref_ids, tmp_path / "two.duckdb", ids)
+    if mode == "in-memory":  # rank 0 traces its own batches (0, 2, ...): one process's rows at those (seq, pos)
+        for ref, got in zip(ref_ids, ids):
+            query = "SELECT seq, pos, layer, slot, expert, gate FROM token_routes WHERE run_id = $1"
+            one = _sql(tmp_path / "one.duckdb", query, ref)
+            two = _sql(tmp_path / "two.duckdb", query, got)
+            assert len(two) > 0 and set(two.seq // SETTINGS.batch_size % 2) == {0}
+            merged = two.merge(one, on=["seq", "pos", "layer", "slot"], suffixes=("", "_one"))
+            assert len(merged) == len(two) and (merged.expert == merged.expert_one).all()
+            np.testing.assert_allclose(merged.gate, merged.gate_one, rtol=1e-6)
 
 
 def test_a_failing_rank_fails_the_run_on_every_rank_with_no_rows(tmp_path, domains):
