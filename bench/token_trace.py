@@ -16,6 +16,7 @@ Expert detail and Token routes pages on it, each opening the store afresh as the
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -130,16 +131,21 @@ def queries(args: argparse.Namespace) -> None:
             "context_dependence (all layers)": lambda: tp.context_dependence(a),
             "context_dependent_tokens": lambda: tp.context_dependent_tokens(a, layer, 20),
         }
-        timings = {name: [] for name in views}
+        wall = {name: [] for name in views}
+        cpu = {name: [] for name in views}
         for _ in range(args.reps + 1):  # interleaved; the first round warms the OS cache and is not counted
             for name, view in views.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 view()
-                timings[name].append(time.perf_counter() - start)
-        print(f"{args.reps} reps, DuckDB threads per connection: {store.duckdb_threads()}")
-        for name, values in timings.items():
-            values = [v * 1000 for v in values[1:]]
-            print(f"  {name:34s} median {statistics.median(values):7.1f} ms  (min {min(values):.1f}, max {max(values):.1f})")
+                wall[name].append(1000 * (time.perf_counter() - start))
+                cpu[name].append(1000 * (time.process_time() - start_cpu))
+        print(f"{args.reps} reps, DuckDB threads per connection: {store.duckdb_threads()}; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. CPU = this process's CPU time (all its threads): "
+              "what the view costs on an otherwise idle core; wall includes waiting for the CPU.")
+        for name in views:
+            w, c = wall[name][1:], cpu[name][1:]
+            print(f"  {name:34s} CPU median {statistics.median(c):6.1f} ms (min {min(c):.1f}, max {max(c):.1f})"
+                  f" | wall median {statistics.median(w):7.1f} ms (min {min(w):.1f}, max {max(w):.1f})")
 
 
 def main() -> None:
