@@ -15,9 +15,10 @@ from plotly.colors import sample_colorscale
 from chart_downloads import check_plotly_downloads, downloads, offered  # noqa: F401 (fixture)
 from test_ui import _app, _heatmap, captured  # noqa: F401 (fixture)
 
-PAGES = ["heatmaps", "overlap", "rankings", "expert", "health", "prune", "compare", "runs"]
+PAGES = ["heatmaps", "overlap", "rankings", "expert", "tokens", "health", "prune", "compare", "runs"]
 EXPECTED_CHARTS = {"overlap": {"overlap_matrix", "overlap_mean", "overlap_mi"},
                    "rankings": {"ranking_bars", "agreement_matrix"}, "expert": {"expert_share", "expert_partners"},
+                   "tokens": {"tr_routes", "tr_dependence"},
                    "health": {"health_imbalance", "health_entropy", "health_never"},
                    "prune": {"prune_mask", "prune_lost"}, "compare": {"cp_cut"}}
 

@@ -14,6 +14,7 @@ from moe_viz import jobs
 from moe_viz.capture.trace import load_trace
 from moe_viz.cli import main
 from moe_viz.prune.plan import build_plan
+from chart_downloads import check_plotly_downloads, downloads  # noqa: F401 (fixture)
 from test_ui import CODE, PROSE, _app, _array, _charts
 from tiny_models import save_tiny_model
 
@@ -101,7 +102,7 @@ def _top1_matrix(routes, positions):
     return first.pivot(index="layer", columns="pos", values="expert").reindex(columns=positions).to_numpy()
 
 
-def test_token_routes_page_domain_sample_and_plan(traced, monkeypatch):
+def test_token_routes_page_domain_sample_and_plan(traced, monkeypatch, downloads):
     model_dir, store_path = traced
     run_ids = _run_ids(store_path)
     at = _app(store_path, monkeypatch, "tokens")
@@ -128,6 +129,7 @@ def test_token_routes_page_domain_sample_and_plan(traced, monkeypatch):
     per_cell = marked.groupby(["layer", "pos"]).apply(lambda c: c.g[c.dropped].sum() / c.g.sum(), include_groups=False)
     heat = _charts(at)[0].data[0]
     np.testing.assert_allclose(_array(heat.z), per_cell.unstack("pos").to_numpy(), rtol=1e-12)
+    assert set(check_plotly_downloads(at, downloads, "tokens under a plan")) == {"tr_routes", "tr_dependence"}
     # the most hurt occurrences of the whole trace
     everything = _sql(store_path, "SELECT * FROM token_routes WHERE run_id = $1", run_ids["code"])
     everything["dropped"] = [(l, e) in dropped for l, e in zip(everything.layer, everything.expert)]

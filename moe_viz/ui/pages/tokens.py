@@ -13,7 +13,8 @@ from moe_viz.capture.trace import load_trace
 from moe_viz.models import MoeVizError
 from moe_viz.prune.plan import RouterConstraints, build_plan
 from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, DROPPED_COLOR, criteria_help, domain_run_ids,
-                               layer_stats, model_config, pick_model_runs, store_path, trace_view, visible)
+                               layer_stats, model_config, pick_model_runs, plotly_chart, store_path, trace_view,
+                               visible)
 
 # Okabe-Ito: categorical colours told apart by every common colour-vision deficiency (up to 8 experts)
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
@@ -148,7 +149,13 @@ figure = go.Figure(heat)
 figure.update_layout(title=title, xaxis_title="token", yaxis_title="MoE layer (decoder index)", height=CHART_HEIGHT)
 figure.update_xaxes(tickmode="array", tickvals=positions, ticktext=tick_text, tickangle=-60)
 figure.update_yaxes(autorange="reversed", type="category")
-st.plotly_chart(figure, key="tr_routes")
+# the CSV: one row per drawn cell (layer, position), with the colour's value and every expert and gate
+cells = top1.stack().rename("top1_expert").reset_index()
+cells = cells.merge(hover.rename("experts_gates").reset_index(), on=["layer", "pos"])
+cells.insert(2, "piece", cells.pos.map(pieces))
+if removed is not None:
+    cells = cells.merge(removed[["layer", "pos", "removed", "total", "removed_fraction"]], on=["layer", "pos"])
+plotly_chart(figure, cells, "tr_routes")
 
 # -- which tokens does this plan hurt? ----------------------------------------------------
 if plan is not None:
@@ -181,7 +188,7 @@ bars = px.bar(dependence, x=dependence.layer.astype(str), y="mean_distinct_top1"
               labels={"x": "MoE layer (decoder index)", "mean_distinct_top1": "mean distinct top-1 experts"},
               hover_data=["token_ids", "same_top1_share"])
 bars.update_xaxes(type="category")
-st.plotly_chart(bars, key="tr_dependence")
+plotly_chart(bars, dependence, "tr_dependence")
 st.dataframe(dependence, hide_index=True, key="tr_dependence_table")
 dep_layer = st.selectbox("Layer", dependence.layer.tolist(), key="tr_dep_layer")
 listed = view("context_dependent_tokens", dep_layer, 20)
