@@ -67,6 +67,29 @@ def _router_of(block: nn.Module, hidden_size: int | None) -> nn.Module | None:
     return None
 
 
+def _experts_count(experts: nn.Module) -> int | None:
+    """Routed experts held by an experts module (its own attribute, else dim 0 of its fused weights)."""
+    count = getattr(experts, "num_experts", None)
+    if isinstance(count, int):
+        return count
+    fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+    return int(fused[0].shape[0]) if fused else None
+
+
+def _text_model_prefix(model: nn.Module) -> str:
+    """Module-path prefix of a composite (multimodal) model's language model; "" for a text-only model."""
+    config = getattr(model, "config", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    if "text_config" not in getattr(type(config), "sub_configs", {}) or get_decoder is None:
+        return ""
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError):
+        return ""
+    name = next((n for n, m in model.named_modules() if m is decoder), "")
+    return name + "." if name else ""
+
+
 def _adapter_of(experts: nn.Module) -> str | None:
     # The v5 decorator adds these attributes to every fused experts instance.
     if hasattr(experts, "is_transposed") and hasattr(experts, "_is_expert_parallel"):
@@ -96,19 +119,29 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
     hidden_size = getattr(text_config, "hidden_size", None)
     layers: list[MoeLayer] = []
     unsupported: list[str] = []
+    text_prefix = _text_model_prefix(model)
     for name, module in model.named_modules():
         experts = getattr(module, "experts", None)
-        if not isinstance(experts, nn.Module):
-            continue
+        if not isinstance(experts, nn.Module) or not (name + ".").startswith(text_prefix):
+            continue  # a vision/audio tower's MoE sees no text tokens: text-only capture leaves it alone
         router = _router_of(module, hidden_size)
         adapter = _adapter_of(experts)
         if router is None or adapter is None:
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
+        rows, count = int(router.weight.shape[0]), _experts_count(experts)
+        if count is not None and rows != count:
+            raise MoeVizError(f"{type(model).__name__}: moe_viz cannot observe yet {name}, whose router scores "
+                              f"{rows} choices for {count} routed experts (extra rows for shared or null experts)")
+        index = _layer_index(name, len(layers))
+        twin = next((other.name for other in layers if other.layer == index), None)
+        if twin is not None:
+            raise MoeVizError(f"{type(model).__name__}: moe_viz cannot observe yet two MoE blocks in one decoder layer "
+                              f"({twin}, {name}): statistics and plans are per layer")
         adapter_logits_index = 1 if adapter == "llama4" else 0
         layers.append(
             MoeLayer(
-                layer=_layer_index(name, len(layers)),
+                layer=index,
                 name=name,
                 block=module,
                 router=router,
@@ -150,6 +183,97 @@ def fingerprint_from_samples(config, tensors: list[tuple[str, tuple, torch.dtype
         digest.update(f"{name}:{shape}:{dtype}".encode())
         digest.update(samples[name])
     return digest.hexdigest()[:16]
+
+
+# Per-expert routing tensors outside the router's weight that steer *selection* only (added to scores
+# before top-k); masking an expert sets its entry to -inf. Names as transformers 5 spells them.
+SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
+
+@dataclass
+class RoutingTensor:
+    """A parameter or buffer of a MoE block, outside its experts, with one entry per routed expert."""
+
+    path: str  # relative to the block, e.g. "gate.weight", "e_score_correction_bias"
+    module: nn.Module
+    attribute: str
+    axis: int  # the expert axis
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.attribute)
+
+    @property
+    def is_selection_bias(self) -> bool:
+        return self.attribute in SELECTION_BIAS_NAMES
+
+
+def expert_axis(shape: tuple[int, ...], num_experts: int) -> int | None:
+    """The expert axis of a routing tensor: dim 0 of (E, ...) and the last dim of (1, ..., 1, E)."""
+    if shape and shape[0] == num_experts:
+        return 0
+    if shape and shape[-1] == num_experts and all(d == 1 for d in shape[:-1]):
+        return len(shape) - 1
+    return None
+
+
+def routing_tensors(layer: MoeLayer) -> list[RoutingTensor]:
+    """Every parameter and buffer of the block, outside its experts and shared experts, with an
+    expert dimension: router rows and biases wherever they sit (on the router, on the block, in a
+    `moe_statics` child shaped (1, E)).
+
+    Raises MoeVizError naming a tensor that has E on an axis this tool does not know how to slice,
+    so nothing is exported wrongly.
+    """
+    experts_prefix = next(name for name, m in layer.block.named_modules() if m is layer.experts)
+    found = []
+    for module_name, module in layer.block.named_modules():
+        if module_name == experts_prefix or module_name.startswith(experts_prefix + ".") and experts_prefix:
+            continue
+        if "shared" in module_name:
+            continue
+        for attribute, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            path = f"{module_name}.{attribute}" if module_name else attribute
+            if tensor is not None and not tensor.is_floating_point() and tensor.dim() > 0:
+                # e.g. DeepSeek-V4's hash layers route by a token-id -> expert-id table (`gate.tid2eid`):
+                # masking logits cannot remove an expert there and renumbering would break the table.
+                raise MoeVizError(f"{layer.name}.{path} is an integer table of expert ids (hash routing): "
+                                  "pruning experts chosen by a table is not supported")
+            if tensor is None or tensor.dim() == 0 or layer.num_experts not in tensor.shape:
+                continue
+            axis = expert_axis(tuple(tensor.shape), layer.num_experts)
+            if axis is None:
+                raise MoeVizError(f"{layer.name}.{path} has shape {tuple(tensor.shape)} with {layer.num_experts} "
+                                  "experts on an axis moe_viz does not know how to prune: this layout is not supported")
+            found.append(RoutingTensor(path, module, attribute, axis))
+    return found
+
+
+def model_class_for(config):
+    """The transformers class a checkpoint of this config loads as for text generation.
+
+    A causal LM where transformers registers one for the config (and it is not a composite model's
+    text-only class), else the image-text-to-text class (multimodal models: their text MoE is run
+    text-only), else the seq2seq class (encoder-decoder MoE)."""
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM)
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(config, "model_type", "")
+    composite = "text_config" in getattr(type(config), "sub_configs", {})
+    order = [(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, AutoModelForCausalLM),
+             (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, AutoModelForImageTextToText),
+             (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, AutoModelForSeq2SeqLM)]
+    if composite:
+        order = order[1:2] + order[:1] + order[2:]
+    for names, auto_class in order:
+        if model_type in names:
+            return auto_class
+    from transformers import CONFIG_MAPPING
+
+    if model_type in CONFIG_MAPPING and not getattr(config, "auto_map", None):
+        raise MoeVizError(f"moe_viz cannot load yet model type {model_type}: transformers registers no causal-LM, "
+                          "image-text-to-text or seq2seq class for it")
+    return AutoModelForCausalLM  # trust_remote_code models register themselves through auto_map
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -234,7 +358,6 @@ def load_model(
     ``device="auto"`` on a CUDA machine uses accelerate's ``device_map="auto"``
     so models larger than one GPU spread over all GPUs (and CPU memory).
     """
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from moe_viz.checkpoint import check_checkpoint, load_config
@@ -248,7 +371,7 @@ def load_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report would repeat, at length, the one-line error below
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = model_class_for(config).from_pretrained(
             model_id,
             config=config,
             dtype=torch_dtype,

@@ -59,10 +59,11 @@ STATE_MARKER = "moe_viz-layerwise-state"
 def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The causal LM with every parameter on the meta device; real non-persistent buffers."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from moe_viz.models import model_class_for
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model_class_for(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
 
 

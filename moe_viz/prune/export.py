@@ -36,7 +36,8 @@ import torch
 
 from moe_viz import __version__
 from moe_viz.atomic import fsync_dir, fsync_tree, write_text_atomic
-from moe_viz.models import EXPERT_COUNT_KEYS, MoeVizError, find_moe_layers
+from moe_viz.models import (EXPERT_COUNT_KEYS, SELECTION_BIAS_NAMES, MoeVizError, expert_axis, find_moe_layers,
+                            model_class_for, routing_tensors)
 from moe_viz.prune.copy_ranges import copy_range
 from moe_viz.prune.plan import PrunePlan
 
@@ -45,7 +46,9 @@ TOP_K_KEY = "num_experts_per_tok"  # every supported family's config key for exp
 INDEX_FILE = "model.safetensors.index.json"
 # On-disk names vary by family (`mlp.experts.3.w1.weight`, `block_sparse_moe.input_linear.weight`,
 # `mlp.router.layer.weight`, ...). Within a MoE layer, a tensor belongs to the routed experts or
-# router when one of its path components is one of these, and none names a shared expert.
+# router when one of its path components is one of these, or it is a selection bias (which some
+# families keep on the block itself: `mlp.e_score_correction_bias`, `feed_forward.expert_bias`),
+# and none of its components names a shared expert.
 MOE_COMPONENTS = {"experts", "gate", "router", "input_linear", "output_linear"}
 LAYER = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
@@ -288,19 +291,26 @@ def prune_model_in_place(model: torch.nn.Module, kept: dict[int, list[int]]) -> 
     counts = {len(kept[layer.layer]) for layer in layers}
     if len(counts) != 1:
         raise MoeVizError("every MoE layer must keep the same number of experts to export (one count per config)")
+    per_layer = {layer.layer: routing_tensors(layer) for layer in layers}  # refuses unknown layouts first
     for layer in layers:
         index = torch.tensor(kept[layer.layer], dtype=torch.long)
         E = layer.num_experts
-        for module in (layer.experts, layer.router):
-            tensors = list(module._parameters.items()) + list(module._buffers.items())
-            for name, tensor in tensors:
-                if tensor is None or tensor.dim() == 0 or tensor.shape[0] != E:
-                    continue
-                sliced = tensor.data.index_select(0, index.to(tensor.device)).contiguous()
-                if name in module._parameters:
-                    module._parameters[name] = torch.nn.Parameter(sliced, requires_grad=False)
-                else:
-                    module._buffers[name] = sliced
+        expert_tensors = []
+        for name, tensor in list(layer.experts._parameters.items()) + list(layer.experts._buffers.items()):
+            if tensor is None or tensor.dim() <= 1 and E not in tensor.shape:
+                continue  # shared by all experts
+            if tensor.shape[0] != E:
+                raise MoeVizError(f"{layer.name}.experts.{name} has shape {tuple(tensor.shape)}, not {E} experts on "
+                                  "dim 0: this layout is not supported; nothing was written")
+            expert_tensors.append((layer.experts, name, 0))
+        routing = [(t.module, t.attribute, t.axis) for t in per_layer[layer.layer]]
+        for module, name, axis in expert_tensors + routing:
+            tensor = getattr(module, name)
+            sliced = tensor.data.index_select(axis, index.to(tensor.device)).contiguous()
+            if name in module._parameters:
+                module._parameters[name] = torch.nn.Parameter(sliced, requires_grad=False)
+            else:
+                module._buffers[name] = sliced
         for module in (layer.block, layer.experts, layer.router):
             for attr in EXPERT_COUNT_KEYS:
                 if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == E:
@@ -364,7 +374,9 @@ def plan_shard(header: dict, data_start: int, plan: PrunePlan) -> list[_OutTenso
         located = LAYER.search(name)
         layer = int(located["layer"]) if located else None
         components = located["rest"].split(".")[:-1] if located else []
-        if layer not in plan.kept or any("shared" in c for c in components) or not MOE_COMPONENTS & set(components):
+        selection_bias = located is not None and name.rsplit(".", 1)[-1] in SELECTION_BIAS_NAMES
+        if layer not in plan.kept or any("shared" in c for c in components) or not (
+                MOE_COMPONENTS & set(components) or selection_bias):
             out.append(whole)
             continue
         keep, E = plan.kept[layer], plan.num_experts[layer]
@@ -375,9 +387,16 @@ def plan_shard(header: dict, data_start: int, plan: PrunePlan) -> list[_OutTenso
                 whole.name = f"{per_expert['prefix']}.{keep.index(expert)}.{per_expert['rest']}"
                 out.append(whole)
             continue
-        if not shape or shape[0] != E:
-            raise MoeVizError(f"{name} has shape {shape}, not {E} experts on dim 0: this layout is not supported")
-        out.append(_OutTensor(name, info["dtype"], [len(keep)] + shape[1:], _row_ranges(start, end, E, keep)))
+        if E not in shape and len(shape) <= 1:
+            out.append(whole)  # shared by all experts (a norm weight, a scalar): kept as is
+            continue
+        axis = expert_axis(tuple(shape), E)
+        if axis is None:
+            raise MoeVizError(f"{name} has shape {shape}, not {E} experts on dim 0 (or the last dim of a (1, E) "
+                              "tensor): this layout is not supported; nothing was written")
+        # (1, ..., 1, E) is E contiguous elements: the same byte ranges as E rows.
+        new_shape = shape[:axis] + [len(keep)] + shape[axis + 1:]
+        out.append(_OutTensor(name, info["dtype"], new_shape, _row_ranges(start, end, E, keep)))
     return out
 
 
@@ -479,9 +498,10 @@ def export_pruned(
         if streaming:
             export_streaming(plan, source_dir, tmp, progress)
         else:
-            from transformers import AutoModelForCausalLM
+            from moe_viz.checkpoint import load_config
 
-            model = AutoModelForCausalLM.from_pretrained(source_dir, dtype="auto", use_safetensors=True)
+            model = model_class_for(load_config(source_dir)).from_pretrained(
+                source_dir, dtype="auto", use_safetensors=True)
             export_in_memory(model, plan, source_dir, tmp)
             del model
         copy_side_files(source_dir, tmp)

@@ -13,10 +13,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers
-
-# Router buffers/parameters of shape (E,) that steer selection and must also be masked.
-CORRECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, routing_tensors
 
 
 class _MaskFirstLinear(TorchFunctionMode):
@@ -54,12 +51,13 @@ def masked_layer(layer: MoeLayer, experts: list[int]) -> Iterator[None]:
     saved_biases = []
     router.forward = forward
     try:
-        for name in CORRECTION_BIAS_NAMES:
-            bias = getattr(router, name, None)
-            if isinstance(bias, torch.Tensor):
+        # Selection biases wherever the block keeps them (router, block, a (1, E) `moe_statics`).
+        for routing in routing_tensors(layer):
+            if routing.is_selection_bias:
+                bias = routing.tensor
                 saved_biases.append((bias, bias.detach().clone()))
                 with torch.no_grad():
-                    bias[ids.to(bias.device)] = float("-inf")
+                    bias.index_fill_(routing.axis, ids.to(bias.device), float("-inf"))
         yield
     finally:
         if "forward" in vars(router):

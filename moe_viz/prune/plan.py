@@ -312,12 +312,11 @@ def preview(plan: PrunePlan, store_path: str | Path, domains: list[str] | None =
 def size_summary(plan: PrunePlan, config) -> dict:
     """Parameters and bytes before/after, from the config alone (a model built on the meta device)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from moe_viz.models import find_moe_layers
+    from moe_viz.models import find_moe_layers, model_class_for
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class_for(config).from_config(config)
     total = sum(p.numel() for p in model.parameters())
     removed = 0
     for layer in find_moe_layers(model):

@@ -42,7 +42,7 @@ from moe_viz.capture.run import padded_batches
 from moe_viz.prune.evaluate import evaluation_sequences, predicted_positions
 from moe_viz.prune.export import PRUNE_MANIFEST, TOP_K_KEY
 from moe_viz.prune.masking import applied_plan, masked_layer, reduced_top_k
-from moe_viz.models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, find_moe_layers
+from moe_viz.models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, find_moe_layers, routing_tensors
 from moe_viz.prune.plan import PrunePlan
 from moe_viz.analysis.reconstruction import RecordBlockInputs
 
@@ -66,13 +66,15 @@ class _Collect(logging.Handler):
 
 def load_checked(path: Path, dtype: torch.dtype):
     """Load a checkpoint; return (model or None, problems) where problems lists load issues."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from moe_viz.models import model_class_for
 
     handler = _Collect()
     logger = logging.getLogger("transformers")
     logger.addHandler(handler)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = model_class_for(AutoConfig.from_pretrained(path)).from_pretrained(
             path, dtype=dtype, use_safetensors=True, output_loading_info=True
         )
     except Exception as exc:  # a broken export can fail in many ways; each is a FAIL with its first line
@@ -122,14 +124,15 @@ def check_structure(pruned, plan: PrunePlan) -> list[str]:
 
 
 def check_unchanged_weights(original, pruned) -> list[str]:
-    """Tensors outside the routed experts and routers must equal the source's bit for bit;
-    the routed experts' and routers' are checked by the float64 block replay."""
+    """Tensors outside the routed experts, routers and other per-expert routing tensors (selection
+    biases on the block) must equal the source's bit for bit; those are checked by the float64 replay."""
     pruned_tensors = dict(pruned.state_dict())
-    routed = [f"{layer.name}.{_submodule_name(layer.block, m)}." for layer in find_moe_layers(original)
-              for m in (layer.experts, layer.router)]
+    layers = find_moe_layers(original)
+    routed = [f"{layer.name}.{_submodule_name(layer.block, m)}." for layer in layers for m in (layer.experts, layer.router)]
+    routing = {f"{layer.name}.{t.path}" for layer in layers for t in routing_tensors(layer)}
     changed = []
     for name, tensor in original.state_dict().items():
-        if name.startswith(tuple(routed)):
+        if name.startswith(tuple(routed)) or name in routing:
             continue
         other = pruned_tensors.get(name)
         if other is None or other.shape != tensor.shape or not torch.equal(other, tensor):
