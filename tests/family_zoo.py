@@ -65,6 +65,8 @@ WIDTH_LIMIT = 64
 # Keys that may be None by default (derived later, or "no experts") and must be set for a tiny MoE.
 SET_WHEN_NONE = {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok",
                  "moe_topk", "moe_k", "head_dim", "top_k_experts", "moe_intermediate_size", "n_shared_experts"}
+# Set to the tiny value even when the default is smaller (HunYuan defaults to 1 expert).
+EXACT_KEYS = {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "first_k_dense_replace"}
 TOKEN_ID = re.compile(r"(_token_id|_token_index|_id)$")
 
 
@@ -140,7 +142,8 @@ def shrink(config_dict: dict) -> dict:
             out[key] = [min(v, SIZES[key]) for v in value]  # per-modality sizes (Ernie-4.5-VL: text, vision)
         elif key in SIZES and (value is None and key in SET_WHEN_NONE or isinstance(value, int)
                                and not isinstance(value, bool)):
-            out[key] = SIZES[key] if value is None or key == "first_k_dense_replace" else min(value, SIZES[key])
+            exact = value is None or key in EXACT_KEYS
+            out[key] = SIZES[key] if exact else min(value, SIZES[key])
         elif key.endswith("heads") and "mamba" not in key and isinstance(value, int) and value > 4:
             out[key] = 2  # linear-attention / indexer heads: their reference kernels are slow at full count
         elif key.endswith("head_dim") and isinstance(value, int) and value > 8:
