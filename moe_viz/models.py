@@ -8,6 +8,8 @@ layout works. Families whose experts are not the standard fused module get an
 
 - ``fused``:  v5 `@use_experts_implementation` experts, called as
   ``experts(hidden (T,H), top_k_index (T,k), top_k_weights (T,k))``.
+- ``called``: experts that are not decorated but take the same arguments (Step-3.x, ...);
+  observed by calling their own forward once more per routed slot.
 - ``llama4``: Llama4 text experts, which run densely on ``(E*T, H)`` inputs that
   the block has already multiplied by the gate.
 """
@@ -15,6 +17,7 @@ layout works. Families whose experts are not the standard fused module get an
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -47,9 +50,10 @@ class MoeLayer:
     router: nn.Module
     experts: nn.Module
     num_experts: int
-    adapter: str  # "fused" | "llama4"
+    adapter: str  # "fused" | "called" | "llama4"
     score_fn: str  # "softmax" | "sigmoid": how router logits become per-expert scores
     logits_index: int  # position of the router logits in the router's output tuple
+    router_parent: nn.Module | None = None  # the block's `gate`/`router` child when `router` is a linear inside it
 
 
 def _layer_index(name: str, fallback: int) -> int:
@@ -57,13 +61,30 @@ def _layer_index(name: str, fallback: int) -> int:
     return int(found[-1]) if found else fallback
 
 
-def _router_of(block: nn.Module, hidden_size: int | None) -> nn.Module | None:
+def _router_of(block: nn.Module, hidden_size: int | None, num_experts: int | None) -> tuple[nn.Module, nn.Module] | None:
+    """(router container, module whose output is the router logits) of a block, or None.
+
+    The container is the block's `gate` / `router` child. Its logits come from the container itself
+    when it has a 2-D (rows, H) weight, else from the linear layer inside it with one row per expert
+    (AFMoE `router.gate`, HunYuan `gate.wg`, Gemma-4 `router.proj`); failing that, its last linear
+    layer (whose row count then tells what it scores).
+    """
     for child_name in ("gate", "router"):
-        router = getattr(block, child_name, None)
-        weight = getattr(router, "weight", None)
+        container = getattr(block, child_name, None)
+        if not isinstance(container, nn.Module):
+            continue
+        weight = getattr(container, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             if hidden_size is None or weight.shape[1] == hidden_size:
-                return router
+                return container, container
+            continue
+        linears = [m for m in container.modules() if isinstance(m, nn.Linear)]
+        matching = [m for m in linears if m.out_features == num_experts
+                    and (hidden_size is None or m.in_features == hidden_size)]
+        if len(matching) == 1:
+            return container, matching[0]
+        if linears and not matching:
+            return container, linears[-1]
     return None
 
 
@@ -73,7 +94,8 @@ def _experts_count(experts: nn.Module) -> int | None:
     if isinstance(count, int):
         return count
     fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
-    return int(fused[0].shape[0]) if fused else None
+    # The smallest leading dim: LongCat's gate_up_proj also has rows for its identity "zero" experts.
+    return min(int(p.shape[0]) for p in fused) if fused else None
 
 
 def _text_model_prefix(model: nn.Module) -> str:
@@ -96,6 +118,9 @@ def _adapter_of(experts: nn.Module) -> str | None:
         return "fused"
     if type(experts).__name__ == "Llama4TextExperts":
         return "llama4"
+    # Undecorated experts called like the fused ones: observed by calling their own forward again.
+    if "top_k_index" in inspect.signature(type(experts).forward).parameters and _experts_count(experts):
+        return "called"
     return None
 
 
@@ -124,12 +149,14 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
         experts = getattr(module, "experts", None)
         if not isinstance(experts, nn.Module) or not (name + ".").startswith(text_prefix):
             continue  # a vision/audio tower's MoE sees no text tokens: text-only capture leaves it alone
-        router = _router_of(module, hidden_size)
+        count = _experts_count(experts)
+        found = _router_of(module, hidden_size, count)
         adapter = _adapter_of(experts)
-        if router is None or adapter is None:
+        if found is None or adapter is None:
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
-        rows, count = int(router.weight.shape[0]), _experts_count(experts)
+        container, router = found
+        rows = int(router.weight.shape[0])
         if count is not None and rows != count:
             raise MoeVizError(f"{type(model).__name__}: moe_viz cannot observe yet {name}, whose router scores "
                               f"{rows} choices for {count} routed experts (extra rows for shared or null experts)")
@@ -148,8 +175,9 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
                 experts=experts,
                 num_experts=int(router.weight.shape[0]),
                 adapter=adapter,
-                score_fn=_score_fn(model_type, router),
+                score_fn=_score_fn(model_type, container),
                 logits_index=adapter_logits_index,
+                router_parent=container,
             )
         )
     if not layers:
@@ -218,20 +246,20 @@ def expert_axis(shape: tuple[int, ...], num_experts: int) -> int | None:
 
 
 def routing_tensors(layer: MoeLayer) -> list[RoutingTensor]:
-    """Every parameter and buffer of the block, outside its experts and shared experts, with an
-    expert dimension: router rows and biases wherever they sit (on the router, on the block, in a
-    `moe_statics` child shaped (1, E)).
+    """Every parameter and buffer with an expert dimension on the block itself or in its router
+    (container): router rows and biases wherever they sit (on the router, on the block, in a
+    `moe_statics` child shaped (1, E), Gemma-4's `router.per_expert_scale`). Other children of the
+    block (experts, shared experts, attention when the block is a decoder layer) are not routing.
 
     Raises MoeVizError naming a tensor that has E on an axis this tool does not know how to slice,
-    so nothing is exported wrongly.
+    or an integer expert table, so nothing is exported wrongly.
     """
-    experts_prefix = next(name for name, m in layer.block.named_modules() if m is layer.experts)
+    parent = layer.router_parent or layer.router
+    router_prefix = next(name for name, m in layer.block.named_modules() if m is parent)
+    scopes = [("", layer.block, False)] + [
+        (f"{router_prefix}.{name}" if name else router_prefix, module, True) for name, module in parent.named_modules()]
     found = []
-    for module_name, module in layer.block.named_modules():
-        if module_name == experts_prefix or module_name.startswith(experts_prefix + ".") and experts_prefix:
-            continue
-        if "shared" in module_name:
-            continue
+    for module_name, module, _ in scopes:
         for attribute, tensor in list(module._parameters.items()) + list(module._buffers.items()):
             path = f"{module_name}.{attribute}" if module_name else attribute
             if tensor is not None and not tensor.is_floating_point() and tensor.dim() > 0:

@@ -27,18 +27,32 @@ def _sequences(seed=1, lengths=(16, 11, 16, 5)):
 
 
 def _run_expert(experts, e, x, gate=None):
-    """One expert on one token vector x (H,), from the stored weight tensors."""
+    """One expert on one token vector x (H,), from the stored weight tensors.
+
+    v5 fused layout: (E, 2I, H) / (E, H, I), or transposed (E, H, 2I) / (E, I, H); optional biases,
+    an up-only projection (`has_gate` false) and a post-expert norm. The family's gating
+    nonlinearity (SwiGLU, GPT-OSS's clamped interleaved gate, ...) is its own `_apply_gate`.
+    """
     name = type(experts).__name__
     if name == "Llama4TextExperts":  # gate multiplies the input; weights are (E, H, 2I), (E, I, H)
         gate_up = (x * gate) @ experts.gate_up_proj[e]
         g, u = gate_up.chunk(2, dim=-1)
         return (u * experts.act_fn(g)) @ experts.down_proj[e]
-    if experts.is_transposed:  # GPT-OSS: (E, H, 2I) interleaved, with biases
-        gate_up = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
-        return experts._apply_gate(gate_up) @ experts.down_proj[e] + experts.down_proj_bias[e]
-    gate_up = experts.gate_up_proj[e] @ x
-    g, u = gate_up.chunk(2, dim=-1)
-    return experts.down_proj[e] @ (experts.act_fn(g) * u)
+
+    def matmul(vector, weights):
+        return vector @ weights[e] if experts.is_transposed else weights[e] @ vector
+
+    has_gate, has_bias = getattr(experts, "has_gate", True), getattr(experts, "has_bias", False)
+    hidden = matmul(x, experts.gate_up_proj if has_gate else experts.up_proj)
+    if has_bias:
+        hidden = hidden + (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias)[e]
+    hidden = experts._apply_gate(hidden) if has_gate else experts.act_fn(hidden)
+    out = matmul(hidden, experts.down_proj)
+    if has_bias:
+        out = out + experts.down_proj_bias[e]
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    return out
 
 
 def reference_stats(model, family, sequences, pad_id=0):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_viz.models import MoeLayer
+from moe_viz.models import MoeLayer, MoeVizError
 from moe_viz.capture.routing_stats import LayerAccumulator, Scratch, token_shift
 
 try:  # private helper of transformers' grouped_mm experts forward; the fast path mirrors that forward
@@ -163,7 +163,7 @@ class _LayerTap:
         self.handles.append(layer.router.register_forward_hook(self.on_router))
         if layer.adapter == "llama4":
             self.handles.append(layer.experts.register_forward_hook(self.on_llama4_experts))
-        elif fast and _fast_path_available(layer.experts):
+        elif fast and layer.adapter == "fused" and _fast_path_available(layer.experts):
             if "forward" in vars(layer.experts):
                 raise RuntimeError(f"{layer.name}.experts already has an instance forward (another tool's patch?)")
             layer.experts.forward = self.tapped_forward
@@ -209,8 +209,9 @@ class RoutingObserver:
     def valid_on(self, device: torch.device, num_tokens: int) -> torch.Tensor | None:
         """(T,) 1 for real tokens, 0 for padding, on `device`; None when every token is real."""
         if self._valid is not None and self._valid.numel() != num_tokens:
-            raise RuntimeError(
-                f"attention mask covers {self._valid.numel()} tokens but the layer saw {num_tokens}"
+            raise MoeVizError(
+                f"moe_viz cannot observe yet a MoE layer that sees {num_tokens} tokens for {self._valid.numel()} "
+                "input tokens: this model runs its MoE on more than the text (e.g. block diffusion)"
             )
         if self._all_valid:
             return None

@@ -49,7 +49,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # router when one of its path components is one of these, or it is a selection bias (which some
 # families keep on the block itself: `mlp.e_score_correction_bias`, `feed_forward.expert_bias`),
 # and none of its components names a shared expert.
-MOE_COMPONENTS = {"experts", "gate", "router", "input_linear", "output_linear"}
+MOE_COMPONENTS = {"experts", "gate", "router", "input_linear", "output_linear", "moe"}
 LAYER = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
 
@@ -284,6 +284,38 @@ def write_manifest(out_dir: Path, plan: PrunePlan, source_dir: Path, method: str
 
 # -- in-memory path ----------------------------------------------------------
 
+def per_expert_tensors(layer) -> list[tuple[torch.nn.Module, str, int]]:
+    """(module, attribute, expert axis 0) of every experts tensor with one slice per expert.
+
+    Raises MoeVizError for a layout export cannot slice (DBRX's 2-D (E*F, H) experts)."""
+    E = layer.num_experts
+    found = []
+    for name, tensor in list(layer.experts.named_parameters()) + list(layer.experts.named_buffers()):
+        if tensor.dim() <= 1 and E not in tensor.shape:
+            continue  # shared by all experts (a norm weight, a scalar)
+        if tensor.shape[0] != E:
+            raise MoeVizError(f"{layer.name}.experts.{name} has shape {tuple(tensor.shape)}, not {E} experts on "
+                              "dim 0: this layout is not supported; nothing was written")
+        owner, _, attribute = name.rpartition(".")
+        found.append((layer.experts.get_submodule(owner), attribute, 0))
+    return found
+
+
+def check_exportable(config) -> None:
+    """Refuse, before anything is written, a model whose MoE layout export cannot slice.
+
+    Builds the model on the meta device (no memory) and runs the checks the in-memory path runs,
+    so the streaming path refuses the same models."""
+    try:
+        with torch.device("meta"):
+            model = model_class_for(config).from_config(config)
+    except (ValueError, TypeError, OSError, AttributeError):  # e.g. remote code: the in-memory path still checks
+        return
+    for layer in find_moe_layers(model):
+        routing_tensors(layer)
+        per_expert_tensors(layer)
+
+
 @torch.no_grad()
 def prune_model_in_place(model: torch.nn.Module, kept: dict[int, list[int]]) -> None:
     """Slice every MoE layer of a loaded model down to its kept experts (renumbered 0..E'-1)."""
@@ -293,16 +325,11 @@ def prune_model_in_place(model: torch.nn.Module, kept: dict[int, list[int]]) -> 
         raise MoeVizError("every MoE layer must keep the same number of experts to export (one count per config)")
     per_layer = {layer.layer: routing_tensors(layer) for layer in layers}  # refuses unknown layouts first
     for layer in layers:
+        per_expert_tensors(layer)
+    for layer in layers:
         index = torch.tensor(kept[layer.layer], dtype=torch.long)
         E = layer.num_experts
-        expert_tensors = []
-        for name, tensor in list(layer.experts._parameters.items()) + list(layer.experts._buffers.items()):
-            if tensor is None or tensor.dim() <= 1 and E not in tensor.shape:
-                continue  # shared by all experts
-            if tensor.shape[0] != E:
-                raise MoeVizError(f"{layer.name}.experts.{name} has shape {tuple(tensor.shape)}, not {E} experts on "
-                                  "dim 0: this layout is not supported; nothing was written")
-            expert_tensors.append((layer.experts, name, 0))
+        expert_tensors = per_expert_tensors(layer)
         routing = [(t.module, t.attribute, t.axis) for t in per_layer[layer.layer]]
         for module, name, axis in expert_tensors + routing:
             tensor = getattr(module, name)
@@ -493,6 +520,7 @@ def export_pruned(
     if source_dir.resolve() in out.resolve().parents:
         raise MoeVizError(f"--out {out} is inside the source model directory {source_dir.resolve()}: "
                           "choose an --out outside it")
+    check_exportable(load_config(source_dir))
     streaming = should_stream(source_dir) if streaming is None else streaming
     with atomic_directory(out, force, protect=[source_dir, *protect]) as tmp:
         if streaming:

@@ -111,7 +111,7 @@ def reduced_top_k(model: torch.nn.Module, top_k: int | None) -> Iterator[None]:
                             raise MoeVizError(f"top-k {top_k} is more than the model's {value}: it can only be lowered")
                         saved.append((module, name, value))
                         setattr(module, name, top_k)
-            if layer.adapter == "fused":
+            if layer.adapter in ("fused", "called"):
                 hooks.append(layer.experts.register_forward_pre_hook(check))
         yield
     finally:

@@ -155,7 +155,8 @@ def _float64_copy(layer: MoeLayer) -> MoeLayer:
     if hasattr(experts, "config") and hasattr(experts.config, "_experts_implementation"):
         experts.config._experts_implementation = "eager"  # the copy's own config: the model is untouched
     router = block.get_submodule(_submodule_name(layer.block, layer.router))
-    return MoeLayer(**{**vars(layer), "block": block, "router": router, "experts": experts})
+    parent = layer.router_parent and block.get_submodule(_submodule_name(layer.block, layer.router_parent))
+    return MoeLayer(**{**vars(layer), "block": block, "router": router, "experts": experts, "router_parent": parent})
 
 
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
