@@ -160,6 +160,12 @@ def check_checkpoint(model_dir: str | Path) -> list[str]:
     return shards
 
 
+def checkpoint_bytes(model_dir: str | Path) -> int:
+    """Total size of the checkpoint's safetensors shards (validated first; 0 for a hub id)."""
+    model_dir = Path(model_dir).expanduser()
+    return sum((model_dir / name).stat().st_size for name in check_checkpoint(model_dir))
+
+
 def checkpoint_digest(model_dir: str | Path) -> str:
     """A cheap fingerprint of the checkpoint's files (validated first).
 

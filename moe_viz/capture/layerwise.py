@@ -42,6 +42,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -49,6 +50,7 @@ from moe_viz.capture.distributed import accumulator_tensors
 from moe_viz.capture.observe import RoutingObserver
 from moe_viz.capture.run import Progress
 from moe_viz.capture.routing_stats import LayerAccumulator
+from moe_viz.checkpoint import checkpoint_bytes
 from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, resolve_dtype, tensor_sample
 
 STATE_MARKER = "moe_viz-layerwise-state"
@@ -83,10 +85,6 @@ def shard_files(model_dir: Path) -> list[Path]:
     from moe_viz.checkpoint import check_checkpoint
 
     return [model_dir / name for name in check_checkpoint(model_dir)]
-
-
-def checkpoint_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in shard_files(model_dir))
 
 
 @dataclass

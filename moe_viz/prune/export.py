@@ -479,13 +479,11 @@ def export_streaming(plan: PrunePlan, source_dir: Path, tmp: Path, progress=None
 
 # -- entry point -------------------------------------------------------------
 
-def checkpoint_bytes(source_dir: Path) -> int:
-    return sum(p.stat().st_size for p in Path(source_dir).glob("*.safetensors"))
-
-
 def should_stream(source_dir: Path) -> bool:
     """Stream when loading the checkpoint would take more than half the free memory."""
     import psutil
+
+    from moe_viz.checkpoint import checkpoint_bytes
 
     return checkpoint_bytes(source_dir) > psutil.virtual_memory().available // 2
 
