@@ -203,7 +203,7 @@ def model_config(model_id: str):
 
     try:  # never reach for the network from a page: a hub id without a local copy just has no config
         return AutoConfig.from_pretrained(model_id, local_files_only=True)
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or unknown to transformers
         return None
 
 
@@ -242,17 +242,13 @@ def criteria_help(names: list[str] | None = None) -> str:
     return "\n".join(f"- **{escape(name)}**: {escape(criteria.CRITERIA[name].description)}" for name in chosen)
 
 
-def pick_model_runs() -> pd.DataFrame:
-    """Sidebar model picker; returns the newest complete run per domain of that model."""
+def pick_model() -> tuple[str, dict[str, str]]:
+    """Sidebar model picker: (model id, domain -> run id of its newest complete run), domains sorted."""
     complete = require_runs()
     models = list(dict.fromkeys(complete.model_id))
     model = st.sidebar.selectbox("Model", models, key="model", format_func=model_label)
-    chosen = complete[complete.model_id == model].drop_duplicates("domain")
-    return chosen.sort_values("domain").reset_index(drop=True)
-
-
-def domain_run_ids(model_runs: pd.DataFrame) -> dict[str, str]:
-    return dict(zip(model_runs.domain, model_runs.run_id))
+    chosen = complete[complete.model_id == model].drop_duplicates("domain").sort_values("domain")
+    return model, dict(zip(chosen.domain, chosen.run_id))
 
 
 # -- token-level traces (moe_viz/analysis/token_profiles.py) ---------------------------

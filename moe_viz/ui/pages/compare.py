@@ -12,11 +12,10 @@ from plotly.subplots import make_subplots
 
 from moe_viz.analysis import compare, criteria
 from moe_viz import jobs
-from moe_viz.checkpoint import load_config
 from moe_viz.models import MoeVizError
 from moe_viz.prune.plan import RouterConstraints
 from moe_viz.prune.sweep import stored_sweeps
-from moe_viz.ui.common import (CHART_HEIGHT, causal_vs_observational, domain_run_ids, layer_stats, pick_model_runs,
+from moe_viz.ui.common import (CHART_HEIGHT, causal_vs_observational, layer_stats, model_config, pick_model,
                                plotly_chart, store_path)
 
 # Paul Tol's "muted" qualitative scheme (distinguishable with the common colour-vision deficiencies);
@@ -53,15 +52,6 @@ def _duration(seconds) -> str:
         return "…"
     seconds = int(round(seconds))
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
-@st.cache_resource(show_spinner=False)
-def model_config(model_id: str):
-    """The model's config when it is a local directory (sweeps need one); never the network."""
-    try:
-        return load_config(model_id) if Path(model_id).is_dir() else None
-    except MoeVizError:
-        return None
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -326,9 +316,7 @@ def sweep_jobs(path: str) -> None:
 
 st.title("Compare plans")
 path = store_path()
-model_runs = pick_model_runs()
-model_id = model_runs.model_id.iloc[0]
-run_ids = domain_run_ids(model_runs)
+model_id, run_ids = pick_model()
 runs_key = tuple(sorted(run_ids.items()))
 try:
     evals = stored_sweeps(path, model_id)

@@ -5,12 +5,11 @@ import streamlit as st
 
 from moe_viz.analysis import tables, criteria
 from moe_viz.analysis import token_profiles
-from moe_viz.ui.common import (coactivation, context_html, domain_differences, domain_run_ids, expert_stats,
-                               layer_stats, pick_model_runs, plotly_chart, trace_view, visible)
+from moe_viz.ui.common import (coactivation, context_html, domain_differences, expert_stats,
+                               layer_stats, pick_model, plotly_chart, trace_view, visible)
 
 st.title("Expert detail")
-model_runs = pick_model_runs()
-run_ids = domain_run_ids(model_runs)
+_, run_ids = pick_model()
 layers = layer_stats(run_ids.values())
 c1, c2 = st.columns(2)
 layer = c1.selectbox("Layer", sorted(int(l) for l in layers.layer.unique()), key="ex_layer")

@@ -4,11 +4,10 @@ import plotly.express as px
 import streamlit as st
 
 from moe_viz.analysis import tables
-from moe_viz.ui.common import domain_run_ids, expert_stats, layer_stats, pick_model_runs, plotly_chart
+from moe_viz.ui.common import expert_stats, layer_stats, pick_model, plotly_chart
 
 st.title("Router health")
-model_runs = pick_model_runs()
-run_ids = domain_run_ids(model_runs)
+_, run_ids = pick_model()
 health = tables.router_health(expert_stats(run_ids.values(), ["routed_tokens"]), layer_stats(run_ids.values()))
 labels = {"layer": "MoE layer (decoder index)", "load_imbalance": "max share / mean share",
           "entropy_normalised": "entropy / ln E", "never_routed": "experts"}

@@ -6,7 +6,7 @@ import streamlit as st
 
 from moe_viz.analysis import tables
 from moe_viz.ui.app import page_path
-from moe_viz.ui.common import CHART_HEIGHT, csv_download, domain_run_ids, metric_values, pick_model_runs
+from moe_viz.ui.common import CHART_HEIGHT, csv_download, metric_values, pick_model
 from moe_viz.ui.heatmap_chart import SELECTION, clicked_cell, heatmap_chart, heatmap_frame, heatmap_svg
 
 # the unit of each statistic or criterion, for the colour bar and the hover
@@ -40,8 +40,7 @@ def open_expert(layer: int, expert: int) -> None:
 
 
 st.title("Expert heatmaps")
-model_runs = pick_model_runs()
-run_ids = domain_run_ids(model_runs)
+model_id, run_ids = pick_model()
 domains = list(run_ids)
 
 c1, c2, c3 = st.columns([2, 1, 1])
@@ -58,7 +57,7 @@ if mode != "One domain":
 values = metric_values(run_ids.values(), metric)
 if values.value.isna().all():
     st.info(f"{metric} is measured, not derived from routing: run `moe-viz importance --model "
-            f"{model_runs.model_id.iloc[0]} --domain {domain}` to fill it in.")
+            f"{model_id} --domain {domain}` to fill it in.")
     st.stop()
 matrix = tables.metric_matrix(values, domain)
 matrix_b = tables.metric_matrix(values, domain_b) if domain_b is not None else None

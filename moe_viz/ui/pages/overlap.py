@@ -6,12 +6,11 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz.analysis import domain_stats
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, criteria_help, domain_run_ids, layer_stats,
-                               measured_criteria, mutual_information, overlap, pick_model_runs, plotly_chart)
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, criteria_help, layer_stats,
+                               measured_criteria, mutual_information, overlap, pick_model, plotly_chart)
 
 st.title("Domain overlap")
-model_runs = pick_model_runs()
-run_ids = domain_run_ids(model_runs)
+_, run_ids = pick_model()
 if len(run_ids) < 2:
     st.info("Overlap needs at least two captured domains of this model.")
     st.stop()

@@ -14,8 +14,8 @@ from moe_viz.prune.export import PRUNE_MANIFEST, export_name_path, export_pruned
 from moe_viz.models import MoeVizError
 from moe_viz.prune.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.prune.sweep import plan_key, stored_plan_results
-from moe_viz.ui.common import (CHART_HEIGHT, DROPPED_COLOR, KEPT_COLOR, criteria_help, domain_run_ids, layer_stats,
-                               model_config, pick_model_runs, plotly_chart, store_path)
+from moe_viz.ui.common import (CHART_HEIGHT, DROPPED_COLOR, KEPT_COLOR, criteria_help, layer_stats,
+                               model_config, pick_model, plotly_chart, store_path)
 from moe_viz.prune.verify import verify_from_store
 
 
@@ -53,9 +53,7 @@ def dashboard_message(message: str) -> str:
 
 st.title("Prune & export")
 path = store_path()
-model_runs = pick_model_runs()
-model_id = model_runs.model_id.iloc[0]
-run_ids = domain_run_ids(model_runs)
+model_id, run_ids = pick_model()
 layers = layer_stats(run_ids.values())
 num_experts = int(layers.num_experts.max())
 config = model_config(model_id)

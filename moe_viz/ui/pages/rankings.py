@@ -8,7 +8,7 @@ import streamlit as st
 
 from moe_viz.analysis import tables, criteria
 from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, DROPPED_COLOR, KEPT_COLOR, causal_vs_observational,
-                               criteria_help, domain_run_ids, expert_stats, layer_stats, pick_model_runs, plotly_chart)
+                               criteria_help, expert_stats, layer_stats, pick_model, plotly_chart)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -17,8 +17,7 @@ def agreement(stats, names: tuple[str, ...], k: int):
 
 
 st.title("Saliency rankings")
-model_runs = pick_model_runs()
-run_ids = domain_run_ids(model_runs)
+model_id, run_ids = pick_model()
 c1, c2, c3, c4 = st.columns(4)
 domain = c1.selectbox("Domain", list(run_ids), key="rk_domain")
 stats = expert_stats([run_ids[domain]])
@@ -40,7 +39,7 @@ else:
 
 if not criteria.measured(stats, criterion):
     st.info(f"{criterion} is measured, not derived from routing: run `moe-viz importance --model "
-            f"{model_runs.model_id.iloc[0]} --domain {domain}` to fill it in.")
+            f"{model_id} --domain {domain}` to fill it in.")
     st.stop()
 ranked = criteria.rank(criteria.score(stats[stats.layer == layer], criterion)).sort_values("rank")
 keep = max(top_k, num_experts - round(sparsity * num_experts))
@@ -81,4 +80,4 @@ st.caption(f"Per layer {layer}: Spearman ρ of the rankings and top-{k} overlap 
               "statistics agree with what removing an expert really does." if "reconstruction" in names else ""))
 st.dataframe(table[table.layer == layer].drop(columns="layer"), hide_index=True)
 
-causal_vs_observational(model_runs.model_id.iloc[0], run_ids[domain], domain)
+causal_vs_observational(model_id, run_ids[domain], domain)
