@@ -171,3 +171,24 @@ def test_token_routes_page_traces_pasted_text(traced, monkeypatch):
     heat = _charts(at)[0].data[0]
     assert _array(heat.x).tolist() == positions
     np.testing.assert_array_equal(_array(heat.z), _top1_matrix(routes[routes.pos < 64], positions))
+
+
+def test_token_routes_page_cancels_a_running_trace(traced, monkeypatch):
+    import psutil
+
+    _, store_path = traced
+    at = _app(store_path, monkeypatch, "tokens")
+    at.radio(key="tr_kind").set_value("pasted text").run()
+    at.text_area(key="tr_text").set_value("def f(x):\n    return x\n" * 4).run()
+    at.button(key="tr_trace").click().run()  # the job was launched during this run: it is still importing torch
+    job = at.session_state["tr_job"]
+    pid = int((jobs.jobs_dir(store_path) / job / "pid").read_text().split()[0])
+    at.button(key="tr_cancel").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert jobs.job_status(store_path, job)["state"] == "cancelled"
+    assert any("Trace cancelled" in i.value for i in at.info), [i.value for i in at.info]
+    try:
+        psutil.Process(pid).wait(timeout=60)  # SIGTERM ends it; wait() returns once it has exited
+    except psutil.NoSuchProcess:
+        pass
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -12,8 +12,8 @@ from moe_viz.analysis import criteria, token_profiles
 from moe_viz.capture.trace import load_trace
 from moe_viz.models import MoeVizError
 from moe_viz.prune.plan import RouterConstraints, build_plan
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, DROPPED_COLOR, criteria_help, domain_run_ids,
-                               layer_stats, model_config, pick_model_runs, plotly_chart, store_path, trace_view,
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, DROPPED_COLOR, criteria_help, 
+                               layer_stats, model_config, pick_model, plotly_chart, store_path, trace_view,
                                visible)
 
 # Okabe-Ito: categorical colours told apart by every common colour-vision deficiency (up to 8 experts)
@@ -33,9 +33,7 @@ def text_view(path: str, job_id: str, view: str, *args):
 
 st.title("Token routes")
 path = store_path()
-model_runs = pick_model_runs()
-model_id = model_runs.model_id.iloc[0]
-run_ids = domain_run_ids(model_runs)
+model_id, run_ids = pick_model()
 layers = layer_stats(run_ids.values())
 num_experts = {int(l): int(e) for l, e in zip(layers.layer, layers.num_experts)}
 
@@ -68,7 +66,13 @@ else:
             if now["state"] != "running":
                 st.rerun()  # the whole page, now with the trace
             st.info(f"Tracing in the background ({now['progress'].get('stage', 'starting')}) …")
+            if st.button("Cancel", key="tr_cancel"):
+                jobs.cancel(path, job_id)
+                st.rerun()
         follow()
+        st.stop()
+    if status["state"] == "cancelled":
+        st.info("Trace cancelled: press **Trace** to start again.")
         st.stop()
     if status["state"] != "done":
         st.error(f"The trace {status['state']}: {status['error']}")
