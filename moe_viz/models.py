@@ -12,6 +12,9 @@ layout works. Families whose experts are not the standard fused module get an
   observed by calling their own forward once more per routed slot.
 - ``llama4``: Llama4 text experts, which run densely on ``(E*T, H)`` inputs that
   the block has already multiplied by the gate.
+- ``sorted``: JetMoE's MLP: parallel-expert projections run on token rows sorted by expert.
+- ``dispatch``: a ``ModuleDict`` of ``expert_i`` modules called with a dispatch mask
+  (Switch-Transformers, NLLB-MoE; encoder-decoder: capture only).
 """
 
 from __future__ import annotations
@@ -44,21 +47,52 @@ class MoeVizError(Exception):
 class MoeLayer:
     """One sparse MoE block of a model."""
 
-    layer: int  # decoder layer index (dense layers leave gaps)
+    layer: int  # decoder layer index (dense layers leave gaps; encoder-decoder: encoder layers first, _layer_index)
     name: str  # module path of the block, e.g. "model.layers.3.mlp"
     block: nn.Module
     router: nn.Module
     experts: nn.Module
     num_experts: int
-    adapter: str  # "fused" | "called" | "llama4"
+    adapter: str  # "fused" | "called" | "llama4" | "sorted" | "dispatch"
     score_fn: str  # "softmax" | "sigmoid": how router logits become per-expert scores
     logits_index: int  # position of the router logits in the router's output tuple
     router_parent: nn.Module | None = None  # the block's `gate`/`router` child when `router` is a linear inside it
 
 
-def _layer_index(name: str, fallback: int) -> int:
+def _layer_index(name: str, fallback: int, stacks: list[tuple[str, int]] = ()) -> int:
+    """The block's layer number: its index in the outermost layer list (`ModuleList`) holding it, offset by
+    the lengths of the layer lists before it, so an encoder-decoder's `encoder.block.1` and `decoder.block.1`
+    get different numbers (encoder layers first); for one stack of layers, the decoder layer index."""
+    offset = 0
+    for path, length in stacks:
+        found = re.match(re.escape(path) + r"\.(\d+)(?:\.|$)", name)
+        if found:
+            return offset + int(found[1])
+        offset += length
     found = re.findall(r"\.(\d+)(?:\.|$)", name)
     return int(found[-1]) if found else fallback
+
+
+def _layer_stacks(model: nn.Module, block_names: list[str]) -> list[tuple[str, int]]:
+    """(path, length) of the outermost ModuleLists holding the given blocks, in module order."""
+    lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n]
+    stacks = []
+    for block in block_names:
+        outer = next(((n, k) for n, k in lists if block.startswith(n + ".")), None)
+        if outer is not None and outer not in stacks:
+            stacks.append(outer)
+    return stacks
+
+
+# A block whose own name says it is another modality's (Ernie-4.5-VL's `vision_moe` beside `text_moe`
+# in each decoder layer) runs only on that modality's tokens: text never reaches it.
+OTHER_MODALITY = re.compile(r"(?:^|_)(?:vision|visual|image|video|audio|speech)(?:_|$)")
+
+
+def other_modality_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the expert blocks inside the text model that belong to another modality."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(getattr(module, "experts", None), nn.Module) and OTHER_MODALITY.search(name.rsplit(".", 1)[-1])]
 
 
 def _router_of(block: nn.Module, hidden_size: int | None, num_experts: int | None) -> tuple[nn.Module, nn.Module] | None:
@@ -98,6 +132,32 @@ def _experts_count(experts: nn.Module) -> int | None:
     return min(int(p.shape[0]) for p in fused) if fused else None
 
 
+def text_runner(model: nn.Module) -> nn.Module:
+    """The module that runs a text forward: the model itself, or, for a composite model whose class
+    has no forward of its own (Qwen3-Omni: a thinker beside a speech talker), the child model that
+    holds the text config (`config.get_text_config()`: the thinker)."""
+    if type(model).forward is not nn.Module.forward:
+        return model
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None else None
+    for child in model.children():
+        child_config = getattr(child, "config", None)
+        if (type(child).forward is not nn.Module.forward and child_config is not None
+                and hasattr(child_config, "get_text_config") and child_config.get_text_config() is text_config):
+            return child
+    return model
+
+
+def adopt_text_forward(model: nn.Module) -> nn.Module:
+    """Give a loaded composite model without a forward its text model's forward and input embeddings
+    (on this instance only), so every caller runs text through it as through a causal LM."""
+    runner = text_runner(model)
+    if runner is not model:
+        model.forward = runner.forward
+        model.get_input_embeddings = runner.get_input_embeddings
+    return model
+
+
 def _text_model_prefix(model: nn.Module) -> str:
     """Module-path prefix of a composite (multimodal) model's language model; "" for a text-only model."""
     config = getattr(model, "config", None)
@@ -121,7 +181,42 @@ def _adapter_of(experts: nn.Module) -> str | None:
     # Undecorated experts called like the fused ones: observed by calling their own forward again.
     if "top_k_index" in inspect.signature(type(experts).forward).parameters and _experts_count(experts):
         return "called"
+    if _is_parallel_experts(experts):
+        return "sorted"
+    if dispatch_experts(experts):
+        return "dispatch"
     return None
+
+
+def dispatch_experts(experts: nn.Module) -> list[nn.Module]:
+    """The expert modules, in expert order, of a `ModuleDict` of `expert_0` … `expert_{E-1}` called with a
+    (T, [k,] E) dispatch mask (Switch-Transformers, NLLB-MoE); [] for any other experts module."""
+    if not isinstance(experts, nn.ModuleDict):
+        return []
+    numbered = {int(key.split("_")[1]): module for key, module in experts.items() if re.fullmatch(r"expert_\d+", key)}
+    return [numbered[i] for i in range(len(numbered))] if sorted(numbered) == list(range(len(numbered))) else []
+
+
+def _is_parallel_experts(module: nn.Module) -> bool:
+    """Experts run on token rows sorted by expert, `forward(inputs, expert_size)`, one (E, out, in) weight
+    (JetMoE's `input_linear` / `output_linear`)."""
+    weight = getattr(module, "weight", None)
+    count = getattr(module, "num_experts", None)
+    return (isinstance(count, int) and isinstance(weight, torch.Tensor) and weight.dim() == 3
+            and weight.shape[0] == count and "expert_size" in inspect.signature(type(module).forward).parameters)
+
+
+def _experts_child(module: nn.Module) -> nn.Module | None:
+    """A block's experts: its `experts` child, or, for a block with a router whose experts are
+    parallel-expert projections (JetMoE's MLP: `input_linear`, `output_linear`), the last of those,
+    whose output rows are the unweighted expert outputs."""
+    experts = getattr(module, "experts", None)
+    if isinstance(experts, nn.Module):
+        return experts
+    if not isinstance(getattr(module, "router", None), nn.Module):
+        return None
+    parallel = [child for child in module.children() if _is_parallel_experts(child)]
+    return parallel[-1] if parallel else None
 
 
 def _score_fn(model_type: str, router: nn.Module) -> str:
@@ -144,11 +239,19 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
     hidden_size = getattr(text_config, "hidden_size", None)
     layers: list[MoeLayer] = []
     unsupported: list[str] = []
-    text_prefix = _text_model_prefix(model)
-    for name, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        if not isinstance(experts, nn.Module) or not (name + ".").startswith(text_prefix):
-            continue  # a vision/audio tower's MoE sees no text tokens: text-only capture leaves it alone
+    runner = text_runner(model)
+    runner_name = next((n for n, m in model.named_modules() if m is runner), "")
+    text_prefix = (runner_name + "." if runner_name else "") + _text_model_prefix(runner)
+    skipped = {name for name, _ in other_modality_blocks(model)}  # capture checks that text never runs them
+    # A module that is another's `experts` is not a block itself (JetMoE's attention experts have a router of
+    # their own inside: the block is the attention, which moe_viz does not observe).
+    inner = {id(m.experts) for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)}
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if _experts_child(module) is not None and (name + ".").startswith(text_prefix)
+                  and name not in skipped and id(module) not in inner]  # a vision/audio tower's MoE: left alone
+    stacks = _layer_stacks(model, [name for name, _ in candidates])
+    for name, module in candidates:
+        experts = _experts_child(module)
         count = _experts_count(experts)
         found = _router_of(module, hidden_size, count)
         adapter = _adapter_of(experts)
@@ -160,7 +263,7 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
         if count is not None and rows != count:
             raise MoeVizError(f"{type(model).__name__}: moe_viz cannot observe yet {name}, whose router scores "
                               f"{rows} choices for {count} routed experts (extra rows for shared or null experts)")
-        index = _layer_index(name, len(layers))
+        index = _layer_index(name, len(layers), stacks)
         twin = next((other.name for other in layers if other.layer == index), None)
         if twin is not None:
             raise MoeVizError(f"{type(model).__name__}: moe_viz cannot observe yet two MoE blocks in one decoder layer "
@@ -282,14 +385,17 @@ def model_class_for(config):
 
     A causal LM where transformers registers one for the config (and it is not a composite model's
     text-only class), else the image-text-to-text class (multimodal models: their text MoE is run
-    text-only), else the seq2seq class (encoder-decoder MoE)."""
-    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM)
+    text-only), else the multimodal-LM class (Qwen3-Omni: run through its text model, `text_runner`),
+    else the seq2seq class (encoder-decoder MoE)."""
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM,
+                              AutoModelForSeq2SeqLM)
     from transformers.models.auto import modeling_auto
 
     model_type = getattr(config, "model_type", "")
     composite = "text_config" in getattr(type(config), "sub_configs", {})
     order = [(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, AutoModelForCausalLM),
              (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, AutoModelForImageTextToText),
+             (modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES, AutoModelForMultimodalLM),
              (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, AutoModelForSeq2SeqLM)]
     if composite:
         order = order[1:2] + order[:1] + order[2:]
@@ -421,7 +527,7 @@ def load_model(
             f"{model_id} does not hold the weights its config declares ({problems}): the checkpoint is incomplete "
             "or for another architecture; moe_viz never random-initialises missing weights"
         )
-    model.eval()
+    adopt_text_forward(model).eval()
     return model, load_tokenizer(model_id, trust_remote_code)
 
 

@@ -20,7 +20,13 @@ module's own kernels:
   repeated k times, one expert each, weight 1 (~2x expert compute).
 
 Llama4 runs every expert densely on gated inputs, so its per-pair outputs are
-read from the experts' own output rows.
+read from the experts' own output rows. Switch-Transformers / NLLB-MoE (``dispatch``) call
+``expert_i`` modules with a dispatch mask: the mask gives the routing, each routed token
+is run through its expert once more for ||f_e(x)||, and the rows each expert really ran
+must equal the rows the mask sent it (else capture refuses: the statistics would not
+describe what the model computes). JetMoE's MLP (``sorted``) runs its experts on
+rows sorted by expert: its gating returns the sort order and gates, and the output
+projection's rows are the unweighted per-slot outputs, put back in slot order.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_viz.models import MoeLayer, MoeVizError
+from moe_viz.models import MoeLayer, MoeVizError, dispatch_experts
 from moe_viz.capture.routing_stats import LayerAccumulator, Scratch, token_shift
 
 try:  # private helper of transformers' grouped_mm experts forward; the fast path mirrors that forward
@@ -144,9 +150,63 @@ class _LayerTap:
         rows = output[(self.index * rows_per_expert + torch.arange(num_tokens, device=output.device)[:, None]).reshape(-1)]
         self.norms = _norms(rows, num_tokens, k)
 
+    def on_sorted_router(self, module, args, output) -> None:
+        # JetMoE-style gating: (slot order sorted by expert, token of each sorted row, gate of each sorted row,
+        # rows per expert, logits); slot i of the flattened (T, k) top-k is sorted row inverse(order)[i].
+        self.sorted_routing = output[0], output[2], output[3]
+
+    def on_sorted_experts(self, module, args, output) -> None:
+        order, gates, expert_size = self.sorted_routing
+        num_tokens = self.logits.shape[0]
+        k = order.numel() // num_tokens
+        experts = torch.repeat_interleave(torch.arange(len(expert_size), device=order.device),
+                                          torch.as_tensor(expert_size, device=order.device))
+        index = torch.empty_like(order)
+        index[order] = experts
+        weights = torch.empty_like(gates)
+        weights[order] = gates
+        norms = torch.empty(order.numel(), dtype=torch.float32, device=order.device)
+        norms[order] = _norms(output, order.numel(), 1).view(-1)
+        self.index, self.weights, self.norms = index.view(num_tokens, k), weights.view(num_tokens, k), norms.view(num_tokens, k)
+
+    def on_dispatched_rows(self, module, args, output) -> None:
+        if self.counting:
+            self.ran_rows[self.expert_ids[id(module)]] += args[0].shape[0]
+
+    def on_dispatch_experts(self, module, args, kwargs, output) -> None:
+        hidden, mask, weights = _routing_args(args, kwargs)
+        num_tokens, num_experts = hidden.shape[0], self.layer.num_experts
+        chosen = mask.reshape(num_tokens, -1, num_experts) != 0  # (T, k, E): the experts each slot is sent to
+        sent = chosen.sum(dim=(0, 1)).tolist()
+        ran, self.ran_rows = self.ran_rows, [0] * num_experts
+        if ran != sent:
+            raise MoeVizError(
+                f"{self.layer.name}.experts ran rows {ran} per expert for the rows its router sent {sent}: its forward "
+                "does not follow its router (NLLB-MoE in transformers 5.23 reads its 0/1 dispatch mask as expert ids, "
+                "so only expert_0 and expert_1 ever run), so routing statistics would be meaningless: not captured")
+        k = chosen.shape[1]
+        routed = chosen.any(dim=-1)  # (T, k); a slot dropped for capacity keeps its router's choice, with gate 0
+        index = torch.where(routed, chosen.int().argmax(dim=-1), self.logits.argmax(dim=-1, keepdim=True).expand(-1, k))
+        if weights.numel() == num_tokens * num_experts:  # per-expert combine weights (T, E)
+            weights = (weights.reshape(num_tokens, 1, num_experts) * chosen).sum(dim=-1)
+        else:
+            weights = weights.reshape(num_tokens, k) * routed
+        norms = torch.zeros(num_tokens, k, dtype=torch.float32, device=hidden.device)
+        self.counting = False
+        try:
+            for expert in index.unique().tolist():
+                where = index == expert
+                rows = self.experts_list[expert](hidden[where.nonzero()[:, 0]])
+                norms[where] = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
+        finally:
+            self.counting = True
+        self.index, self.weights, self.norms = index, weights, norms
+
     def on_block(self, module, args, kwargs, output) -> None:
         block_input = args[0] if args else next(iter(kwargs.values()))
         block_output = output[0] if isinstance(output, tuple) else output
+        if block_output.dim() == 1 and block_output.numel() == block_input.numel():
+            block_output = block_output.view(block_input.shape)  # returned flattened (Ernie-4.5-VL's text_moe)
         if self.logits is None or self.norms is None:
             raise RuntimeError(f"moe_viz saw {self.layer.name} run without its router or experts being observed")
         valid = self.observer.valid_on(self.logits.device, self.logits.shape[0])
@@ -163,6 +223,15 @@ class _LayerTap:
         self.handles.append(layer.router.register_forward_hook(self.on_router))
         if layer.adapter == "llama4":
             self.handles.append(layer.experts.register_forward_hook(self.on_llama4_experts))
+        elif layer.adapter == "dispatch":
+            self.experts_list = dispatch_experts(layer.experts)
+            self.expert_ids = {id(m): i for i, m in enumerate(self.experts_list)}
+            self.ran_rows, self.counting = [0] * layer.num_experts, True
+            self.handles += [m.register_forward_hook(self.on_dispatched_rows) for m in self.experts_list]
+            self.handles.append(layer.experts.register_forward_hook(self.on_dispatch_experts, with_kwargs=True))
+        elif layer.adapter == "sorted":
+            self.handles.append(layer.router_parent.register_forward_hook(self.on_sorted_router))
+            self.handles.append(layer.experts.register_forward_hook(self.on_sorted_experts))
         elif fast and layer.adapter == "fused" and _fast_path_available(layer.experts):
             if "forward" in vars(layer.experts):
                 raise RuntimeError(f"{layer.name}.experts already has an instance forward (another tool's patch?)")
@@ -181,6 +250,27 @@ class _LayerTap:
         if self.replaced_forward:
             del self.layer.experts.forward
             self.replaced_forward = False
+
+
+class TextNeverReaches:
+    """Context manager: fail the forward pass if a block that capture leaves alone (another modality's
+    experts, `models.other_modality_blocks`) runs on any token, so no routed token goes unobserved."""
+
+    def __init__(self, blocks: list[tuple[str, nn.Module]]):
+        self.blocks = blocks
+        self.handles: list = []
+
+    def __enter__(self) -> "TextNeverReaches":
+        for name, block in self.blocks:
+            def refuse(module, args, name=name):
+                raise MoeVizError(f"{name} ran during a text-only capture: moe_viz observes only the text experts "
+                                  "of this model, so it cannot capture these inputs")
+            self.handles.append(block.register_forward_pre_hook(refuse))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class RoutingObserver:

@@ -23,11 +23,11 @@ from moe_viz import __version__, store
 from moe_viz.checkpoint import check_checkpoint, checkpoint_digest, is_local, tokenizer_problem
 from moe_viz.models import (
     MoeVizError, canonical_model_id, check_model_path, find_moe_layers, load_model, load_tokenizer, model_fingerprint,
-    resolve_device,
+    other_modality_blocks, resolve_device,
 )
 from moe_viz.capture import distributed
 from moe_viz.capture.distributed import Ranks
-from moe_viz.capture.observe import RoutingObserver
+from moe_viz.capture.observe import RoutingObserver, TextNeverReaches
 from moe_viz.capture.routing_stats import LayerAccumulator
 from moe_viz.capture.sources import Documents, pack_sequences, parse_domain, read_documents
 from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS, TokenTracer
@@ -131,6 +131,22 @@ def _heartbeat(store_path: str | Path, run_id: str):
         thread.join()
 
 
+def text_inputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Keyword arguments of a calibration forward. An encoder-decoder's decoder reads the same text,
+    teacher-forced (shifted right by one behind its start token), so both stacks see every token."""
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        start = getattr(config, "decoder_start_token_id", None)
+        start = getattr(config, "pad_token_id", None) if start is None else start  # T5 / Switch start with pad
+        if start is None:
+            raise MoeVizError(f"{type(model).__name__} has neither decoder_start_token_id nor pad_token_id in its config: "
+                              "cannot feed its decoder")
+        decoder = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+        inputs.update(decoder_input_ids=decoder, decoder_attention_mask=mask)
+    return inputs
+
+
 @torch.no_grad()
 def accumulate_routing(
     model: nn.Module,
@@ -147,12 +163,12 @@ def accumulate_routing(
     """
     layers = find_moe_layers(model)
     device = _input_device(model)
-    with RoutingObserver(layers, fast=fast, tracer=tracer) as observer:
+    with RoutingObserver(layers, fast=fast, tracer=tracer) as observer, TextNeverReaches(other_modality_blocks(model)):
         for ids, mask in batches:
             observer.set_attention_mask(mask)
             if tracer is not None:
                 tracer.begin_batch(ids, mask)
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            model(**text_inputs(model, ids.to(device), mask.to(device)))
             if on_batch is not None:
                 on_batch(int(mask.sum()))
     return observer.accumulators

@@ -242,11 +242,27 @@ def _count_keys(config_dict: dict, model_type: str) -> set[str]:
     return keys
 
 
+def _text_config_dict(config: dict, text_model_type: str) -> dict:
+    """The part of a config.json dict that holds the text model's settings: `text_config`, else the
+    one nested dict of the text model's model_type (Qwen3-Omni: `thinker_config.text_config`, not the
+    talker's), else the whole dict."""
+    if "text_config" in config:
+        return config["text_config"]
+    found, stack = [], [config]
+    while stack:
+        node = stack.pop()
+        found += [node] if node is not config and node.get("model_type") == text_model_type else []
+        stack += [v for v in node.values() if isinstance(v, dict)]
+    return found[0] if len(found) == 1 else config
+
+
 def write_config(source_dir: Path, out_dir: Path, kept_count: int, top_k: int | None = None) -> None:
     """Copy config.json with every expert-count key (and alias) set to the kept count, and the
     experts-per-token key to `top_k` when the plan lowers it."""
+    from moe_viz.checkpoint import load_config
+
     config = json.loads((source_dir / "config.json").read_text())
-    target = config.get("text_config", config) if "text_config" in config else config
+    target = _text_config_dict(config, load_config(source_dir).get_text_config().model_type)
     for key in _count_keys(target, target.get("model_type", config.get("model_type", ""))):
         target[key] = kept_count
     if top_k is not None:
@@ -311,9 +327,43 @@ def check_exportable(config) -> None:
             model = model_class_for(config).from_config(config)
     except (ValueError, TypeError, OSError, AttributeError):  # e.g. remote code: the in-memory path still checks
         return
-    for layer in find_moe_layers(model):
+    if getattr(config, "is_encoder_decoder", False):
+        raise MoeVizError(f"cannot prune {type(model).__name__} yet: encoder-decoder models are supported for capture "
+                          "only; nothing was written")
+    layers = find_moe_layers(model)
+    for layer in layers:
         routing_tensors(layer)
         per_expert_tensors(layer)
+    check_count_shared(config, model, layers)
+
+
+def check_count_shared(config, model: torch.nn.Module, layers) -> None:
+    """Refuse a model in which something besides the observed MoE blocks takes its size from the same
+    expert-count key (Ernie-4.5-VL's vision experts, JetMoE's attention experts): a checkpoint pruned to
+    fewer experts would only load with that pruned too, without statistics for it.
+
+    Found by building the model on the meta device again with the count doubled and comparing shapes."""
+    import copy
+
+    text_config = copy.deepcopy(config)
+    target = text_config.get_text_config()
+    keys = [key for key in EXPERT_COUNT_KEYS if isinstance(getattr(target, key, None), int)]
+    if not keys:
+        return
+    for key in keys:
+        setattr(target, key, 2 * getattr(target, key))
+    try:
+        with torch.device("meta"):
+            doubled = dict(model_class_for(text_config).from_config(text_config).named_parameters())
+    except Exception:  # noqa: BLE001 - a config that cannot be doubled: the export's verification still checks
+        return
+    pruned = tuple(f"{layer.name}." for layer in layers)
+    for name, tensor in model.named_parameters():
+        other = doubled.get(name)
+        if other is not None and other.shape != tensor.shape and not name.startswith(pruned):
+            raise MoeVizError(f"cannot prune: {name} is not an observed MoE block but its size follows the same "
+                              f"expert count (config {getattr(target, 'attribute_map', {}).get(keys[0], keys[0])}), so a pruned checkpoint would only load with it pruned "
+                              "too: this model is supported for capture only; nothing was written")
 
 
 @torch.no_grad()
@@ -389,8 +439,9 @@ def _row_ranges(start: int, end: int, rows: int, keep: list[int]) -> list[tuple[
     return ranges
 
 
-def plan_shard(header: dict, data_start: int, plan: PrunePlan) -> list[_OutTensor]:
-    """Decide, tensor by tensor, what the pruned shard holds."""
+def plan_shard(header: dict, data_start: int, plan: PrunePlan, scope: str = "") -> list[_OutTensor]:
+    """Decide, tensor by tensor, what the pruned shard holds. Only tensors whose name starts with
+    `scope` (`text_scope`) can be pruned: another model's MoE layers beside it are kept whole."""
     out = []
     entries = sorted((k, v) for k, v in header.items() if k != "__metadata__")
     entries.sort(key=lambda kv: kv[1]["data_offsets"][0])
@@ -402,7 +453,7 @@ def plan_shard(header: dict, data_start: int, plan: PrunePlan) -> list[_OutTenso
         layer = int(located["layer"]) if located else None
         components = located["rest"].split(".")[:-1] if located else []
         selection_bias = located is not None and name.rsplit(".", 1)[-1] in SELECTION_BIAS_NAMES
-        if layer not in plan.kept or any("shared" in c for c in components) or not (
+        if layer not in plan.kept or not name.startswith(scope) or any("shared" in c for c in components) or not (
                 MOE_COMPONENTS & set(components) or selection_bias):
             out.append(whole)
             continue
@@ -458,13 +509,31 @@ def checkpoint_shards(source_dir: Path) -> list[str]:
     return shards
 
 
+def text_scope(config) -> str:
+    """The tensor-name prefix of the text model that capture observed and export prunes: "" for most
+    models; its child's name for a composite model run through a child (Qwen3-Omni's `thinker.`,
+    whose speech talker has MoE layers of its own with the same layer numbers)."""
+    from moe_viz.models import text_runner
+
+    try:
+        with torch.device("meta"):
+            model = model_class_for(config).from_config(config)
+    except (ValueError, TypeError, OSError, AttributeError):
+        return ""
+    runner = text_runner(model)
+    return next((f"{name}." for name, child in model.named_children() if child is runner), "")
+
+
 def export_streaming(plan: PrunePlan, source_dir: Path, tmp: Path, progress=None) -> None:
+    from moe_viz.checkpoint import load_config
+
+    scope = text_scope(load_config(source_dir))
     shards = checkpoint_shards(source_dir)
     weight_map: dict[str, str] = {}
     total = 0
     for number, shard in enumerate(shards, start=1):
         header, data_start = read_safetensors_header(source_dir / shard)
-        tensors = plan_shard(header, data_start, plan)
+        tensors = plan_shard(header, data_start, plan, scope)
         total += write_shard(source_dir / shard, tmp / shard, tensors, header.get("__metadata__"))
         weight_map.update({t.name: shard for t in tensors})
         if progress is not None:

@@ -68,7 +68,7 @@ def load_checked(path: Path, dtype: torch.dtype):
     """Load a checkpoint; return (model or None, problems) where problems lists load issues."""
     from transformers import AutoConfig
 
-    from moe_viz.models import model_class_for
+    from moe_viz.models import adopt_text_forward, model_class_for
 
     handler = _Collect()
     logger = logging.getLogger("transformers")
@@ -85,7 +85,7 @@ def load_checked(path: Path, dtype: torch.dtype):
     problems = [f"{kind}: {sorted(map(str, keys))[:5]}" for kind, keys in info.items() if keys and kind != "error_msgs"]
     problems += [m for m in info.get("error_msgs", [])]
     problems += [m for m in handler.messages if "weight" in m.lower() or "key" in m.lower()]
-    return model.eval(), problems
+    return adopt_text_forward(model).eval(), problems
 
 
 def checkpoint_dtype(model_dir: Path) -> torch.dtype:

@@ -1,0 +1,168 @@
+"""Model structures beyond one MoE block per decoder layer: which blocks capture observes, which it
+leaves alone, and what export refuses (Ernie-4.5-VL text/vision experts, Qwen3-Omni thinker/talker).
+
+Tiny random models from tests/family_zoo.py; nothing is mocked."""
+
+import pytest
+import torch
+
+from family_zoo import tiny_family_model
+from moe_viz.capture.observe import TextNeverReaches
+from moe_viz.models import MoeVizError, find_moe_layers, other_modality_blocks, text_runner
+from moe_viz.prune.export import check_exportable, text_scope
+
+torch.set_num_threads(1)
+
+
+def test_ernie_vl_observes_the_text_experts_and_never_the_vision_experts():
+    model = tiny_family_model("ernie4_5_vl_moe")
+    layers = find_moe_layers(model)
+    assert [layer.name.rsplit(".", 1)[-1] for layer in layers] == ["text_moe"] * len(layers)
+    assert [name.rsplit(".", 1)[-1] for name, _ in other_modality_blocks(model)] == ["vision_moe"] * len(layers)
+    ids = torch.randint(3, 100, (1, 12))
+    with TextNeverReaches(other_modality_blocks(model)), torch.no_grad():
+        model(input_ids=ids)  # text only: the vision experts never run
+        vision = torch.zeros_like(ids)
+        vision[0, 4:8] = 1  # tokens of an image: the layer sends them to the vision experts
+        with pytest.raises(MoeVizError, match="vision_moe ran during a text-only capture"):
+            model(input_ids=ids, moe_mm_token_type_ids=vision)
+
+
+def test_ernie_vl_export_refuses_because_vision_experts_share_the_count():
+    model = tiny_family_model("ernie4_5_vl_moe")
+    with pytest.raises(MoeVizError, match=r"vision_moe\..* same expert count \(config moe_num_experts\)"):
+        check_exportable(model.config)
+
+
+def test_qwen3_omni_runs_text_through_the_thinker_and_leaves_the_talker_alone():
+    model = tiny_family_model("qwen3_omni_moe")
+    assert text_runner(model) is model.thinker
+    names = [layer.name for layer in find_moe_layers(model)]
+    assert names and all(name.startswith("thinker.") for name in names)
+    assert any(name.startswith("talker.") and hasattr(m, "experts") for name, m in model.named_modules())
+    assert text_scope(model.config) == "thinker."
+    check_exportable(model.config)  # the talker takes its count from its own config: nothing shared
+
+
+def _jetmoe_reference(model, sequences):
+    """Per (layer, expert) routed tokens, gate sum and ||f_e(x)|| sum of JetMoE's MLP experts, computed
+    from each MLP's recorded input with the formulas of its modeling code, padding excluded."""
+    from moe_viz.capture.run import padded_batches
+
+    inputs, handles = {}, []
+    for index, layer in enumerate(model.model.layers):
+        handles.append(layer.mlp.register_forward_pre_hook(
+            lambda module, args, index=index: inputs.setdefault(index, []).append(args[0])))
+    sums = {}
+    with torch.no_grad():
+        for ids, mask in padded_batches(sequences, 4):
+            inputs.clear()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            for index, (x,) in inputs.items():
+                mlp = model.model.layers[index].mlp
+                x = x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool()]
+                top, experts = mlp.router.layer(x).float().topk(mlp.router.top_k, dim=1)
+                gates = torch.softmax(top, dim=1)
+                for t in range(x.shape[0]):
+                    for slot in range(experts.shape[1]):
+                        e = int(experts[t, slot])
+                        a, b = (mlp.input_linear.weight[e] @ x[t]).chunk(2)
+                        norm = float(torch.linalg.vector_norm(mlp.output_linear.weight[e] @ (mlp.activation(a) * b)))
+                        row = sums.setdefault((index, e), [0, 0.0, 0.0])
+                        row[0] += 1
+                        row[1] += float(gates[t, slot])
+                        row[2] += norm
+    for handle in handles:
+        handle.remove()
+    return sums
+
+
+def test_jetmoe_mlp_statistics_equal_an_independent_computation():
+    from family_zoo import SEQUENCES
+    from moe_viz.capture.run import collect_routing_stats
+
+    model = tiny_family_model("jetmoe")
+    layers = find_moe_layers(model)
+    assert [layer.name for layer in layers] == [f"model.layers.{i}.mlp" for i in range(len(model.model.layers))]
+    experts, _, _ = collect_routing_stats(model, SEQUENCES, batch_size=4)
+    reference = _jetmoe_reference(model, SEQUENCES)
+    assert (experts.routed_tokens > 0).sum() > 4
+    for row in experts.itertuples():
+        tokens, gates, norms = reference.get((row.layer, row.expert), (0, 0.0, 0.0))
+        assert row.routed_tokens == tokens
+        assert row.gate_sum == pytest.approx(gates, rel=1e-5, abs=1e-9)
+        assert row.ean_sum == pytest.approx(norms, rel=1e-5, abs=1e-9)
+
+
+def test_jetmoe_export_refuses_because_attention_experts_share_the_count():
+    model = tiny_family_model("jetmoe")
+    with pytest.raises(MoeVizError, match=r"self_attention\.experts\..* same expert count \(config num_local_experts\)"):
+        check_exportable(model.config)
+
+
+def test_switch_encoder_and_decoder_layers_are_numbered_apart_and_match_an_independent_computation(tmp_path):
+    from family_zoo import SEQUENCES
+    from moe_viz.capture.run import collect_routing_stats, padded_batches, text_inputs
+
+    model = tiny_family_model("switch_transformers")
+    layers = find_moe_layers(model)
+    names = {layer.layer: layer.name for layer in layers}
+    assert names == {0: "encoder.block.0.layer.1.mlp", 1: "encoder.block.1.layer.1.mlp",
+                     2: "decoder.block.0.layer.2.mlp", 3: "decoder.block.1.layer.2.mlp"}
+    experts, layer_rows, _ = collect_routing_stats(model, SEQUENCES, batch_size=4)
+    assert dict(zip(layer_rows.layer, layer_rows.module)) == names
+
+    # Independent: each sparse MLP's input, its router's argmax (top-1), the max softmax probability as the
+    # gate, ||expert(x)||, over non-padding tokens (no token is over capacity at these lengths).
+    blocks = {layer.layer: layer.block for layer in layers}
+    inputs, handles = {}, []
+    for number, block in blocks.items():
+        handles.append(block.register_forward_pre_hook(lambda m, args, n=number: inputs.__setitem__(n, args[0])))
+    reference = {}
+    with torch.no_grad():
+        for ids, mask in padded_batches(SEQUENCES, 4):
+            feed = text_inputs(model, ids, mask)
+            assert torch.equal(feed["decoder_input_ids"][:, 1:], ids[:, :-1])
+            model(**feed)
+            for number, x in inputs.items():
+                block = blocks[number]
+                x = x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool()]
+                probs = torch.softmax(block.router.classifier(x.float()), dim=-1)
+                gate, chosen = probs.max(dim=-1)
+                for t in range(x.shape[0]):
+                    e = int(chosen[t])
+                    row = reference.setdefault((number, e), [0, 0.0, 0.0])
+                    row[0] += 1
+                    row[1] += float(gate[t])
+                    row[2] += float(torch.linalg.vector_norm(block.experts[f"expert_{e}"](x[t:t + 1])))
+    for handle in handles:
+        handle.remove()
+    assert (experts.routed_tokens > 0).sum() > 8
+    for row in experts.itertuples():
+        tokens, gates, norms = reference.get((row.layer, row.expert), (0, 0.0, 0.0))
+        assert row.routed_tokens == tokens, (row.layer, row.expert)
+        assert row.gate_sum == pytest.approx(gates, rel=1e-5, abs=1e-9)
+        assert row.ean_sum == pytest.approx(norms, rel=1e-5, abs=1e-9)
+
+
+def test_nllb_moe_runs_only_two_experts_and_capture_refuses():
+    """The library bug the refusal is about, shown directly: whatever the router picks, only expert_0
+    and expert_1 run (transformers 5.23); capture's own check refuses with one line."""
+    from family_zoo import SEQUENCES
+    from moe_viz.capture.run import collect_routing_stats, padded_batches, text_inputs
+
+    model = tiny_family_model("nllb-moe")
+    ran, picked = set(), set()
+    experts = model.model.encoder.layers[0].ffn.experts
+    for name, module in experts.items():
+        if name.startswith("expert_"):
+            module.register_forward_hook(lambda m, a, o, name=name: ran.add(name))
+    model.model.encoder.layers[0].ffn.router.register_forward_hook(
+        lambda m, a, o: picked.update(o[2].argmax(-1).reshape(-1).tolist()))
+    ids, mask = next(padded_batches(SEQUENCES, 4))
+    with torch.no_grad():
+        model(**text_inputs(model, ids, mask))
+    assert len(picked) > 2 and ran == {"expert_0", "expert_1"}
+    with pytest.raises(MoeVizError, match="does not follow its router") as refused:
+        collect_routing_stats(model, SEQUENCES, batch_size=4)
+    assert "\n" not in str(refused.value)
