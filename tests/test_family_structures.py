@@ -166,3 +166,60 @@ def test_nllb_moe_runs_only_two_experts_and_capture_refuses():
     with pytest.raises(MoeVizError, match="does not follow its router") as refused:
         collect_routing_stats(model, SEQUENCES, batch_size=4)
     assert "\n" not in str(refused.value)
+
+
+def _capture(model_dir, tmp_path, layerwise: bool, name: str):
+    import json
+
+    from family_zoo import SEQUENCES
+    from moe_viz import store
+    from moe_viz.capture.run import CaptureSettings, capture
+
+    source = tmp_path / "ids.jsonl"
+    source.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in SEQUENCES))
+    path = tmp_path / f"{name}.duckdb"
+    run_ids = capture(str(model_dir), [f"rand={source}"], store_path=path, device="cpu", dtype="fp32",
+                      settings=CaptureSettings(seq_len=32, batch_size=4, trace_tokens=0), layerwise=layerwise,
+                      progress=lambda p: None)
+    return store.expert_stats(path, run_ids).sort_values(["layer", "expert"]).reset_index(drop=True)
+
+
+def test_qwen3_omni_layerwise_capture_equals_the_in_memory_one(tmp_path):
+    tiny_family_model("qwen3_omni_moe").save_pretrained(tmp_path / "model")
+    memory = _capture(tmp_path / "model", tmp_path, False, "memory")
+    streamed = _capture(tmp_path / "model", tmp_path, True, "layerwise")
+    assert memory.routed_tokens.sum() > 0
+    for column in ("routed_tokens", "gate_sum", "ean_sum"):
+        assert memory[column].tolist() == pytest.approx(streamed[column].tolist(), rel=1e-6, abs=1e-9), column
+
+
+def test_encoder_decoder_layerwise_capture_is_refused_in_one_line(tmp_path):
+    tiny_family_model("switch_transformers").save_pretrained(tmp_path / "model")
+    with pytest.raises(MoeVizError, match="encoder-decoder model: layer-by-layer capture") as refused:
+        _capture(tmp_path / "model", tmp_path, True, "layerwise")
+    assert "\n" not in str(refused.value)
+
+
+def test_dashboard_names_encoder_and_decoder_layers_apart(tmp_path, monkeypatch):
+    """Layer pickers label a Switch capture's layers with their module, so encoder.block.1 and
+    decoder.block.1 are told apart; a single-stack model keeps plain numbers."""
+    from pathlib import Path
+
+    import pandas as pd
+    from streamlit.testing.v1 import AppTest
+
+    from moe_viz.analysis.tables import layer_labels
+
+    assert layer_labels(pd.DataFrame({"layer": [1, 3], "module": ["model.layers.1.mlp", "model.layers.3.mlp"]})) == {
+        1: "1", 3: "3"}
+    tiny_family_model("switch_transformers").save_pretrained(tmp_path / "model")
+    _capture(tmp_path / "model", tmp_path, False, "store")
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.setattr("sys.argv", ["app.py", "--store", str(tmp_path / "store.duckdb")])
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("moe_viz/ui/pages/expert.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert list(at.selectbox(key="ex_layer").options) == [
+        "0 · encoder.block.0.layer.1.mlp", "1 · encoder.block.1.layer.1.mlp",
+        "2 · decoder.block.0.layer.2.mlp", "3 · decoder.block.1.layer.2.mlp"]

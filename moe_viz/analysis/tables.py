@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -126,3 +127,14 @@ def coactivation_partners(pairs: pd.DataFrame, stats_row_routed: int, expert: in
     out = pd.DataFrame({"partner": partner, "tokens": mine.tokens.to_numpy()})
     out["p_given_expert"] = out.tokens / stats_row_routed if stats_row_routed else 0.0
     return out.sort_values(["tokens", "partner"], ascending=[False, True]).reset_index(drop=True)
+
+
+def layer_labels(layers: pd.DataFrame) -> dict[int, str]:
+    """How pickers name each MoE layer number (`layer_stats` rows): the number alone, or, when the blocks
+    sit in more than one stack of layers (encoder-decoder), the number and the block's module path,
+    e.g. "2 · decoder.block.0.layer.2.mlp" (numbers: docs/STORE.md)."""
+    modules = {int(layer): str(module) for layer, module in zip(layers.layer, layers.module)}
+    stacks = {re.split(r"\.\d+(?:\.|$)", module, maxsplit=1)[0] for module in modules.values()}
+    if len(stacks) <= 1:
+        return {layer: str(layer) for layer in modules}
+    return {layer: f"{layer} · {module}" for layer, module in modules.items()}

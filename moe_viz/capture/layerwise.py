@@ -62,11 +62,14 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) 
     """The causal LM with every parameter on the meta device; real non-persistent buffers."""
     from accelerate import init_empty_weights
 
-    from moe_viz.models import model_class_for
+    from moe_viz.models import adopt_text_forward, model_class_for
 
+    if getattr(config, "is_encoder_decoder", False):
+        raise MoeVizError(f"{config.model_type} is an encoder-decoder model: layer-by-layer capture streams one stack "
+                          "of decoder layers; capture it without --layerwise")
     with init_empty_weights(include_buffers=False):
         model = model_class_for(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.eval()
+    return adopt_text_forward(model).eval()
 
 
 def decoder_layers(model: nn.Module, moe_layers: list[MoeLayer]) -> tuple[str, nn.ModuleList]:

@@ -144,6 +144,12 @@ def layer_stats(run_ids) -> pd.DataFrame:
     return _layer_stats(path, _stamp(path), tuple(run_ids))
 
 
+def layer_format(run_ids):
+    """`format_func` for a layer picker: the number, with its module path for encoder-decoder models."""
+    labels = tables.layer_labels(layer_stats(run_ids))
+    return lambda layer: labels.get(int(layer), str(layer))
+
+
 def coactivation(run_id: str, layer: int) -> pd.DataFrame:
     path = store_path()
     return _coactivation(path, _stamp(path), run_id, int(layer))

@@ -6,13 +6,14 @@ import streamlit as st
 from moe_viz.analysis import tables, criteria
 from moe_viz.analysis import token_profiles
 from moe_viz.ui.common import (coactivation, context_html, domain_differences, expert_stats,
-                               layer_stats, pick_model, plotly_chart, trace_view, visible)
+                               layer_format, layer_stats, pick_model, plotly_chart, trace_view, visible)
 
 st.title("Expert detail")
 _, run_ids = pick_model()
 layers = layer_stats(run_ids.values())
 c1, c2 = st.columns(2)
-layer = c1.selectbox("Layer", sorted(int(l) for l in layers.layer.unique()), key="ex_layer")
+layer = c1.selectbox("Layer", sorted(int(l) for l in layers.layer.unique()), key="ex_layer",
+                     format_func=layer_format(run_ids.values()))
 stats = expert_stats(run_ids.values(), layer=layer)
 expert = c2.selectbox("Expert", sorted(int(e) for e in stats.expert.unique()), key="ex_expert")
 

@@ -6,7 +6,7 @@ import streamlit as st
 
 from moe_viz.analysis import tables
 from moe_viz.ui.app import page_path
-from moe_viz.ui.common import CHART_HEIGHT, csv_download, metric_values, pick_model
+from moe_viz.ui.common import CHART_HEIGHT, csv_download, layer_format, metric_values, pick_model
 from moe_viz.ui.heatmap_chart import SELECTION, clicked_cell, heatmap_chart, heatmap_frame, heatmap_svg
 
 # the unit of each statistic or criterion, for the colour bar and the hover
@@ -81,7 +81,7 @@ d2.download_button("SVG of this heatmap", svg,
                    icon=":material/download:")
 
 c6, c7, c8 = st.columns([1, 1, 2])
-layer = c6.selectbox("Layer", list(matrix.index), key="hm_layer")
+layer = c6.selectbox("Layer", list(matrix.index), key="hm_layer", format_func=layer_format(run_ids.values()))
 expert = c7.selectbox("Expert", list(matrix.columns), key="hm_expert")
 shown = frame.set_index(["layer", "expert"]).value
 c8.metric(f"{metric}{' A − B' if domain_b is not None else ''} at layer {layer}, expert {expert}",

@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from moe_viz.analysis import domain_stats
-from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, criteria_help, layer_stats,
+from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, criteria_help, layer_format, layer_stats,
                                measured_criteria, mutual_information, overlap, pick_model, plotly_chart)
 
 st.title("Domain overlap")
@@ -27,7 +27,8 @@ jaccard["pair"] = jaccard.domain_a + " / " + jaccard.domain_b
 reference = domain_stats.random_jaccard(num_experts, k)
 
 domains = sorted(run_ids)
-layer = st.selectbox("Layer for the domain × domain matrix", sorted(jaccard.layer.unique()), key="ov_layer")
+layer = st.selectbox("Layer for the domain × domain matrix", sorted(jaccard.layer.unique()), key="ov_layer",
+                     format_func=layer_format(run_ids.values()))
 matrix = pd.DataFrame(1.0, index=domains, columns=domains)
 for row in jaccard[jaccard.layer == layer].itertuples():
     matrix.loc[row.domain_a, row.domain_b] = matrix.loc[row.domain_b, row.domain_a] = row.jaccard

@@ -8,7 +8,7 @@ import streamlit as st
 
 from moe_viz.analysis import tables, criteria
 from moe_viz.ui.common import (CHART_HEIGHT, COLOR_DIVERGING, DROPPED_COLOR, KEPT_COLOR, causal_vs_observational,
-                               criteria_help, expert_stats, layer_stats, pick_model, plotly_chart)
+                               criteria_help, expert_stats, layer_format, layer_stats, pick_model, plotly_chart)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -22,7 +22,7 @@ c1, c2, c3, c4 = st.columns(4)
 domain = c1.selectbox("Domain", list(run_ids), key="rk_domain")
 stats = expert_stats([run_ids[domain]])
 layers = layer_stats([run_ids[domain]])
-layer = c2.selectbox("Layer", sorted(stats.layer.unique()), key="rk_layer")
+layer = c2.selectbox("Layer", sorted(stats.layer.unique()), key="rk_layer", format_func=layer_format([run_ids[domain]]))
 criterion = c3.selectbox("Criterion", list(criteria.CRITERIA), index=list(criteria.CRITERIA).index("reap"), key="rk_criterion",
                          help=criteria_help())
 layer_row = layers[layers.layer == layer].iloc[0]
