@@ -6,11 +6,11 @@ Builds two random-init Qwen3-MoE checkpoints once (big: hidden 1024, 8 layers, 6
 experts of width 512, ~3.6 GB in 500 MB shards; small: hidden 512, 2 layers,
 64 experts of width 128, ~0.23 GB) and exports each at 50% sparsity (every other
 expert). One worker process imports moe_viz/torch/transformers once and runs every
-export call (what a user pays beyond imports), forgetting the copy-primitive choice
-before each call so the measurement trial is paid each time. Interleaved per
-repetition: `cp -r` of the big checkpoint, the export with the primitive chosen by
-measurement, and the export forced onto each primitive (MOE_VIZ_COPY); each followed
-by `sync` inside its timing. Cache modes: `warm` reads the source once before each
+export call (what a user pays beyond imports), forgetting which primitives were
+refused before each call. Interleaved per repetition: `cp -r` of the big checkpoint,
+the export with its automatic primitive (the first of copy_file_range, sendfile,
+pread/write that the kernel accepts), and the export forced onto each primitive
+(MOE_VIZ_COPY); each followed by `sync` inside its timing. Cache modes: `warm` reads the source once before each
 timing; `cold` drops the source's pages first (posix_fadvise DONTNEED after sync).
 
 Throughput per byte written relative to cp = (written / t_export) / (source / t_cp),
@@ -49,8 +49,9 @@ t0 = time.perf_counter()
 from moe_viz.prune import copy_ranges
 from moe_viz.prune.export import export_pruned
 from moe_viz.prune.plan import PrunePlan
-from transformers import CONFIG_MAPPING
-CONFIG_MAPPING["qwen3_moe"]  # the lazy transformers.models import that reading a config triggers
+from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+from transformers.models.qwen3_moe import modeling_qwen3_moe  # lazy imports an export triggers (the meta-device
+CONFIG_MAPPING["qwen3_moe"]                                   # model of check_exportable), paid once per process
 print(json.dumps({"imports_s": time.perf_counter() - t0,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 for line in sys.stdin:
@@ -60,13 +61,13 @@ for line in sys.stdin:
     os.environ.pop("MOE_VIZ_COPY", None)
     if forced:
         os.environ["MOE_VIZ_COPY"] = forced[0]
-    copy_ranges._trials.clear()
+    copy_ranges._copiers.clear()
     plan = PrunePlan.from_json(open(plan_file).read())
     start = time.perf_counter()
     export_pruned(plan, source, out, streaming=True)
     subprocess.run(["sync"], check=True)
     seconds = time.perf_counter() - start
-    used = [t.choice for t in copy_ranges._trials.values()]
+    used = [c.name for c in copy_ranges._copiers.values()]
     print(json.dumps({"seconds": seconds, "primitive": used[0] if used else None,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 """
@@ -173,7 +174,7 @@ def main() -> None:
         rows.append([mode, "`cp -r` + sync (all source bytes)", spread(r["cp"], "{:.2f}"),
                      f"{size / 1e9 / statistics.median(r['cp']):.2f}", ""])
         for variant in variants:
-            label = f"export, primitive chosen by measurement ({', '.join(sorted(set(r['chosen'])))})" \
+            label = f"export, automatic primitive ({', '.join(sorted(set(r['chosen'])))})" \
                 if variant == "auto" else f"export forced to `{variant}`"
             per_byte = [(written / t) / c for t, c in zip(r[variant], cp_rate)]
             rows.append([mode, label, spread(r[variant], "{:.2f}"), f"{written / 1e9 / statistics.median(r[variant]):.2f}",

@@ -1,6 +1,9 @@
 """Pruned exports: exact against the masked original for every family, in both paths; atomic; verified."""
 
+import errno
 import json
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_viz.capture.run import CaptureSettings, capture_model
 from moe_viz.cli import main
+from moe_viz.atomic import fsync_file
+from moe_viz.prune import export as export_module
 from moe_viz.prune.export import PRUNE_MANIFEST, export_pruned
 from moe_viz.prune.masking import masked_experts
 from moe_viz.prune.plan import build_plan
@@ -113,6 +118,30 @@ def test_interrupted_export_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
+
+
+def test_shards_are_flushed_in_the_background_and_a_flush_error_fails_the_export(tmp_path, monkeypatch):
+    model_dir, plan = _saved_and_captured(tmp_path, "qwen2_moe", max_shard_size="20KB")
+    shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    flushed = []
+
+    def record(path):  # the real fsync, plus who called it and what existed then
+        fsync_file(path)
+        flushed.append((Path(path).name, threading.current_thread().name))
+
+    monkeypatch.setattr(export_module, "fsync_file", record)
+    export_pruned(plan, model_dir, tmp_path / "ok", streaming=True)
+    assert sorted(name for name, _ in flushed) == shards and len(shards) > 1
+    assert all(thread.startswith("moe-viz-fsync") for _, thread in flushed)
+
+    def fail(path):
+        raise OSError(errno.EIO, "disk gone")
+
+    monkeypatch.setattr(export_module, "fsync_file", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        export_pruned(plan, model_dir, tmp_path / "bad", streaming=True)
+    assert not (tmp_path / "bad").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 # -- the CLI ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ once reached, stays (never a sleep standing in for synchronisation).
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -313,14 +314,18 @@ def test_import_run_rows_equal_what_complete_run_was_given(tmp_path):
     finally:
         holder.release()
     assert "moe-viz import-run" in str(info.value) and info.value.saved.is_dir()
-    assert store.import_run_file(info.value.saved, db) == run_id
-    got = store.expert_stats(db, [run_id]).drop(columns=["domain", "run_id"])
-    assert got.pop("recon_error").isna().all()  # measured later by `moe-viz importance`, not by a capture
-    pd.testing.assert_frame_equal(got, experts, check_dtype=False)
-    got_layers = store.layer_stats(db, [run_id]).drop(columns=["domain", "run_id"])
-    pd.testing.assert_frame_equal(got_layers, layers, check_dtype=False)
-    pd.testing.assert_frame_equal(store.coactivation(db, run_id, 0), pairs.drop(columns="layer"), check_dtype=False)
-    assert store.list_runs(db).status.tolist() == ["complete"]
+    again = shutil.copytree(info.value.saved, tmp_path / "again")
+    for saved in (info.value.saved, again):  # importing the same run twice replaces its rows, never adds to them
+        assert store.import_run_file(saved, db) == run_id
+        got = store.expert_stats(db, [run_id]).drop(columns=["domain", "run_id"])
+        assert got.pop("recon_error").isna().all()  # measured later by `moe-viz importance`, not by a capture
+        pd.testing.assert_frame_equal(got, experts, check_dtype=False)
+        got_layers = store.layer_stats(db, [run_id]).drop(columns=["domain", "run_id"])
+        pd.testing.assert_frame_equal(got_layers, layers, check_dtype=False)
+        pd.testing.assert_frame_equal(store.coactivation(db, run_id, 0), pairs.drop(columns="layer"),
+                                      check_dtype=False)
+        assert store.list_runs(db).status.tolist() == ["complete"]
+        assert _sql(db, "SELECT DISTINCT run_id FROM coactivation") == [(run_id,)]
 
 
 def test_import_run_of_something_else_is_a_one_line_error(tmp_path, capsys):

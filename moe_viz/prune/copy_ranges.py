@@ -1,32 +1,43 @@
-"""Copy byte ranges from one file to another with the fastest primitive measured where it runs.
+"""Copy byte ranges from one file to another inside the kernel where it can, with fallbacks.
 
-Which way of copying is fastest depends on the kernel, the filesystems and the disk:
-`os.copy_file_range` copies inside the kernel (and may share blocks on filesystems
-that can), `os.sendfile` also avoids the trip through user space, and plain
-`pread`/`write` works everywhere. On this project's VM the first was ~1.5x faster
-than the last; an earlier measurement on the same machine had found the opposite.
-So the copier does not guess: the first bytes of an export are copied in chunks
-handed to each available primitive in turn, each chunk timed; once every
-primitive has copied `trial_bytes`, the fastest carries on, and that choice is
-remembered for the rest of the process for the same pair of devices. A primitive
-that fails (EXDEV, ENOSYS, EINVAL, ...) is dropped and its chunk is copied again
-by the next one. `MOE_VIZ_COPY=<name>` forces one.
+Order: `os.copy_file_range` (the kernel copies; filesystems that can share
+blocks, e.g. XFS or btrfs, reflink instead), then `os.sendfile`, then plain
+`pread`/`write`. Why this order and no timing trial (docs/BENCHMARKS.md, streaming
+export): per byte written, `copy_file_range` forced reached 1.20x `cp` warm and
+1.16x cold on this project's VM, `sendfile` 1.23x warm but 0.87x cold, `pread`/
+`write` 0.55x warm. An earlier trial that timed 64 MB per primitive measured only
+how fast each filled the page cache, not writeback, and chose `pread`/`write` in
+some runs (0.79x `cp`).
+
+A primitive that the kernel or filesystem refuses for this pair of files (errno in
+FALLBACK_ERRNOS: EXDEV, ENOSYS, EINVAL, EOPNOTSUPP, EBADF e.g. on an O_APPEND
+destination, EPERM from some container sandboxes, ...) is dropped for this pair
+of devices for the rest of the process, the destination is cut back to where the
+chunk started and the chunk is copied again by the next primitive. Any other
+error (ENOSPC, EIO, ...) is raised. `MOE_VIZ_COPY=<name>` forces one primitive
+(no fallback).
 
 Memory stays flat: at most one chunk is held in user space (pread/write only).
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import time
 from typing import Callable
 
 from moe_viz.models import MoeVizError
 
 CHUNK = 16 << 20  # bytes per call: bounds pread/write memory whatever the tensor size
-TRIAL_BYTES = 64 << 20  # bytes each primitive copies before the choice is made
 
 Primitive = Callable[[int, int, int, int], int]  # (src_fd, dst_fd, src_offset, count) -> bytes copied
+
+# "This primitive cannot copy between these two files": try the next one.
+FALLBACK_ERRNOS = frozenset(
+    getattr(errno, name) for name in
+    ("EXDEV", "ENOSYS", "EINVAL", "EOPNOTSUPP", "ENOTSUP", "EBADF", "EPERM", "ETXTBSY", "ENOTSOCK")
+    if hasattr(errno, name)
+)
 
 
 def _copy_file_range(src: int, dst: int, offset: int, count: int) -> int:
@@ -46,7 +57,7 @@ def _pread_write(src: int, dst: int, offset: int, count: int) -> int:
 
 
 def available_primitives() -> dict[str, Primitive]:
-    """The primitives this Python offers, fastest-in-principle first."""
+    """The primitives this Python offers, in the order they are tried."""
     found: dict[str, Primitive] = {}
     if hasattr(os, "copy_file_range"):
         found["copy_file_range"] = _copy_file_range
@@ -56,74 +67,55 @@ def available_primitives() -> dict[str, Primitive]:
     return found
 
 
-class Trial:
-    """What has been measured for one pair of devices: (bytes, seconds) per primitive, and the choice."""
+class Copier:
+    """The primitives still usable between one pair of devices, in order; the first is used."""
 
-    def __init__(self, primitives: dict[str, Primitive], trial_bytes: int):
+    def __init__(self, primitives: dict[str, Primitive]):
         self.primitives = dict(primitives)
-        self.trial_bytes = trial_bytes
-        self.measured: dict[str, list[float]] = {name: [0, 0.0] for name in primitives}
-        self.choice: str | None = None
 
-    def next_primitive(self) -> str:
-        """The chosen primitive, or the one with the fewest trial bytes; choose once each has had its share."""
-        if self.choice is None:
-            name = min(self.measured, key=lambda n: self.measured[n][0])
-            if self.measured[name][0] < self.trial_bytes:
-                return name
-            self.choice = max(self.measured, key=lambda n: self.measured[n][0] / max(self.measured[n][1], 1e-9))
-        return self.choice
-
-    def record(self, name: str, count: int, seconds: float) -> None:
-        if self.choice is None:
-            self.measured[name][0] += count
-            self.measured[name][1] += seconds
+    @property
+    def name(self) -> str:
+        return next(iter(self.primitives))
 
     def drop(self, name: str) -> None:
-        """`name` failed between these files: never use it again here."""
         del self.primitives[name]
-        self.measured.pop(name, None)
-        if self.choice == name:
-            self.choice = None
 
 
-# (source device, destination device) -> its Trial, for the whole process: one export's shards
-# share the measurement, and later exports between the same devices reuse the choice.
-_trials: dict[tuple[int, int], Trial] = {}
+# (source device, destination device) -> its Copier, for the whole process: a primitive the
+# kernel refused once between two filesystems is not tried again for every chunk.
+_copiers: dict[tuple[int, int], Copier] = {}
 
 
-def trial_for(src_fd: int, dst_fd: int) -> Trial:
+def copier_for(src_fd: int, dst_fd: int) -> Copier:
     key = (os.fstat(src_fd).st_dev, os.fstat(dst_fd).st_dev)
-    if key not in _trials:
-        _trials[key] = Trial(available_primitives(), TRIAL_BYTES)
+    if key not in _copiers:
+        primitives = available_primitives()
         forced = os.environ.get("MOE_VIZ_COPY")
         if forced:
-            if forced not in _trials[key].primitives:
-                del _trials[key]
-                raise MoeVizError(f"MOE_VIZ_COPY={forced!r} is not one of {', '.join(available_primitives())}")
-            _trials[key].choice = forced
-    return _trials[key]
+            if forced not in primitives:
+                raise MoeVizError(f"MOE_VIZ_COPY={forced!r} is not one of {', '.join(primitives)}")
+            primitives = {forced: primitives[forced]}
+        _copiers[key] = Copier(primitives)
+    return _copiers[key]
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, trial: Trial | None = None,
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, copier: Copier | None = None,
                chunk: int = CHUNK) -> None:
     """Append bytes [offset, offset + length) of `src_fd` at the current position of `dst_fd`."""
-    trial = trial if trial is not None else trial_for(src_fd, dst_fd)
+    copier = copier if copier is not None else copier_for(src_fd, dst_fd)
     while length > 0:
         count = min(length, chunk)
-        name = trial.next_primitive()
+        name = copier.name
         position = os.lseek(dst_fd, 0, os.SEEK_CUR)
-        start = time.perf_counter()
         try:
-            _copy_chunk(trial.primitives[name], src_fd, dst_fd, offset, count)
-        except OSError:
-            if len(trial.primitives) == 1:
+            _copy_chunk(copier.primitives[name], src_fd, dst_fd, offset, count)
+        except OSError as exc:
+            if exc.errno not in FALLBACK_ERRNOS or len(copier.primitives) == 1:
                 raise
-            trial.drop(name)  # e.g. EXDEV, ENOSYS, EINVAL: redo this chunk with another primitive
+            copier.drop(name)  # redo this chunk with the next primitive
             os.ftruncate(dst_fd, position)
             os.lseek(dst_fd, position, os.SEEK_SET)
             continue
-        trial.record(name, count, time.perf_counter() - start)
         offset += count
         length -= count
 

@@ -6,8 +6,8 @@ Two paths produce identical tensors:
 - streaming: rewrite the safetensors shards without loading the model. Every
   edit is a slice of dim 0 of a row-major tensor (or a rename of a per-expert
   tensor), i.e. a list of byte ranges, so shards are copied range by range in
-  16 MB chunks with the copy primitive measured fastest on this machine
-  (`copy_ranges`); memory stays flat whatever the checkpoint size.
+  16 MB chunks inside the kernel (`copy_file_range`, with fallbacks:
+  `copy_ranges`); memory stays flat whatever the checkpoint size.
 
 Both build in a temporary sibling directory that is renamed into place only
 when complete, so an interrupted export leaves nothing behind.
@@ -22,6 +22,7 @@ import shutil
 import struct
 import unicodedata
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -35,7 +36,7 @@ except ImportError:  # Windows: stale partial dirs are then left alone (no way t
 import torch
 
 from moe_viz import __version__
-from moe_viz.atomic import fsync_dir, fsync_tree, write_text_atomic
+from moe_viz.atomic import fsync_dir, fsync_file, fsync_tree, write_text_atomic
 from moe_viz.models import (EXPERT_COUNT_KEYS, SELECTION_BIAS_NAMES, MoeVizError, expert_axis, find_moe_layers,
                             model_class_for, routing_tensors)
 from moe_viz.prune.copy_ranges import copy_range
@@ -525,19 +526,27 @@ def text_scope(config) -> str:
 
 
 def export_streaming(plan: PrunePlan, source_dir: Path, tmp: Path, progress=None) -> None:
+    """Write the pruned shards into `tmp`. Each finished shard is fsynced by a background thread while
+    the next one is copied, so the disk's writeback overlaps the copying instead of following it
+    (serial fsyncs were 0.58 s of a 1.33 s warm-cache export, bench/export.py)."""
     from moe_viz.checkpoint import load_config
 
     scope = text_scope(load_config(source_dir))
     shards = checkpoint_shards(source_dir)
     weight_map: dict[str, str] = {}
     total = 0
-    for number, shard in enumerate(shards, start=1):
-        header, data_start = read_safetensors_header(source_dir / shard)
-        tensors = plan_shard(header, data_start, plan, scope)
-        total += write_shard(source_dir / shard, tmp / shard, tensors, header.get("__metadata__"))
-        weight_map.update({t.name: shard for t in tensors})
-        if progress is not None:
-            progress(number, len(shards))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-viz-fsync") as flusher:
+        flushed = []
+        for number, shard in enumerate(shards, start=1):
+            header, data_start = read_safetensors_header(source_dir / shard)
+            tensors = plan_shard(header, data_start, plan, scope)
+            total += write_shard(source_dir / shard, tmp / shard, tensors, header.get("__metadata__"))
+            flushed.append(flusher.submit(fsync_file, tmp / shard))
+            weight_map.update({t.name: shard for t in tensors})
+            if progress is not None:
+                progress(number, len(shards))
+        for done in flushed:
+            done.result()  # an fsync error fails the export
     if (source_dir / INDEX_FILE).exists():
         index = json.loads((source_dir / INDEX_FILE).read_text())
         index["weight_map"] = dict(sorted(weight_map.items()))
