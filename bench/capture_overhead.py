@@ -146,7 +146,7 @@ def sweep_mode(args) -> None:
                                 shape["vocab"], shape["seq"])
             params = sum(p.numel() for p in model.parameters())
             store_path = Path(work) / f"e{experts}.duckdb"
-            for tokens in args.tokens:
+            for position, tokens in enumerate(args.tokens):
                 g = torch.Generator().manual_seed(tokens)
                 sequences = torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]), generator=g).tolist()
                 docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
@@ -163,25 +163,33 @@ def sweep_mode(args) -> None:
                     "capture": lambda: capture_model(model, None, "bench", [docs], settings, store_path=store_path),
                 }
                 times = {name: [] for name in variants}
-                for rep in range(args.reps + 1):  # the first round warms up (and creates the store)
+                walls = {name: [] for name in variants}
+                warmup = 1 if position == 0 else 0  # one warm-up round per model (it also creates the store)
+                for rep in range(args.reps + warmup):
                     for name, run in variants.items():
-                        start = time.process_time()
+                        start, wall = time.process_time(), time.perf_counter()
                         run()
-                        if rep:
+                        if rep >= warmup:
                             times[name].append(time.process_time() - start)
+                            walls[name].append(time.perf_counter() - wall)
                 obs = ratios(times["observer"], times["bare"])
                 cap = ratios(times["capture"], times["bare"])
+                fixed = [c - o for c, o in zip(times["capture"], times["observer"])]
                 rows.append([experts, f"{params / 1e6:.0f}M", f"{tokens:,}", f"{statistics.median(times['bare']):.2f}",
-                             spread(obs, "{:.3f}"), spread(cap, "{:.3f}")])
+                             spread(obs, "{:.3f}"), spread(cap, "{:.3f}"), spread(fixed, "{:.2f}"),
+                             spread(ratios(walls["capture"], walls["bare"]), "{:.3f}")])
                 print(rows[-1], flush=True)
             del model
     header = (f"Random-init Qwen3-MoE, hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
               f"expert width {shape['width']}, vocab {shape['vocab']}, fp32, {tokens_per_forward} tokens per forward "
-              f"({shape['batch']} × {shape['seq']}); {args.reps} interleaved repetitions after one warm-up round; "
-              "process CPU time; ratios are per-repetition ratios to bare, median (min–max)")
+              f"({shape['batch']} × {shape['seq']}); {args.reps} interleaved repetitions per row, one warm-up round per "
+              "model; process CPU time (wall time in the last column); ratios are per-repetition ratios to bare, "
+              "median (min–max); capture − observer = CPU seconds of the store write and the rest of `capture_model` "
+              "(begin_run, packing, fingerprint, complete_run), per repetition, so at many tokens it carries the "
+              "forwards' noise too")
     body = "\n".join([header + ".", "",
-                      table(["experts", "params", "tokens", "bare (s)", "observer / bare", "capture end to end / bare"],
-                            rows), "", f"Machine: {machine(args.threads)}."])
+                      table(["experts", "params", "tokens", "bare (s)", "observer / bare", "capture end to end / bare",
+                             "capture − observer (CPU s)", "capture / bare, wall"], rows), "", f"Machine: {machine(args.threads)}."])
     print(body)
     if args.write:
         write_section("capture-sweep", body)
@@ -190,8 +198,8 @@ def sweep_mode(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="experts x tokens sweep, end to end")
-    parser.add_argument("--experts", type=int, nargs="+", default=[16, 64, 128, 256, 512])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--experts", type=int, nargs="+", default=[16, 128, 512])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")

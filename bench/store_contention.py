@@ -1,6 +1,6 @@
 """Do writers starve behind readers? A capture alone vs with two processes reading the store in a tight loop.
 
-    python bench/store_contention.py [--rounds 5] [--tokens 4000] [--commits 20]
+    python bench/store_contention.py [--rounds 5] [--tokens 4000] [--commits 20] [--write]
 
 Two workloads, each timed in interleaved rounds (one of each condition per round,
 so a change in the machine's load hits all conditions alike):
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4000, help="tokens per domain in the capture workload")
     parser.add_argument("--commits", type=int, default=20, help="runs written by the commits workload")
+    parser.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
     args = parser.parse_args()
 
     import torch
@@ -177,16 +178,27 @@ def main() -> None:
                         rates[name] += got
             print(f"round {r + 1}: " + ", ".join(f"{w}/{c} {times[w, c][-1]:.2f}s" for w in workloads for c in conditions),
                   flush=True)
-    print(f"\n{os.cpu_count()} CPUs; median of {args.rounds} interleaved rounds")
+    from benchlib import machine, ratios, spread, table, write_section
+
+    rows = []
     for name in workloads:
-        med = {c: statistics.median(times[name, c]) for c in conditions}
-        ratios = [times[name, "readers"][i] / times[name, "solo"][i] for i in range(args.rounds)]
-        print(f"{name:8s} solo {med['solo']:.2f}s  readers {med['readers']:.2f}s  burners {med['burners']:.2f}s  "
-              f"readers/solo {med['readers'] / med['solo']:.2f} (per round {min(ratios):.2f}-{max(ratios):.2f})  "
-              f"burners/solo {med['burners'] / med['solo']:.2f}  readers/burners {med['readers'] / med['burners']:.2f}  "
-              f"reads/s per reader {statistics.median(rates[name]):.1f}")
-        print(f"{'':8s} opening the store: " + "  ".join(
-            f"{c} {statistics.median(waits[name, c]):.2f}s" for c in conditions))
+        per_round = ratios(times[name, "readers"], times[name, "solo"])
+        rows.append([name, *(spread(times[name, c], "{:.2f}") for c in conditions), spread(per_round, "{:.2f}"),
+                     spread(ratios(times[name, "burners"], times[name, "solo"]), "{:.2f}"),
+                     " / ".join(f"{statistics.median(waits[name, c]):.2f}" for c in ("solo", "readers")),
+                     spread(rates[name], "{:.1f}") if rates[name] else ""])
+    body = "\n".join([
+        f"`capture` = `capture_model` of the shipped demo model on 4 built-in domains, {args.tokens:,} tokens each; "
+        f"`commits` = {args.commits} `begin_run` + `complete_run` of synthetic 48-layer × 128-expert runs. Conditions "
+        f"interleaved per round, {args.rounds} rounds after one warm-up capture; wall seconds (waiting for the lock "
+        "is the point), median (min–max, n); ratios per round; 1 torch thread, DuckDB "
+        f"{store.duckdb_threads()} thread(s) per connection.", "",
+        table(["workload", "solo (s)", "+ 2 readers (s)", "+ 2 burners (s)", "readers / solo", "burners / solo",
+               "opening the store, solo / readers (s, median)", "reads/s per reader"], rows), "",
+        f"Machine: {machine(1)}."])
+    print(body)
+    if args.write:
+        write_section("store-contention", body)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ Expert detail and Token routes pages on it, each opening the store afresh as the
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
-
-def _spread(values: list[float]) -> str:
-    return f"median {statistics.median(values):.3f}, min {min(values):.3f}, max {max(values):.3f}"
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -53,13 +47,22 @@ def overhead(args: argparse.Namespace) -> None:
                 if rep:
                     wall[n].append(time.perf_counter() - start)
                     cpu[n].append(time.process_time() - start_cpu)
-    print(f"capture of {args.max_tokens} tokens, demo model, {args.reps} interleaved reps "
-          "(process CPU time is less disturbed by other processes than wall time)")
-    for name, times in (("wall", wall), ("CPU", cpu)):
-        ratios = [t / b for t, b in zip(times[DEFAULT_TRACE_TOKENS], times[0])]
-        print(f"  {name:4s} trace 0:    {_spread(times[0])} s")
-        print(f"  {name:4s} trace {DEFAULT_TRACE_TOKENS}: {_spread(times[DEFAULT_TRACE_TOKENS])} s")
-        print(f"  {name:4s} ratio:      {_spread(ratios)}")
+    from benchlib import machine, ratios, spread, table, write_section
+
+    rows = []
+    for name, times in (("CPU time (s)", cpu), ("wall time (s)", wall)):
+        rows.append([name, spread(times[0], "{:.2f}"), spread(times[DEFAULT_TRACE_TOKENS], "{:.2f}"),
+                     spread(ratios(times[DEFAULT_TRACE_TOKENS], times[0]), "{:.3f}")])
+    body = "\n".join([
+        f"`capture_model` of the shipped demo model (4 MoE layers, 8 experts, top-2) on `builtin:code`, "
+        f"{args.max_tokens:,} tokens, `trace_tokens=0` vs `{DEFAULT_TRACE_TOKENS}` (the default), order alternating, "
+        f"each into a fresh store; {args.reps} repetitions after one warm-up; process CPU time (all threads) and wall "
+        "time; median (min–max, n) and the per-repetition ratio.", "",
+        table(["", "trace 0", f"trace {DEFAULT_TRACE_TOKENS}", "ratio"], rows), "",
+        f"Machine: {machine(1)}."])
+    print(body)
+    if args.write:
+        write_section(f"token-trace-overhead-{args.max_tokens}", body)
 
 
 def synthetic_trace(rng: np.random.Generator, tokens: int, layers: int, experts: int, k: int, seq_len: int = 512):
@@ -101,8 +104,13 @@ def build_store(path: Path, args: argparse.Namespace) -> list[str]:
         commits.append(time.perf_counter() - start)
         run_ids.append(run_id)
     rows = args.domains * args.tokens * args.layers * args.top_k
-    print(f"store: {rows:,} token_routes rows, {path.stat().st_size / 2**20:.0f} MiB; commit per domain "
-          f"({rows // args.domains:,} rows): {_spread(commits)} s")
+    from benchlib import spread
+
+    built = (f"{rows:,} `token_routes` rows ({args.domains} domains × {args.tokens:,} tokens × {args.layers} layers × "
+             f"top-{args.top_k}, {args.experts} experts), {path.stat().st_size / 2**20:.0f} MiB; `complete_run` of one "
+             f"domain's {rows // args.domains:,} rows: {spread(commits, '{:.2f}')} s wall")
+    print(built)
+    (path.parent / (path.name + ".built")).write_text(built)
     return run_ids
 
 
@@ -139,13 +147,20 @@ def queries(args: argparse.Namespace) -> None:
                 view()
                 wall[name].append(1000 * (time.perf_counter() - start))
                 cpu[name].append(1000 * (time.process_time() - start_cpu))
-        print(f"{args.reps} reps, DuckDB threads per connection: {store.duckdb_threads()}; load average "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. CPU = this process's CPU time (all its threads): "
-              "what the view costs on an otherwise idle core; wall includes waiting for the CPU.")
-        for name in views:
-            w, c = wall[name][1:], cpu[name][1:]
-            print(f"  {name:34s} CPU median {statistics.median(c):6.1f} ms (min {min(c):.1f}, max {max(c):.1f})"
-                  f" | wall median {statistics.median(w):7.1f} ms (min {min(w):.1f}, max {max(w):.1f})")
+        from benchlib import machine, spread, table, write_section
+
+        built = path.parent / (path.name + ".built")
+        rows = [[name, spread(cpu[name][1:], "{:.1f}"), spread(wall[name][1:], "{:.1f}")] for name in views]
+        body = "\n".join([
+            (built.read_text() if built.exists() else f"store {path}") + ". Each view opens the store afresh, as the "
+            f"dashboard does; views interleaved, {args.reps} repetitions after one warm-up round; DuckDB "
+            f"{store.duckdb_threads()} thread(s) per connection. CPU = this process's CPU time (all its threads): what "
+            "the view costs on an otherwise idle core; wall includes waiting for the CPU.", "",
+            table(["view", "CPU ms: median (min–max)", "wall ms: median (min–max)"], rows), "",
+            f"Machine: {machine()}."])
+        print(body)
+        if args.write:
+            write_section("token-trace-queries", body)
 
 
 def main() -> None:
@@ -162,6 +177,8 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--store", default=None, help="build the synthetic store here and keep it (reused if present)")
+    for p in commands.choices.values():
+        p.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     overhead(args) if args.command == "overhead" else queries(args)
