@@ -146,7 +146,7 @@ def sweep_mode(args) -> None:
                                 shape["vocab"], shape["seq"])
             params = sum(p.numel() for p in model.parameters())
             store_path = Path(work) / f"e{experts}.duckdb"
-            for position, tokens in enumerate(args.tokens):
+            def variants_for(tokens: int) -> dict:
                 g = torch.Generator().manual_seed(tokens)
                 sequences = torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]), generator=g).tolist()
                 docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
@@ -157,21 +157,25 @@ def sweep_mode(args) -> None:
                     for ids, mask in padded_batches(sequences, shape["batch"]):
                         model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-                variants = {
+                return {
                     "bare": bare,
                     "observer": lambda: collect_routing_stats(model, sequences, shape["batch"]),
                     "capture": lambda: capture_model(model, None, "bench", [docs], settings, store_path=store_path),
                 }
+
+            for run in variants_for(tokens_per_forward).values():  # warm-up, once per model (creates the store)
+                run()
+            for tokens in args.tokens:
+                variants = variants_for(tokens)
                 times = {name: [] for name in variants}
                 walls = {name: [] for name in variants}
-                warmup = 1 if position == 0 else 0  # one warm-up round per model (it also creates the store)
-                for rep in range(args.reps + warmup):
-                    for name, run in variants.items():
+                for rep in range(args.reps):
+                    order = list(variants) if rep % 2 == 0 else list(variants)[::-1]  # cancels a drift in load
+                    for name in order:
                         start, wall = time.process_time(), time.perf_counter()
-                        run()
-                        if rep >= warmup:
-                            times[name].append(time.process_time() - start)
-                            walls[name].append(time.perf_counter() - wall)
+                        variants[name]()
+                        times[name].append(time.process_time() - start)
+                        walls[name].append(time.perf_counter() - wall)
                 obs = ratios(times["observer"], times["bare"])
                 cap = ratios(times["capture"], times["bare"])
                 fixed = [c - o for c, o in zip(times["capture"], times["observer"])]
@@ -182,9 +186,9 @@ def sweep_mode(args) -> None:
             del model
     header = (f"Random-init Qwen3-MoE, hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
               f"expert width {shape['width']}, vocab {shape['vocab']}, fp32, {tokens_per_forward} tokens per forward "
-              f"({shape['batch']} × {shape['seq']}); {args.reps} interleaved repetitions per row, one warm-up round per "
-              "model; process CPU time (wall time in the last column); ratios are per-repetition ratios to bare, "
-              "median (min–max); capture − observer = CPU seconds of the store write and the rest of `capture_model` "
+              f"({shape['batch']} × {shape['seq']}); {args.reps} interleaved repetitions per row (order reversed every "
+              f"other one), after one warm-up round of {tokens_per_forward} tokens per model; process CPU time (wall "
+              "time in the last column); ratios are per-repetition ratios to bare, median (min–max); capture − observer = CPU seconds of the store write and the rest of `capture_model` "
               "(begin_run, packing, fingerprint, complete_run), per repetition, so at many tokens it carries the "
               "forwards' noise too")
     body = "\n".join([header + ".", "",
@@ -199,7 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="experts x tokens sweep, end to end")
     parser.add_argument("--experts", type=int, nargs="+", default=[16, 128, 512])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 32768, 131072])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")

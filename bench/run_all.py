@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
     """name -> (script and arguments, the docs/BENCHMARKS.md sections it writes with --write)."""
     return {
-        "capture": (["capture_overhead.py", "--sweep"], ["capture-sweep"]),
+        "capture": (["capture_overhead.py", "--sweep", "--reps", "2"], ["capture-sweep"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "export": (["export.py"], ["export"]),
         "store-write": (["store_write.py"], ["store-write"]),
