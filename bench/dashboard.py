@@ -1,6 +1,6 @@
 """Dashboard data queries on a synthetic big store: 94 layers x 512 experts x 10 domains.
 
-    python bench/dashboard.py [--store /tmp/moe_viz_big_dense.duckdb] [--browser] [--write]
+    python bench/dashboard.py [--store /tmp/moe_viz_bench_dashboard.duckdb] [--browser] [--write]
 
 The store holds what 10 real captures of a 94-layer x 512-expert top-8 model would: per run
 48,128 expert rows and every expert pair of every layer (12.3M co-activation rows, as dense as
@@ -80,7 +80,7 @@ def verdict(values: list[float], target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default="/tmp/moe_viz_big_dense.duckdb")
+    parser.add_argument("--store", default="/tmp/moe_viz_bench_dashboard.duckdb")
     parser.add_argument("--browser", action="store_true")
     parser.add_argument("--visits", type=int, default=4, help="page changes per page with --browser (the first is "
                         "reported apart)")

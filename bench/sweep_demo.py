@@ -1,6 +1,6 @@
 """A full sweep on the offline demo: every routing criterion x 5 sparsities, all built-in domains.
 
-    python bench/sweep_demo.py [--store /tmp/sweep_demo.duckdb] [--reps 2] [--write]
+    python bench/sweep_demo.py [--store S.duckdb] [--reps 2] [--write]   # default: a temporary store
 
 Captures the demo domains (once; `moe_viz.demo.prepare`), then times `moe-viz sweep`'s core on a
 fresh results table (emptied before every repetition): plans scored on the equal mix of all five
@@ -12,7 +12,9 @@ the best criterion per domain at 50% (deterministic: the same in every repetitio
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import duckdb
 import torch
@@ -30,12 +32,19 @@ SPARSITIES = [0.25, 0.375, 0.5, 0.625, 0.75]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default="/tmp/sweep_demo.duckdb")
+    parser.add_argument("--store", default=None, help="store for the demo captures (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="moe_viz_sweep_demo_") as tmp:
+        if args.store is None:
+            args.store = str(Path(tmp) / "demo.duckdb")
+        run(args)
+
+
+def run(args) -> None:
     demo.prepare(args.store)
     path = demo.shipped_model()
     model_id = canonical_model_id(str(path))
