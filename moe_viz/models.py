@@ -22,18 +22,20 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-# Router families whose per-expert score is sigmoid(logit) rather than softmax.
-# Any router carrying an `e_score_correction_bias` is also treated as sigmoid
-# (DeepSeek-V3 style) unless its family is listed as softmax below.
+# Last resort for the router's score function, used only where the probe through the real router
+# (`probe_score_fn`) cannot tell (a router that returns no top-k, a score that is neither softmax nor
+# sigmoid) and the config names none (`scoring_func`): families whose modeling code scores with a sigmoid.
 SIGMOID_ROUTER_FAMILIES = {"deepseek_v3", "glm4_moe", "dots1", "minimax_m2", "llama4_text", "llama4"}
-SOFTMAX_ROUTER_FAMILIES_WITH_BIAS = {"ernie4_5_moe"}
+SCORE_FNS = ("softmax", "sigmoid")
 
 # Every config key a family may use for the routed-expert count.
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -54,9 +56,36 @@ class MoeLayer:
     experts: nn.Module
     num_experts: int
     adapter: str  # "fused" | "called" | "llama4" | "sorted" | "dispatch"
-    score_fn: str  # "softmax" | "sigmoid": how router logits become per-expert scores
+    score_fn_hint: str  # config / family-name guess, used only where the probe cannot tell (see `score_fn`)
     logits_index: int  # position of the router logits in the router's output tuple
     router_parent: nn.Module | None = None  # the block's `gate`/`router` child when `router` is a linear inside it
+    # Rows the router scores: the E routed experts first, then choices that are not routed experts
+    # (LongCat-Flash identity "zero" experts, Zaya's skip choice, Inkling's shared experts).
+    router_rows: int = 0
+    probed_score_fn: str | None = None  # what `probe_score_fn` found (None: not probed yet, or it could not tell)
+    probed: bool = False
+
+    def __post_init__(self) -> None:
+        self.router_rows = self.router_rows or self.num_experts
+
+    @property
+    def extra_rows(self) -> int:
+        """Router rows after the E routed experts (0 for most families)."""
+        return self.router_rows - self.num_experts
+
+    @property
+    def score_fn(self) -> str:
+        """"softmax" | "sigmoid": how this router turns logits into per-expert scores, found by running the
+        real router once (`probe_score_fn`) as soon as its weights are loaded; else `score_fn_hint`."""
+        if not self.probed and self.router.weight.device.type != "meta":
+            self.probed_score_fn, self.probed = probe_score_fn(self), True
+        return self.probed_score_fn or self.score_fn_hint
+
+    def row_index(self, size: int, kept: list[int]) -> list[int] | None:
+        """The rows of a tensor dim of `size` that pruning to the `kept` experts keeps, in order, or None
+        when `size` is not an expert dim: E (one row per expert), the router's rows (kept experts, then
+        every extra row, unchanged), or E*F (blocks of F rows per expert, DBRX's 2-D fused experts)."""
+        return kept_rows(size, self.num_experts, self.router_rows, kept)
 
 
 def _layer_index(name: str, fallback: int, stacks: list[tuple[str, int]] = ()) -> int:
@@ -219,12 +248,118 @@ def _experts_child(module: nn.Module) -> nn.Module | None:
     return parallel[-1] if parallel else None
 
 
-def _score_fn(model_type: str, router: nn.Module) -> str:
-    if model_type in SIGMOID_ROUTER_FAMILIES:
-        return "sigmoid"
-    if hasattr(router, "e_score_correction_bias") and model_type not in SOFTMAX_ROUTER_FAMILIES_WITH_BIAS:
-        return "sigmoid"
-    return "softmax"
+def kept_rows(size: int, num_experts: int, router_rows: int, kept: list[int]) -> list[int] | None:
+    """`MoeLayer.row_index` for a layer of `num_experts` routed experts whose router scores `router_rows`."""
+    if size == num_experts:
+        return list(kept)
+    if size == router_rows:  # the extra rows follow the E expert rows, as in every family that has them
+        return list(kept) + list(range(num_experts, size))
+    if size <= num_experts or size % num_experts:
+        return None
+    block = size // num_experts  # E contiguous blocks of F rows
+    return [e * block + r for e in kept for r in range(block)]
+
+
+def _score_fn_hint(model_type: str, config) -> str:
+    """The documented last resort: the config's `scoring_func`, else the family-name list, else softmax."""
+    named = getattr(config, "scoring_func", None)
+    if named in SCORE_FNS:
+        return named
+    return "sigmoid" if model_type in SIGMOID_ROUTER_FAMILIES else "softmax"
+
+
+PROBE_TOKENS = 32
+PROBE_TOLERANCE = 1e-3  # in log space; routers compute in float32 (~1e-6), a wrong function is off by O(1)
+
+
+@torch.no_grad()
+def probe_score_fn(layer: "MoeLayer") -> str | None:
+    """Which score function the real router applies: "softmax", "sigmoid", or None when it cannot tell.
+
+    Runs the router container once on random hidden states and compares the top-k weights it returns
+    with softmax and sigmoid of its logits at the chosen experts. Renormalisation over the k, a scaling
+    factor, or normalising together with shared experts multiply one token's weights by one number, so
+    for the right function log(weight) - log(score) is the same for every slot of a token; for the wrong
+    one it is not (softmax and sigmoid differ by a per-expert term). Slots with weight 0 (a skip choice)
+    are ignored. When both functions fit every token (top-1, or weights all equal after renormalising),
+    the one whose offset is also the same across tokens wins; if still both or neither fit (PhiMoE's
+    sparsemixer, DeepSeek-V4's sqrt-softplus, a router that returns no top-k), None.
+    """
+    container = layer.router_parent or layer.router
+    own = getattr(container, "weight", None)
+    linear = next((m for m in container.modules() if isinstance(m, nn.Linear)), None)
+    width = own.shape[1] if isinstance(own, torch.Tensor) and own.dim() == 2 else getattr(linear, "in_features", None)
+    if width is None:
+        return None
+    weight = layer.router.weight
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(PROBE_TOKENS, width, generator=generator).to(weight.device, weight.dtype)
+    seen = []
+    handle = layer.router.register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        out = None
+        for shaped in (hidden, hidden[None]):  # the flattened tokens a block passes, else (1, T, H) (Zaya)
+            try:
+                out = container(shaped)
+                break
+            except Exception:  # noqa: BLE001 - a router needing more than hidden states: the hint decides
+                seen.clear()
+    finally:
+        handle.remove()
+    if out is None:
+        return None
+    outputs = out if isinstance(out, (tuple, list)) else (out,)
+    # The logits are what the router's linear returned (Gemma-4's router returns probabilities first);
+    # a router that uses its linear's weight without calling it (LongCat-Flash) returns them first.
+    logits = seen[0] if seen else outputs[0]
+    logits = logits[layer.logits_index] if isinstance(logits, (tuple, list)) else logits
+    found = _routing_outputs(outputs, logits, layer)
+    if found is None:
+        return None
+    return classify_score_fn(*found)
+
+
+def classify_score_fn(logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> str | None:
+    """`probe_score_fn`'s test on (T, W) logits and the (T, k) weights and index the model used with them.
+
+    The tolerance follows the weights' precision (bfloat16 weights are rounded to ~4e-3)."""
+    tolerance = max(PROBE_TOLERANCE, 4 * torch.finfo(weights.dtype).eps)
+    logits, weights = logits.double(), weights.double()
+    real = weights > 0
+    rows = real.any(dim=1)
+    if not bool(rows.any()):
+        return None
+    log_w = torch.where(real, weights.clamp_min(1e-300).log(), torch.zeros_like(weights))
+    per_token, across = [], []
+    for name, log_score in (("softmax", torch.log_softmax(logits, dim=-1)), ("sigmoid", F.logsigmoid(logits))):
+        offset = log_w - log_score.gather(1, index.clamp(0, logits.shape[-1] - 1))
+        high = torch.where(real, offset, torch.full_like(offset, -math.inf)).amax(dim=1)[rows]
+        low = torch.where(real, offset, torch.full_like(offset, math.inf)).amin(dim=1)[rows]
+        if bool(((high - low) < tolerance).all()):
+            per_token.append(name)
+            if float(high.max() - low.min()) < tolerance:
+                across.append(name)
+    if len(per_token) == 1:
+        return per_token[0]
+    return across[0] if len(per_token) == 2 and len(across) == 1 else None
+
+
+def _routing_outputs(outputs, logits, layer: "MoeLayer"):
+    """(logits (T, W), top-k weights (T, k), top-k index (T, k)) from a router's outputs, or None."""
+    tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
+    if not isinstance(logits, torch.Tensor) or logits.numel() != PROBE_TOKENS * logits.shape[-1]:
+        return None
+    logits = logits.reshape(PROBE_TOKENS, -1)
+    index = next((t for t in tensors if not t.is_floating_point() and t.numel() % PROBE_TOKENS == 0), None)
+    if index is None:
+        if layer.adapter != "llama4":
+            return None  # a router that returns only logits (DBRX): the block picks the experts
+        # Llama4's router returns (scores scattered at its top-k, logits): the chosen experts are the top-k.
+        index = torch.topk(logits, layer.router_parent.top_k, dim=1).indices
+        return logits, outputs[0].reshape(PROBE_TOKENS, -1).gather(1, index), index
+    index = index.reshape(PROBE_TOKENS, -1)
+    weights = next((t for t in tensors if t.is_floating_point() and t.numel() == index.numel()), None)
+    return None if weights is None else (logits, weights.reshape(PROBE_TOKENS, -1), index)
 
 
 def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
@@ -260,9 +395,10 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
             continue
         container, router = found
         rows = int(router.weight.shape[0])
-        if count is not None and rows != count:
+        count = count or rows
+        if rows < count:
             raise MoeVizError(f"{type(model).__name__}: moe_viz cannot observe yet {name}, whose router scores "
-                              f"{rows} choices for {count} routed experts (extra rows for shared or null experts)")
+                              f"{rows} choices for {count} routed experts")
         index = _layer_index(name, len(layers), stacks)
         twin = next((other.name for other in layers if other.layer == index), None)
         if twin is not None:
@@ -276,11 +412,12 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
                 block=module,
                 router=router,
                 experts=experts,
-                num_experts=int(router.weight.shape[0]),
+                num_experts=count,
                 adapter=adapter,
-                score_fn=_score_fn(model_type, container),
+                score_fn_hint=_score_fn_hint(model_type, text_config),
                 logits_index=adapter_logits_index,
                 router_parent=container,
+                router_rows=rows,
             )
         )
     if not layers:
@@ -318,7 +455,7 @@ def fingerprint_from_samples(config, tensors: list[tuple[str, tuple, torch.dtype
 
 # Per-expert routing tensors outside the router's weight that steer *selection* only (added to scores
 # before top-k); masking an expert sets its entry to -inf. Names as transformers 5 spells them.
-SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias", "balancing_biases")
 
 
 @dataclass
@@ -329,6 +466,7 @@ class RoutingTensor:
     module: nn.Module
     attribute: str
     axis: int  # the expert axis
+    size: int  # its length: E, or the router's rows (E + extra choices)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -370,13 +508,14 @@ def routing_tensors(layer: MoeLayer) -> list[RoutingTensor]:
                 # masking logits cannot remove an expert there and renumbering would break the table.
                 raise MoeVizError(f"{layer.name}.{path} is an integer table of expert ids (hash routing): "
                                   "pruning experts chosen by a table is not supported")
-            if tensor is None or tensor.dim() == 0 or layer.num_experts not in tensor.shape:
+            sizes = [n for n in (layer.router_rows, layer.num_experts) if tensor is not None and n in tensor.shape]
+            if tensor is None or tensor.dim() == 0 or not sizes:
                 continue
-            axis = expert_axis(tuple(tensor.shape), layer.num_experts)
+            axis = next((a for a in (expert_axis(tuple(tensor.shape), n) for n in sizes) if a is not None), None)
             if axis is None:
-                raise MoeVizError(f"{layer.name}.{path} has shape {tuple(tensor.shape)} with {layer.num_experts} "
+                raise MoeVizError(f"{layer.name}.{path} has shape {tuple(tensor.shape)} with {sizes[0]} "
                                   "experts on an axis moe_viz does not know how to prune: this layout is not supported")
-            found.append(RoutingTensor(path, module, attribute, axis))
+            found.append(RoutingTensor(path, module, attribute, axis, int(tensor.shape[axis])))
     return found
 
 

@@ -56,7 +56,7 @@ SIZES = {
     "num_experts_per_tok": TOP_K, "moe_topk": TOP_K, "moe_k": TOP_K, "top_k": TOP_K, "num_selected_experts": TOP_K,
     "top_k_experts": TOP_K, "num_experts_per_token": TOP_K, "n_shared_experts": 1, "num_shared_experts": 1,
     "n_group": 2, "num_expert_group": 2, "topk_group": 1, "first_k_dense_replace": 0, "num_dense_layers": 1,
-    "encoder_sparse_step": 1, "decoder_sparse_step": 1, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "sliding_window": 16,
+    "zero_expert_num": 2, "encoder_sparse_step": 1, "decoder_sparse_step": 1, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "sliding_window": 16,
 }
 # Any other int key named like a width (`adapter_out_dim`, `text_hidden_size`, ...) above this is set to
 # the tiny hidden size: multimodal configs check that their projectors' widths match the text model's.
@@ -341,17 +341,11 @@ CAPTURE_ONLY = {
 
 # Families moe_viz refuses with a one-line MoeVizError; the value is a phrase of that message.
 UNSUPPORTED = {
-    "dbrx": ("this layout is not supported", "captured, but its experts are 2-D (E*F, H) tensors that export "
-             "does not slice yet"),
     "deepseek_v4": ("hash routing", "hash-routed first layers pick experts from a token-id table "
                     "(`gate.tid2eid`): masking logits cannot remove an expert there"),
     "diffusion_gemma": ("cannot observe yet", "block diffusion: its MoE layers run on more tokens than the text "
                         "(the denoised canvas), so they are not comparable token by token"),
-    "inkling_text": ("cannot observe yet", "router scores E + shared rows"),
-    "inkling_mm_model": ("cannot observe yet", "router scores E + shared rows (its text model is inkling_text's)"),
-    "longcat_flash": ("cannot observe yet", "router scores E + identity \"zero\" experts"),
     "nllb-moe": ("does not follow its router", "transformers 5.23 only ever runs expert_0 and expert_1 (its experts "
                  "forward reads the 0/1 dispatch mask as expert ids, a library bug): capture checks the rows each "
                  "expert ran against its router's dispatch and refuses, as the statistics would be meaningless"),
-    "zaya": ("cannot observe yet", "MLP router scoring E + 1 choices"),
 }

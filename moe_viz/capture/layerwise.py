@@ -336,6 +336,7 @@ class LayerwiseState:
         _save_atomic({
             "tensors": {d: [accumulator_tensors(a) for a in accs] for d, accs in accumulators.items()},
             "top_k": {d: [a.top_k for a in accs] for d, accs in accumulators.items()},
+            "score_fn": {d: [a.score_fn for a in accs] for d, accs in accumulators.items()},  # probed while loaded
             "samples": samples,
         }, self.dir / f"layer-{layer}.pt")
         write_text_atomic(self.dir / "state.json", json.dumps({"key": self.key, "next_layer": layer + 1}))
@@ -344,11 +345,12 @@ class LayerwiseState:
         """Restore a finished layer's accumulators in place; returns its fingerprint samples."""
         saved = torch.load(self.dir / f"layer-{layer}.pt", weights_only=True)
         for d, accs in accumulators.items():
-            for acc, tensors, top_k in zip(accs, saved["tensors"][d], saved["top_k"][d]):
+            score_fns = saved.get("score_fn", {}).get(d, [acc.score_fn for acc in accs])
+            for acc, tensors, top_k, score_fn in zip(accs, saved["tensors"][d], saved["top_k"][d], score_fns):
                 mine = accumulator_tensors(acc)
                 for name, value in tensors.items():
                     mine[name].copy_(value)
-                acc.top_k = top_k
+                acc.top_k, acc.score_fn = top_k, score_fn
         return saved["samples"]
 
     def remove(self) -> None:

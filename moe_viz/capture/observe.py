@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_viz.models import MoeLayer, MoeVizError, dispatch_experts
+from moe_viz.models import MoeLayer, MoeVizError, classify_score_fn, dispatch_experts
 from moe_viz.capture.routing_stats import LayerAccumulator, Scratch, token_shift
 
 try:  # private helper of transformers' grouped_mm experts forward; the fast path mirrors that forward
@@ -57,7 +57,13 @@ def slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Te
     num_tokens, k = top_k_index.shape
     ones = torch.ones(num_tokens * k, 1, dtype=dtype, device=hidden.device)
     repeated = hidden.repeat_interleave(k, dim=0)
-    return type(experts).forward(experts, repeated, top_k_index.reshape(-1, 1), ones)
+    index = top_k_index.reshape(-1, 1)
+    try:
+        return type(experts).forward(experts, repeated, index, ones)
+    except (ValueError, RuntimeError, IndexError):
+        # A forward that squeezes a top-k dim of 1 (LongCat-Flash): two slots, the same expert twice, weights
+        # 1 and 0, give f_e(x) + 0 * f_e(x) = f_e(x) exactly.
+        return type(experts).forward(experts, repeated, index.expand(-1, 2), torch.cat((ones, ones * 0), dim=1))
 
 
 def grouped_slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor):
@@ -113,6 +119,7 @@ class _LayerTap:
         self.acc = LayerAccumulator(layer.layer, layer.name, layer.num_experts, layer.score_fn, device, observer.scratch)
         self.handles: list = []
         self.replaced_forward = False
+        self.score_fn_settled = layer.probed_score_fn is not None
         self._clear()
 
     def _clear(self) -> None:
@@ -121,11 +128,43 @@ class _LayerTap:
     # -- hooks -------------------------------------------------------------
     def on_router(self, module, args, output) -> None:
         logits = output[self.layer.logits_index] if isinstance(output, tuple) else output
-        self.logits = logits.reshape(-1, self.layer.num_experts)
+        self.logits = logits.reshape(-1, logits.shape[-1])  # E columns, or the router's rows (extra choices)
         if self.layer.adapter == "llama4":
             scores = output[0]
             self.index = torch.topk(self.logits, module.top_k, dim=1).indices
             self.weights = scores.gather(1, self.index)
+
+    def on_router_container(self, module, args, output) -> None:
+        """A router that computes its logits with `F.linear(x, self.<linear>.weight)` never calls the linear
+        (LongCat-Flash): its logits are then the container's first output with E or router-rows columns."""
+        if self.logits is not None:
+            return
+        widths = (self.layer.num_experts, self.layer.router_rows)
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(first, torch.Tensor) and first.is_floating_point() and first.shape[-1] in widths:
+            self.logits = first.reshape(-1, first.shape[-1])
+
+    def real_slots(self) -> torch.Tensor | None:
+        """(T, k) True where a slot went to a routed expert; None when all did (the usual case).
+
+        A router whose logits score more choices than routed experts can route a slot to a choice that is
+        not an expert: LongCat-Flash's identity "zero" experts (index >= E) and Zaya's skip choice (passed
+        to the experts as index 0 with weight exactly 0, so it adds nothing). Those slots are not counted
+        for any expert (docs/METRICS.md)."""
+        if self.logits.shape[-1] <= self.layer.num_experts:
+            return None
+        real = (self.index < self.layer.num_experts) & (self.weights != 0)
+        return None if bool(real.all()) else real
+
+    def settle_score_fn(self, valid: torch.Tensor | None) -> None:
+        """Where the probe through the router could not tell (a router that returns only logits, or that
+        needs more than hidden states), the first batch's logits and the weights the experts really got
+        decide the score function, by the same test (`classify_score_fn`); the hint stays if it cannot."""
+        self.score_fn_settled = True
+        keep = slice(None) if valid is None else valid.bool()
+        found = classify_score_fn(self.logits[keep], self.weights[keep], self.index[keep])
+        if found is not None:
+            self.layer.probed_score_fn = self.acc.score_fn = found
 
     def tapped_forward(self, *args, **kwargs) -> torch.Tensor:
         hidden, index, weights = _routing_args(args, kwargs)
@@ -210,10 +249,14 @@ class _LayerTap:
         if self.logits is None or self.norms is None:
             raise RuntimeError(f"moe_viz saw {self.layer.name} run without its router or experts being observed")
         valid = self.observer.valid_on(self.logits.device, self.logits.shape[0])
-        if self.observer.tracer is not None:  # token-level trace (capture/trace.py)
-            self.observer.tracer.add(self.layer.layer, self.index, self.weights)
+        real = self.real_slots()
+        if not self.score_fn_settled:
+            self.settle_score_fn(valid)
+        if self.observer.tracer is not None:  # token-level trace (capture/trace.py); -1: not a routed expert
+            index = self.index if real is None else self.index.masked_fill(~real, -1)
+            self.observer.tracer.add(self.layer.layer, index, self.weights)
         self.acc.add(
-            self.logits, self.index, self.weights, self.norms, token_shift(block_input, block_output), valid
+            self.logits, self.index, self.weights, self.norms, token_shift(block_input, block_output), valid, real
         )
         self._clear()
 
@@ -221,6 +264,8 @@ class _LayerTap:
     def attach(self, fast: bool) -> None:
         layer = self.layer
         self.handles.append(layer.router.register_forward_hook(self.on_router))
+        if layer.router_parent is not None and layer.router_parent is not layer.router:
+            self.handles.append(layer.router_parent.register_forward_hook(self.on_router_container))
         if layer.adapter == "llama4":
             self.handles.append(layer.experts.register_forward_hook(self.on_llama4_experts))
         elif layer.adapter == "dispatch":

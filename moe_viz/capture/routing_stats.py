@@ -15,6 +15,8 @@ buffers that live as long as the observer (`Scratch`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
@@ -135,16 +137,20 @@ class LayerAccumulator:
         expert_norms: torch.Tensor,
         shift: torch.Tensor,
         valid: torch.Tensor | None,
+        real: torch.Tensor | None = None,
     ) -> None:
         """Add one batch.
 
         Args:
-            logits: (T, E) router logits.
+            logits: (T, W) router logits: W = E, or more when the router also scores choices that are not
+                routed experts (they follow the E expert columns; docs/METRICS.md).
             top_k_index: (T, k) experts the model routed each token to.
             top_k_weights: (T, k) gate weights the model applied.
             expert_norms: (T, k) ||f_e(x_t)|| for each routed pair.
             shift: (T,) EASY-EP token weight s_t.
             valid: (T,) 1 for real tokens, 0 for padding; None when every token is real.
+            real: (T, k) True where the slot went to a routed expert; None when every slot did. Other
+                slots (a LongCat identity expert, Zaya's skip) count for no expert.
         """
         self.top_k = top_k_index.shape[1]
         if valid is not None:  # drop padding once instead of weighting every term by 0/1
@@ -152,17 +158,23 @@ class LayerAccumulator:
             logits, top_k_index, top_k_weights, expert_norms, shift = (
                 t[keep] for t in (logits, top_k_index, top_k_weights, expert_norms, shift)
             )
+            real = None if real is None else real[keep]
         num_tokens, k = top_k_index.shape
         num_experts = self.num_experts
         logits = logits.float()
         device = logits.device
-        p = router_scores(logits, self.score_fn, out=self.scratch.get("scores", num_tokens, num_experts, device))
+        width = logits.shape[1]
+        scores = router_scores(logits, self.score_fn, out=self.scratch.get("scores", num_tokens, width, device))
+        p = scores if width == num_experts else scores[:, :num_experts]
 
         flat = top_k_index.reshape(-1)
         gate = top_k_weights.reshape(-1).double()
         norms = expert_norms.reshape(-1).double()
-        reap = gate * norms
         shift_k = shift.double().repeat_interleave(k)
+        if real is not None:
+            slots = real.reshape(-1)
+            flat, gate, norms, shift_k = flat[slots], gate[slots], norms[slots], shift_k[slots]
+        reap = gate * norms
         # One index_add for every per-pair sum; columns in PAIR_SUM_COLUMNS order.
         self.pair_sums.index_add_(0, flat, torch.stack((gate, norms, norms * norms, reap, reap * shift_k), dim=1))
         self.ean_max.scatter_reduce_(0, flat, norms, reduce="amax", include_self=True)
@@ -170,16 +182,23 @@ class LayerAccumulator:
         self.prob_sum.add_(p.sum(dim=0).double())  # float32 cascade sum: relative error ~1e-7 at any T
 
         # Top-1 = the routed expert with the highest router score (first slot on ties).
-        top1_prob, top1_slot = p.gather(1, top_k_index).max(dim=1)
+        chosen = scores.gather(1, top_k_index.clamp(0, width - 1))
+        if real is not None:
+            chosen = chosen.masked_fill(~real, -math.inf)
+        top1_prob, top1_slot = chosen.max(dim=1)
         top1_expert = top_k_index.gather(1, top1_slot[:, None]).squeeze(1)
+        if real is not None:  # a token whose every slot went to a non-expert choice has no top-1 expert
+            some = real.any(dim=1)
+            top1_prob, top1_expert = top1_prob[some], top1_expert[some]
         self.top1_prob_sum.index_add_(0, top1_expert, top1_prob.double())
         _count(self.top1_tokens, top1_expert)
 
         # Ordered pairs (a, b) of every token's routed set, a == b included (to_frames keeps a < b).
-        _count(self.coactivation, (top_k_index[:, :, None] * num_experts + top_k_index[:, None, :]).reshape(-1))
+        pairs = top_k_index[:, :, None] * num_experts + top_k_index[:, None, :]
+        _count(self.coactivation, pairs.reshape(-1) if real is None else pairs[real[:, :, None] & real[:, None, :]])
 
-        work = self.scratch.get("work", num_tokens, num_experts, device)
-        self.entropy_sum.add_(token_entropies(logits, p, self.score_fn, work).sum())
+        work = self.scratch.get("work", num_tokens, width, device)
+        self.entropy_sum.add_(token_entropies(logits, scores, self.score_fn, work).sum())
         self.tokens.add_(num_tokens)
 
     def to_frames(self) -> tuple[pd.DataFrame, dict, pd.DataFrame]:

@@ -38,7 +38,7 @@ import torch
 from moe_viz import __version__
 from moe_viz.atomic import fsync_dir, fsync_file, fsync_tree, write_text_atomic
 from moe_viz.models import (EXPERT_COUNT_KEYS, SELECTION_BIAS_NAMES, MoeVizError, expert_axis, find_moe_layers,
-                            model_class_for, routing_tensors)
+                            kept_rows, model_class_for, routing_tensors)
 from moe_viz.prune.copy_ranges import copy_range
 from moe_viz.prune.plan import PrunePlan
 
@@ -257,6 +257,9 @@ def _text_config_dict(config: dict, text_model_type: str) -> dict:
     return found[0] if len(found) == 1 else config
 
 
+OTHER_MODALITIES = ("vision", "audio", "speech", "talker", "image", "video")
+
+
 def write_config(source_dir: Path, out_dir: Path, kept_count: int, top_k: int | None = None) -> None:
     """Copy config.json with every expert-count key (and alias) set to the kept count, and the
     experts-per-token key to `top_k` when the plan lowers it."""
@@ -266,6 +269,11 @@ def write_config(source_dir: Path, out_dir: Path, kept_count: int, top_k: int | 
     target = _text_config_dict(config, load_config(source_dir).get_text_config().model_type)
     for key in _count_keys(target, target.get("model_type", config.get("model_type", ""))):
         target[key] = kept_count
+    for name, nested in target.items():  # the MoE's own sub-config (DBRX `ffn_config.moe_num_experts`)
+        if isinstance(nested, dict) and not any(word in name for word in OTHER_MODALITIES):
+            for key in EXPERT_COUNT_KEYS:
+                if isinstance(nested.get(key), int):
+                    nested[key] = kept_count
     if top_k is not None:
         if TOP_K_KEY not in target:
             raise MoeVizError(f"{source_dir / 'config.json'} has no {TOP_K_KEY}: cannot lower this family's top-k")
@@ -302,40 +310,56 @@ def write_manifest(out_dir: Path, plan: PrunePlan, source_dir: Path, method: str
 # -- in-memory path ----------------------------------------------------------
 
 def per_expert_tensors(layer) -> list[tuple[torch.nn.Module, str, int]]:
-    """(module, attribute, expert axis 0) of every experts tensor with one slice per expert.
+    """(module, attribute, size of dim 0) of every experts tensor with one slice per expert on dim 0: E rows,
+    the router's E + extra rows (LongCat's gate_up_proj also holds its identity experts), or E blocks of
+    F rows (DBRX's 2-D (E*F, H) experts); `MoeLayer.row_index` says which rows a plan keeps.
 
-    Raises MoeVizError for a layout export cannot slice (DBRX's 2-D (E*F, H) experts)."""
+    Raises MoeVizError for any other layout."""
     E = layer.num_experts
     found = []
     for name, tensor in list(layer.experts.named_parameters()) + list(layer.experts.named_buffers()):
         if tensor.dim() <= 1 and E not in tensor.shape:
             continue  # shared by all experts (a norm weight, a scalar)
-        if tensor.shape[0] != E:
+        if layer.row_index(int(tensor.shape[0]), list(range(E))) is None:
             raise MoeVizError(f"{layer.name}.experts.{name} has shape {tuple(tensor.shape)}, not {E} experts on "
                               "dim 0: this layout is not supported; nothing was written")
         owner, _, attribute = name.rpartition(".")
-        found.append((layer.experts.get_submodule(owner), attribute, 0))
+        found.append((layer.experts.get_submodule(owner), attribute, int(tensor.shape[0])))
     return found
 
 
-def check_exportable(config) -> None:
+@dataclass
+class LayerLayout:
+    """What the streaming path needs to know of a MoE layer beyond the plan, from the model built on meta."""
+
+    prefix: str  # the decoder layer's tensor-name prefix, e.g. "transformer.blocks.1." (DBRX)
+    router_rows: int  # E plus the router's extra choices (LongCat's identity experts, ...)
+
+
+def check_exportable(config) -> dict[int, LayerLayout]:
     """Refuse, before anything is written, a model whose MoE layout export cannot slice.
 
     Builds the model on the meta device (no memory) and runs the checks the in-memory path runs,
-    so the streaming path refuses the same models."""
+    so the streaming path refuses the same models. Returns each MoE layer's `LayerLayout`, which the
+    streaming path needs to find layers not named `layers.N` and to slice router tensors; {} if it
+    cannot build the model."""
     try:
         with torch.device("meta"):
             model = model_class_for(config).from_config(config)
     except (ValueError, TypeError, OSError, AttributeError):  # e.g. remote code: the in-memory path still checks
-        return
+        return {}
     if getattr(config, "is_encoder_decoder", False):
         raise MoeVizError(f"cannot prune {type(model).__name__} yet: encoder-decoder models are supported for capture "
                           "only; nothing was written")
     layers = find_moe_layers(model)
+    layouts = {}
     for layer in layers:
         routing_tensors(layer)
         per_expert_tensors(layer)
+        at = re.search(rf"^(.*\.{layer.layer}\.)", layer.name + ".")  # through the layer index (last such)
+        layouts[layer.layer] = LayerLayout(at[1] if at else "", layer.router_rows)
     check_count_shared(config, model, layers)
+    return layouts
 
 
 def check_count_shared(config, model: torch.nn.Module, layers) -> None:
@@ -378,13 +402,14 @@ def prune_model_in_place(model: torch.nn.Module, kept: dict[int, list[int]]) -> 
     for layer in layers:
         per_expert_tensors(layer)
     for layer in layers:
-        index = torch.tensor(kept[layer.layer], dtype=torch.long)
+        keep = kept[layer.layer]
         E = layer.num_experts
-        expert_tensors = per_expert_tensors(layer)
-        routing = [(t.module, t.attribute, t.axis) for t in per_layer[layer.layer]]
-        for module, name, axis in expert_tensors + routing:
+        expert_tensors = [(module, name, 0, size) for module, name, size in per_expert_tensors(layer)]
+        routing = [(t.module, t.attribute, t.axis, t.size) for t in per_layer[layer.layer]]
+        for module, name, axis, size in expert_tensors + routing:
             tensor = getattr(module, name)
-            sliced = tensor.data.index_select(axis, index.to(tensor.device)).contiguous()
+            index = torch.tensor(layer.row_index(size, keep), dtype=torch.long, device=tensor.device)
+            sliced = tensor.data.index_select(axis, index).contiguous()
             if name in module._parameters:
                 module._parameters[name] = torch.nn.Parameter(sliced, requires_grad=False)
             else:
@@ -392,7 +417,7 @@ def prune_model_in_place(model: torch.nn.Module, kept: dict[int, list[int]]) -> 
         for module in (layer.block, layer.experts, layer.router):
             for attr in EXPERT_COUNT_KEYS:
                 if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == E:
-                    setattr(module, attr, len(index))
+                    setattr(module, attr, len(keep))
     kept_count = counts.pop()
     text_config = model.config.get_text_config()
     for key in EXPERT_COUNT_KEYS:
@@ -429,6 +454,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def _row_ranges(start: int, end: int, rows: int, keep: list[int]) -> list[tuple[int, int]]:
+    """Byte ranges of rows `keep` (in order) of a row-major tensor of `rows` rows; adjacent rows merge."""
     row_bytes = (end - start) // rows
     ranges: list[tuple[int, int]] = []
     for e in keep:
@@ -440,9 +466,22 @@ def _row_ranges(start: int, end: int, rows: int, keep: list[int]) -> list[tuple[
     return ranges
 
 
-def plan_shard(header: dict, data_start: int, plan: PrunePlan, scope: str = "") -> list[_OutTensor]:
+def _locate(name: str, layouts: dict[int, LayerLayout]) -> tuple[int | None, str]:
+    """(MoE decoder layer, rest of the name) of a tensor: by the layer prefixes of the model built on meta,
+    else by `layers.N` in its name; (None, "") outside any decoder layer."""
+    for layer, layout in layouts.items():
+        if layout.prefix and name.startswith(layout.prefix):
+            return layer, name[len(layout.prefix):]
+    located = LAYER.search(name)
+    return (int(located["layer"]), located["rest"]) if located else (None, "")
+
+
+def plan_shard(header: dict, data_start: int, plan: PrunePlan, scope: str = "",
+               layouts: dict[int, LayerLayout] | None = None) -> list[_OutTensor]:
     """Decide, tensor by tensor, what the pruned shard holds. Only tensors whose name starts with
-    `scope` (`text_scope`) can be pruned: another model's MoE layers beside it are kept whole."""
+    `scope` (`text_scope`) can be pruned: another model's MoE layers beside it are kept whole.
+    `layouts`: `check_exportable`'s (layers named otherwise than `layers.N`, router rows beyond E);
+    without them, `layers.N` and E rows."""
     out = []
     entries = sorted((k, v) for k, v in header.items() if k != "__metadata__")
     entries.sort(key=lambda kv: kv[1]["data_offsets"][0])
@@ -450,32 +489,40 @@ def plan_shard(header: dict, data_start: int, plan: PrunePlan, scope: str = "") 
         start, end = (data_start + o for o in info["data_offsets"])
         shape = list(info["shape"])
         whole = _OutTensor(name, info["dtype"], shape, [(start, end - start)] if end > start else [])
-        located = LAYER.search(name)
-        layer = int(located["layer"]) if located else None
-        components = located["rest"].split(".")[:-1] if located else []
-        selection_bias = located is not None and name.rsplit(".", 1)[-1] in SELECTION_BIAS_NAMES
+        layer, rest = _locate(name, layouts or {})
+        components = rest.split(".")[:-1]
+        selection_bias = layer is not None and name.rsplit(".", 1)[-1] in SELECTION_BIAS_NAMES
         if layer not in plan.kept or not name.startswith(scope) or any("shared" in c for c in components) or not (
                 MOE_COMPONENTS & set(components) or selection_bias):
             out.append(whole)
             continue
         keep, E = plan.kept[layer], plan.num_experts[layer]
+        rows = (layouts or {})[layer].router_rows if layer in (layouts or {}) else E
         per_expert = PER_EXPERT.match(name)
         if per_expert:
             expert = int(per_expert["expert"])
-            if expert in keep:
-                whole.name = f"{per_expert['prefix']}.{keep.index(expert)}.{per_expert['rest']}"
+            if expert in keep or E <= expert < rows:  # an extra choice (identity expert) stays, after the kept
+                new = keep.index(expert) if expert in keep else len(keep) + expert - E
+                whole.name = f"{per_expert['prefix']}.{new}.{per_expert['rest']}"
                 out.append(whole)
             continue
-        if E not in shape and len(shape) <= 1:
+        if E not in shape and rows not in shape and len(shape) <= 1:
             out.append(whole)  # shared by all experts (a norm weight, a scalar): kept as is
             continue
-        axis = expert_axis(tuple(shape), E)
-        if axis is None:
+        axis = next((a for a in (expert_axis(tuple(shape), n) for n in (rows, E)) if a is not None), None)
+        if axis is None and E not in shape and rows not in shape and "experts" not in components and (
+                {"gate", "router"} & set(components)):
+            out.append(whole)  # a router's own hidden layers (Zaya's router MLP): not per expert, as in memory
+            continue
+        size = shape[axis or 0]
+        rows_kept = kept_rows(size, E, rows, keep)
+        if rows_kept is None:
             raise MoeVizError(f"{name} has shape {shape}, not {E} experts on dim 0 (or the last dim of a (1, E) "
                               "tensor): this layout is not supported; nothing was written")
-        # (1, ..., 1, E) is E contiguous elements: the same byte ranges as E rows.
-        new_shape = shape[:axis] + [len(keep)] + shape[axis + 1:]
-        out.append(_OutTensor(name, info["dtype"], new_shape, _row_ranges(start, end, E, keep)))
+        # (1, ..., 1, E) is E contiguous elements and (E*F, ...) E blocks of F rows: byte ranges of rows.
+        axis = axis or 0
+        new_shape = shape[:axis] + [len(rows_kept)] + shape[axis + 1:]
+        out.append(_OutTensor(name, info["dtype"], new_shape, _row_ranges(start, end, size, rows_kept)))
     return out
 
 
@@ -525,10 +572,11 @@ def text_scope(config) -> str:
     return next((f"{name}." for name, child in model.named_children() if child is runner), "")
 
 
-def export_streaming(plan: PrunePlan, source_dir: Path, tmp: Path, progress=None) -> None:
+def export_streaming(plan: PrunePlan, source_dir: Path, tmp: Path, progress=None,
+                     layouts: dict[int, LayerLayout] | None = None) -> None:
     """Write the pruned shards into `tmp`. Each finished shard is fsynced by a background thread while
     the next one is copied, so the disk's writeback overlaps the copying instead of following it
-    (serial fsyncs were 0.58 s of a 1.33 s warm-cache export, bench/export.py)."""
+    (serial fsyncs were 0.58 s of a 1.33 s warm-cache export, bench/export.py). `layouts`: see `plan_shard`."""
     from moe_viz.checkpoint import load_config
 
     scope = text_scope(load_config(source_dir))
@@ -539,7 +587,7 @@ def export_streaming(plan: PrunePlan, source_dir: Path, tmp: Path, progress=None
         flushed = []
         for number, shard in enumerate(shards, start=1):
             header, data_start = read_safetensors_header(source_dir / shard)
-            tensors = plan_shard(header, data_start, plan, scope)
+            tensors = plan_shard(header, data_start, plan, scope, layouts)
             total += write_shard(source_dir / shard, tmp / shard, tensors, header.get("__metadata__"))
             flushed.append(flusher.submit(fsync_file, tmp / shard))
             weight_map.update({t.name: shard for t in tensors})
@@ -596,11 +644,11 @@ def export_pruned(
     if source_dir.resolve() in out.resolve().parents:
         raise MoeVizError(f"--out {out} is inside the source model directory {source_dir.resolve()}: "
                           "choose an --out outside it")
-    check_exportable(load_config(source_dir))
+    layouts = check_exportable(load_config(source_dir))
     streaming = should_stream(source_dir) if streaming is None else streaming
     with atomic_directory(out, force, protect=[source_dir, *protect]) as tmp:
         if streaming:
-            export_streaming(plan, source_dir, tmp, progress)
+            export_streaming(plan, source_dir, tmp, progress, layouts)
         else:
             from moe_viz.checkpoint import load_config
 

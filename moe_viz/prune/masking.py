@@ -16,17 +16,21 @@ from torch.overrides import TorchFunctionMode
 from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, routing_tensors
 
 
-class _MaskFirstLinear(TorchFunctionMode):
-    """Inside a router's forward, set the dropped columns of its first F.linear output to -inf."""
+class _MaskRouterLinear(TorchFunctionMode):
+    """Inside a router's forward, set the dropped columns of the first F.linear by a weight shaped like the
+    router's (rows, in) to -inf: the router logits, however the router calls it (a Linear child, or
+    `F.linear(x, self.classifier.weight)` as LongCat-Flash does), and not a hidden layer before it (Zaya)."""
 
-    def __init__(self, dropped: torch.Tensor):
+    def __init__(self, dropped: torch.Tensor, weight_shape: torch.Size):
         super().__init__()
         self.dropped = dropped
+        self.weight_shape = tuple(weight_shape)
         self.done = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is F.linear and not self.done:
+        weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+        if func is F.linear and not self.done and tuple(getattr(weight, "shape", ())) == self.weight_shape:
             self.done = True
             mask = torch.zeros(out.shape[-1], dtype=torch.bool, device=out.device)
             mask[self.dropped.to(out.device)] = True
@@ -36,16 +40,22 @@ class _MaskFirstLinear(TorchFunctionMode):
 
 @contextmanager
 def masked_layer(layer: MoeLayer, experts: list[int]) -> Iterator[None]:
-    """While active, the given experts of one MoE layer are never routed."""
+    """While active, the given experts of one MoE layer are never routed.
+
+    Only routed experts' rows are masked; a router's extra rows (LongCat's identity experts, Zaya's skip
+    choice, Inkling's shared experts) stay as they are, as in a pruned export."""
     if not experts:
         yield
         return
-    router = layer.router
+    if max(experts) >= layer.num_experts or min(experts) < 0:
+        raise MoeVizError(f"{layer.name} has routed experts 0..{layer.num_experts - 1}: cannot mask {max(experts)}")
+    router = layer.router_parent or layer.router
     ids = torch.tensor(sorted(experts), dtype=torch.long)
     original = router.forward
+    weight_shape = layer.router.weight.shape
 
     def forward(*args, **kwargs):
-        with _MaskFirstLinear(ids):
+        with _MaskRouterLinear(ids, weight_shape):
             return original(*args, **kwargs)
 
     saved_biases = []

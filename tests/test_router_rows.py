@@ -1,0 +1,236 @@
+"""Routers that score more rows than routed experts, DBRX's 2-D experts, and the router's score function.
+
+- LongCat-Flash scores E experts + identity "zero" experts (index >= E: the token passes through,
+  scaled); Zaya scores E + 1 (a skip choice, handed to the experts as index 0 with weight 0); Inkling
+  scores E + shared-expert rows (always on, not a choice). Statistics count only routed experts, checked
+  here against the router's own outputs (and, for Zaya, the routing recomputed from its logits); the
+  exports keep every extra row and are exact (tests/test_all_families.py).
+- DBRX keeps its experts as (E*F, H) tensors: export slices blocks of F rows per expert.
+- The score function (softmax / sigmoid) is found by probing the real router, not from the family name.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from family_zoo import EVAL, KEEPS, SEQUENCES, check_family, tiny_family_model
+from moe_viz.capture.run import collect_routing_stats
+from moe_viz.models import MoeVizError, classify_score_fn, find_moe_layers, kept_rows
+from moe_viz.prune.masking import masked_layer
+from moe_viz.prune.verify import verify_export
+
+EXTRA_ROWS = {"longcat_flash": 2, "zaya": 1, "inkling_text": 1}
+
+
+def _padded(sequences):
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _reference(model, family):
+    """Per layer: (E) routed_tokens, gate_sum, top1_tokens, prob_sum and the number of non-expert slots,
+    from what each router container returned (Python loops, no moe_viz capture code)."""
+    layers = find_moe_layers(model)
+    seen = {}
+    handles = [layer.router_parent.register_forward_hook(
+        lambda module, args, out, name=layer.name: seen.__setitem__(name, out)) for layer in layers]
+    ids, mask = _padded(SEQUENCES)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    valid = mask.reshape(-1).bool()
+    result = {}
+    for layer in layers:
+        E = layer.num_experts
+        out = seen[layer.name]
+        logits, weights, index = out[0].reshape(valid.numel(), -1), out[1].reshape(valid.numel(), -1), out[2].reshape(valid.numel(), -1)
+        logits, weights, index = logits[valid].double(), weights[valid].double(), index[valid]
+        if family == "zaya":  # recompute the skip choice the router hides (index E -> index 0, weight 0)
+            biased = torch.softmax(logits, dim=-1) + layer.router_parent.balancing_biases.double()
+            chosen = torch.topk(biased, index.shape[1], dim=-1).indices
+            real = chosen != E
+            assert torch.equal(index[real], chosen[real])
+        else:
+            real = index < E
+        scores = torch.sigmoid(logits) if family == "inkling_text" else torch.softmax(logits, dim=-1)
+        counts, gates, top1, nulls = np.zeros(E), np.zeros(E), np.zeros(E), 0
+        for t in range(index.shape[0]):
+            best = None
+            for j in range(index.shape[1]):
+                e = int(index[t, j])
+                if not real[t, j]:
+                    nulls += 1
+                    continue
+                counts[e] += 1
+                gates[e] += float(weights[t, j])
+                if best is None or scores[t, e] > scores[t, best]:
+                    best = e
+            if best is not None:
+                top1[best] += 1
+        result[layer.layer] = (counts, gates, top1, scores[:, :E].sum(0).numpy(), nulls)
+    return result
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA_ROWS))
+def test_statistics_count_only_routed_experts(family):
+    torch.set_num_threads(1)
+    model = tiny_family_model(family)
+    if family == "zaya":  # make the skip choice likely, so the test sees it taken
+        for layer in find_moe_layers(model):
+            layer.router_parent.balancing_biases.data[-1] = 0.3
+    layers = find_moe_layers(model)
+    assert {layer.router_rows - layer.num_experts for layer in layers} == {EXTRA_ROWS[family]}
+    experts, layer_rows, _ = collect_routing_stats(model, SEQUENCES, batch_size=4)
+    reference = _reference(model, family)
+    nulls = 0
+    for index, (counts, gates, top1, prob_sum, null_slots) in reference.items():
+        rows = experts[experts.layer == index].sort_values("expert")
+        np.testing.assert_array_equal(rows.routed_tokens, counts)
+        np.testing.assert_allclose(rows.gate_sum, gates, rtol=1e-5, atol=1e-9)
+        np.testing.assert_array_equal(rows.top1_tokens, top1)
+        np.testing.assert_allclose(rows.prob_sum, prob_sum, rtol=1e-5)
+        tokens = int(layer_rows[layer_rows.layer == index].tokens.iloc[0])
+        k = int(layer_rows[layer_rows.layer == index].top_k.iloc[0])
+        assert rows.routed_tokens.sum() == tokens * k - null_slots
+        nulls += null_slots
+    if family != "inkling_text":  # shared experts are not a choice: no slot goes elsewhere
+        assert nulls > 0, "the test data must route some slots to a non-expert choice"
+
+
+def test_masking_refuses_a_row_that_is_not_a_routed_expert():
+    model = tiny_family_model("longcat_flash")
+    layer = find_moe_layers(model)[-1]
+    with pytest.raises(MoeVizError, match="routed experts 0..7"):
+        with masked_layer(layer, [8]):  # LongCat's first identity expert
+            pass
+
+
+def test_kept_rows():
+    # E experts, extra router rows kept after the kept experts, E blocks of F rows
+    assert kept_rows(8, 8, 10, [1, 5]) == [1, 5]
+    assert kept_rows(10, 8, 10, [1, 5]) == [1, 5, 8, 9]
+    assert kept_rows(32, 8, 8, [1, 5]) == [4, 5, 6, 7, 20, 21, 22, 23]
+    assert kept_rows(12, 8, 8, [1]) is None  # not a multiple of E: no expert dim
+
+
+def _export_then_edit(tmp_path, family, edit):
+    """A correct streaming export of `family` at keep 4, edited by `edit(tensors, plan)`; its verdict."""
+    from moe_viz.prune.export import PRUNE_MANIFEST
+
+    check = check_family(family, tmp_path)
+    assert all(e["verdict"] == "PASS" for e in check["exports"])
+    export = tmp_path / f"{family}-keep{KEEPS[1]}"
+    plan = json.loads((export / PRUNE_MANIFEST).read_text())["plan"]
+    shard = export / "model.safetensors"
+    tensors = load_file(shard)
+    edit(tensors, {int(k): v for k, v in plan["kept"].items()}, tmp_path / family)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return verify_export(export, EVAL, source_dir=tmp_path / family)
+
+
+def test_dbrx_export_with_a_wrong_row_block_fails(tmp_path):
+    def wrong_block(tensors, kept, source):
+        original = load_file(source / "model.safetensors")
+        name = "transformer.blocks.1.ffn.experts.mlp.w1"
+        block = original[name].shape[0] // 8
+        dropped = next(e for e in range(8) if e not in kept[1])
+        rows = [r for e in [dropped] + kept[1][1:] for r in range(e * block, (e + 1) * block)]
+        tensors[name] = original[name][rows].contiguous()
+
+    result = _export_then_edit(tmp_path, "dbrx", wrong_block)
+    assert result["verdict"] == "FAIL" and "differ from the masked original in float64" in result["reason"]
+
+
+def test_longcat_export_that_drops_an_identity_expert_row_fails(tmp_path):
+    def swap_extra_row(tensors, kept, source):
+        original = load_file(source / "model.safetensors")
+        name = "model.layers.1.mlp.router.classifier.weight"
+        dropped = next(e for e in range(8) if e not in kept[1])
+        tensors[name] = original[name][kept[1] + [dropped, 9]].contiguous()  # row 8 (identity) replaced
+
+    result = _export_then_edit(tmp_path, "longcat_flash", swap_extra_row)
+    assert result["verdict"] == "FAIL" and "differ from the masked original in float64" in result["reason"]
+
+
+# -- the router's score function --------------------------------------------------------------
+
+# From each family's modeling code: how its router turns logits into scores.
+EXPECTED_SCORE = {"mixtral": "softmax", "gpt_oss": "softmax", "longcat_flash": "softmax", "zaya": "softmax",
+                  "ernie4_5_moe": "softmax", "deepseek_v3": "sigmoid", "flint": "sigmoid", "inkling_text": "sigmoid",
+                  "lfm2_moe": "sigmoid", "afmoe": "sigmoid", "hy_v3": "sigmoid", "llama4_text": "sigmoid"}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED_SCORE))
+def test_score_function_is_found_by_structure(family):
+    """Flint, LFM2-MoE, AFMoE and HY-V3 were labelled softmax by the old family-name list; AFMoE and HY-V3
+    routers need more than hidden states, so the first captured batch decides. prob_sum is checked against
+    the expected function, which the wrong one fails."""
+    torch.set_num_threads(1)
+    model = tiny_family_model(family)
+    experts, layer_rows, _ = collect_routing_stats(model, SEQUENCES[:2], batch_size=2)
+    assert set(layer_rows.router_score) == {EXPECTED_SCORE[family]}
+    layers = find_moe_layers(model)
+    logits, returned = {}, {}
+
+    def keep(layer, into, position):
+        def hook(module, args, out):
+            into.setdefault(layer.layer, out[position] if isinstance(out, tuple) else out)
+        return hook
+
+    # the logits: what the router's linear returns, else (LongCat, which never calls it) the router's first output
+    handles = [layer.router.register_forward_hook(keep(layer, logits, layer.logits_index)) for layer in layers]
+    handles += [layer.router_parent.register_forward_hook(keep(layer, returned, 0)) for layer in layers]
+    ids, mask = _padded(SEQUENCES[:2])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for layer in layers:
+        rows = logits.get(layer.layer, returned[layer.layer]).reshape(mask.numel(), -1)[mask.reshape(-1).bool()].double()
+        scores = torch.sigmoid(rows) if EXPECTED_SCORE[family] == "sigmoid" else torch.softmax(rows, dim=-1)
+        wrong = torch.softmax(rows, dim=-1) if EXPECTED_SCORE[family] == "sigmoid" else torch.sigmoid(rows)
+        got = experts[experts.layer == layer.layer].sort_values("expert").prob_sum.to_numpy()
+        np.testing.assert_allclose(got, scores[:, :layer.num_experts].sum(0).numpy(), rtol=1e-5)
+        assert not np.allclose(got, wrong[:, :layer.num_experts].sum(0).numpy(), rtol=1e-3)
+
+
+def _routed(logits, k, score, renormalise, scale=1.0):
+    p = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, dim=-1)
+    weights, index = torch.topk(p, k, dim=-1)
+    if renormalise:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * scale, index
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalise", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_classify_score_function(score, renormalise, dtype):
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * 2
+    weights, index = _routed(logits, 2, score, renormalise, scale=2.5)
+    assert classify_score_fn(logits, weights.to(dtype), index) == score
+
+
+def test_classify_top_k_then_softmax_and_undecidable_cases():
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)) * 2
+    top, index = torch.topk(logits, 2, dim=-1)
+    assert classify_score_fn(logits, torch.softmax(top, dim=-1), index) == "softmax"  # GPT-OSS
+    # top-1 renormalised: every weight is 1, both functions fit every token and no offset is shared: no answer
+    assert classify_score_fn(logits, torch.ones(64, 1), index[:, :1]) is None
+    # top-1 unnormalised sigmoid: the offset is the same across tokens only for sigmoid
+    weights, one = _routed(logits, 1, "sigmoid", False)
+    assert classify_score_fn(logits, weights, one) == "sigmoid"
+    # sqrt-softplus (DeepSeek-V4): neither
+    scores = F.softplus(logits).sqrt()
+    weights, index = torch.topk(scores, 2, dim=-1)
+    assert classify_score_fn(logits, weights / weights.sum(-1, keepdim=True), index) is None
