@@ -39,6 +39,7 @@ CONFIGS = {
     # name: (hidden, layers, experts, top_k, expert width, vocab, batch, seq)
     "tiny": (64, 2, 8, 2, 32, 512, 4, 128),
     "100m": (512, 6, 32, 4, 384, 8192, 4, 512),
+    "512e": (512, 4, 512, 8, 128, 8192, 4, 512),  # the sweep's 512-expert model: accumulation at its heaviest
     "large": (2048, 8, 64, 8, 768, 32000, 8, 1024),
 }
 SWEEP_SHAPE = dict(hidden=512, layers=4, top_k=8, width=128, vocab=8192, batch=4, seq=512)

@@ -24,6 +24,8 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
     return {
         "capture": (["capture_overhead.py", "--sweep", "--reps", "2"], ["capture-sweep"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
+        "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
+                                ["capture-config-512e"]),
         "export": (["export.py"], ["export"]),
         "store-write": (["store_write.py"], ["store-write"]),
         "dashboard": (["dashboard.py", "--browser"], ["dashboard"]),
