@@ -35,7 +35,7 @@ from torch.nn import functional as F
 # (`probe_score_fn`) cannot tell (a router that returns no top-k, a score that is neither softmax nor
 # sigmoid) and the config names none (`scoring_func`): families whose modeling code scores with a sigmoid.
 SIGMOID_ROUTER_FAMILIES = {"deepseek_v3", "glm4_moe", "dots1", "minimax_m2", "llama4_text", "llama4"}
-SCORE_FNS = ("softmax", "sigmoid")
+SCORE_FNS = ("softmax", "sigmoid", "sqrtsoftplus")  # sqrtsoftplus: sqrt(softplus(z)) (DeepSeek-V4)
 
 # Every config key a family may use for the routed-expert count.
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -274,16 +274,16 @@ PROBE_TOLERANCE = 1e-3  # in log space; routers compute in float32 (~1e-6), a wr
 
 @torch.no_grad()
 def probe_score_fn(layer: "MoeLayer") -> str | None:
-    """Which score function the real router applies: "softmax", "sigmoid", or None when it cannot tell.
+    """Which score function the real router applies: one of SCORE_FNS, or None when it cannot tell.
 
     Runs the router container once on random hidden states and compares the top-k weights it returns
-    with softmax and sigmoid of its logits at the chosen experts. Renormalisation over the k, a scaling
-    factor, or normalising together with shared experts multiply one token's weights by one number, so
+    with softmax, sigmoid and sqrt(softplus) of its logits at the chosen experts. Renormalisation over
+    the k, a scaling factor, or normalising together with shared experts multiply one token's weights by one number, so
     for the right function log(weight) - log(score) is the same for every slot of a token; for the wrong
-    one it is not (softmax and sigmoid differ by a per-expert term). Slots with weight 0 (a skip choice)
-    are ignored. When both functions fit every token (top-1, or weights all equal after renormalising),
-    the one whose offset is also the same across tokens wins; if still both or neither fit (PhiMoE's
-    sparsemixer, DeepSeek-V4's sqrt-softplus, a router that returns no top-k), None.
+    one it is not (any two differ by a per-expert term). Slots with weight 0 (a skip choice)
+    are ignored. When several functions fit every token (top-1, or weights all equal after renormalising),
+    the one whose offset is also the same across tokens wins; if still several or none fit (PhiMoE's
+    sparsemixer, a router that returns no top-k), None.
     """
     container = layer.router_parent or layer.router
     own = getattr(container, "weight", None)
@@ -331,7 +331,9 @@ def classify_score_fn(logits: torch.Tensor, weights: torch.Tensor, index: torch.
         return None
     log_w = torch.where(real, weights.clamp_min(1e-300).log(), torch.zeros_like(weights))
     per_token, across = [], []
-    for name, log_score in (("softmax", torch.log_softmax(logits, dim=-1)), ("sigmoid", F.logsigmoid(logits))):
+    candidates = (("softmax", torch.log_softmax(logits, dim=-1)), ("sigmoid", F.logsigmoid(logits)),
+                  ("sqrtsoftplus", 0.5 * F.softplus(logits).log()))
+    for name, log_score in candidates:
         offset = log_w - log_score.gather(1, index.clamp(0, logits.shape[-1] - 1))
         high = torch.where(real, offset, torch.full_like(offset, -math.inf)).amax(dim=1)[rows]
         low = torch.where(real, offset, torch.full_like(offset, math.inf)).amin(dim=1)[rows]
@@ -341,7 +343,7 @@ def classify_score_fn(logits: torch.Tensor, weights: torch.Tensor, index: torch.
                 across.append(name)
     if len(per_token) == 1:
         return per_token[0]
-    return across[0] if len(per_token) == 2 and len(across) == 1 else None
+    return across[0] if len(per_token) > 1 and len(across) == 1 else None
 
 
 def _routing_outputs(outputs, logits, layer: "MoeLayer"):

@@ -167,7 +167,10 @@ def test_longcat_export_that_drops_an_identity_expert_row_fails(tmp_path):
 # From each family's modeling code: how its router turns logits into scores.
 EXPECTED_SCORE = {"mixtral": "softmax", "gpt_oss": "softmax", "longcat_flash": "softmax", "zaya": "softmax",
                   "ernie4_5_moe": "softmax", "deepseek_v3": "sigmoid", "flint": "sigmoid", "inkling_text": "sigmoid",
-                  "lfm2_moe": "sigmoid", "afmoe": "sigmoid", "hy_v3": "sigmoid", "llama4_text": "sigmoid"}
+                  "lfm2_moe": "sigmoid", "afmoe": "sigmoid", "hy_v3": "sigmoid", "llama4_text": "sigmoid",
+                  "deepseek_v4": "sqrtsoftplus"}
+SCORE = {"softmax": lambda z: torch.softmax(z, dim=-1), "sigmoid": torch.sigmoid,
+         "sqrtsoftplus": lambda z: F.softplus(z).sqrt()}
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED_SCORE))
@@ -197,22 +200,24 @@ def test_score_function_is_found_by_structure(family):
         handle.remove()
     for layer in layers:
         rows = logits.get(layer.layer, returned[layer.layer]).reshape(mask.numel(), -1)[mask.reshape(-1).bool()].double()
-        scores = torch.sigmoid(rows) if EXPECTED_SCORE[family] == "sigmoid" else torch.softmax(rows, dim=-1)
-        wrong = torch.softmax(rows, dim=-1) if EXPECTED_SCORE[family] == "sigmoid" else torch.sigmoid(rows)
         got = experts[experts.layer == layer.layer].sort_values("expert").prob_sum.to_numpy()
-        np.testing.assert_allclose(got, scores[:, :layer.num_experts].sum(0).numpy(), rtol=1e-5)
-        assert not np.allclose(got, wrong[:, :layer.num_experts].sum(0).numpy(), rtol=1e-3)
+        for name, score in SCORE.items():
+            expected = score(rows)[:, :layer.num_experts].sum(0).numpy()
+            if name == EXPECTED_SCORE[family]:
+                np.testing.assert_allclose(got, expected, rtol=1e-5)
+            else:  # every other function gives other sums
+                assert not np.allclose(got, expected, rtol=1e-3), name
 
 
 def _routed(logits, k, score, renormalise, scale=1.0):
-    p = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, dim=-1)
+    p = SCORE[score](logits)
     weights, index = torch.topk(p, k, dim=-1)
     if renormalise:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights * scale, index
 
 
-@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score", sorted(SCORE))
 @pytest.mark.parametrize("renormalise", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_classify_score_function(score, renormalise, dtype):
@@ -230,7 +235,9 @@ def test_classify_top_k_then_softmax_and_undecidable_cases():
     # top-1 unnormalised sigmoid: the offset is the same across tokens only for sigmoid
     weights, one = _routed(logits, 1, "sigmoid", False)
     assert classify_score_fn(logits, weights, one) == "sigmoid"
-    # sqrt-softplus (DeepSeek-V4): neither
-    scores = F.softplus(logits).sqrt()
-    weights, index = torch.topk(scores, 2, dim=-1)
-    assert classify_score_fn(logits, weights / weights.sum(-1, keepdim=True), index) is None
+    # top-1 unnormalised sqrt-softplus (DeepSeek-V4): softmax and sigmoid fit no token's offset across tokens
+    weights, one = _routed(logits, 1, "sqrtsoftplus", False)
+    assert classify_score_fn(logits, weights, one) == "sqrtsoftplus"
+    # a score none of the three is (PhiMoE-like: top-2 logits themselves as weights): no answer
+    top, index = torch.topk(logits, 2, dim=-1)
+    assert classify_score_fn(logits, top.abs() + 0.1, index) is None

@@ -52,6 +52,8 @@ def _reference(batches, score_fn):
             row = [float(x) for x in logits[t]]
             if score_fn == "sigmoid":
                 p = [1 / (1 + math.exp(-x)) if x > -700 else 0.0 for x in row]
+            elif score_fn == "sqrtsoftplus":  # sqrt(ln(1 + e^x)); ln(1 + e^x) = x + ln(1 + e^-x) for large x
+                p = [math.sqrt(x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))) for x in row]
             else:
                 top = max(row)
                 ex = [math.exp(x - top) for x in row]
@@ -61,8 +63,9 @@ def _reference(batches, score_fn):
             sums["prob_sum"] += p
             chosen = [int(e) for e in index[t]]
             # The tensor code compares float32 scores, so ties are judged on the float32 values.
-            p32 = [float(x) for x in torch.tensor(row).float().softmax(-1)] if score_fn != "sigmoid" else \
-                [float(x) for x in torch.tensor(row).float().sigmoid()]
+            p32 = {"softmax": lambda z: z.softmax(-1), "sigmoid": torch.sigmoid,
+                   "sqrtsoftplus": lambda z: torch.nn.functional.softplus(z).sqrt()}[score_fn](torch.tensor(row).float())
+            p32 = [float(x) for x in p32]
             best_slot = max(range(K), key=lambda j: (p32[chosen[j]], -j))
             best = chosen[best_slot]
             counts["top1_tokens"][best] += 1
@@ -81,7 +84,7 @@ def _reference(batches, score_fn):
     return sums, counts, pairs, entropy / tokens, tokens
 
 
-@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid", "sqrtsoftplus"])
 def test_accumulator_matches_float64_loops(score_fn):
     batches = _batches(score_fn)
     acc = LayerAccumulator(3, "model.layers.3.mlp", E, score_fn, torch.device("cpu"), Scratch())

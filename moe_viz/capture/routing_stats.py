@@ -56,8 +56,11 @@ class Scratch:
 
 
 def router_scores(logits: torch.Tensor, score_fn: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-expert router scores p (T, E) in float32: softmax or sigmoid of the logits (into `out` if given)."""
+    """Per-expert router scores p (T, E) in float32: softmax, sigmoid or sqrt(softplus) of the logits
+    (into `out` if given)."""
     logits = logits.float()
+    if score_fn == "sqrtsoftplus":  # DeepSeek-V4; rare enough that the temporary does not matter
+        return torch.sqrt(torch.nn.functional.softplus(logits), out=out)
     if out is None:
         return torch.sigmoid(logits) if score_fn == "sigmoid" else torch.softmax(logits, dim=-1)
     if score_fn == "sigmoid":
@@ -71,11 +74,12 @@ def token_entropies(logits: torch.Tensor, p: torch.Tensor, score_fn: str, work: 
     Softmax: ln p_e = (l_e - m) + ln p_max with m = max_e l_e (p_max = p at the
     argmax), so H = Σ_e p_e (m - l_e) - ln p_max: two non-negative terms, no
     cancellation however large the logits, and no elementwise log.
-    Sigmoid: H = ln S - (Σ_e p ln p) / S with S = Σ_e p.
+    Sigmoid, sqrt-softplus (scores that do not sum to 1): H = ln S - (Σ_e p ln p) / S
+    with S = Σ_e p.
     `work` is a (T, E) float32 buffer that is overwritten. Row sums are float32
     cascade sums (relative error ~1e-7), combined in float64.
     """
-    if score_fn == "sigmoid":
+    if score_fn != "softmax":
         p_log_p = torch.log(p, out=work).clamp_(min=torch.finfo(work.dtype).min).mul_(p).sum(dim=-1).double()
         total = p.sum(dim=-1).double()
         return total.log() - p_log_p / total
