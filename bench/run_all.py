@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SCALE_DIR = "/tmp/moe_viz_capture_scale"
 
 
 def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
@@ -40,6 +41,13 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
                                  ["token-trace-overhead-200000"]),
         "token-trace-queries": (["token_trace.py", "queries", "--reps", "7"], ["token-trace-queries"]),
         "peer": (["peer_llmcompressor.py", "all", "--llmc-python", llmc_python], ["peer-llmcompressor"]),
+        # checkpoints and stores under /tmp/moe_viz_capture_scale (memory writes ~4.5 GB; delete it afterwards)
+        "capture-scale-memory": (["capture_scale.py", "memory", "--dir", SCALE_DIR, "--reps", "2"],
+                                 ["capture-scale-memory"]),
+        "capture-scale-throughput": (["capture_scale.py", "throughput", "--dir", SCALE_DIR, "--reps", "3"],
+                                     ["capture-scale-throughput"]),
+        "capture-scale-ranks": (["capture_scale.py", "ranks", "--dir", SCALE_DIR, "--reps", "5"],
+                                ["capture-scale-ranks"]),
     }
 
 

@@ -50,6 +50,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         layerwise=True if args.layerwise else None,
         resume=args.resume,
         max_host_memory=parse_bytes(args.max_host_memory, "--max-host-memory") if args.max_host_memory else None,
+        timing=args.timing,
     )
     if not run_ids:  # a data-parallel rank other than 0: rank 0 stored the runs
         return 0
@@ -705,6 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted layer-wise capture")
     p.add_argument("--max-host-memory", default=None, metavar="SIZE",
                    help="layer-wise: hidden states beyond this (e.g. 64G) are kept on disk (default: all in memory)")
+    p.add_argument("--timing", action="store_true",
+                   help="print where each rank's time went (start-up, load, forward, all-reduce, store, ...)")
     p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # for the dashboard's jobs
     p.add_argument("--trace-tokens", type=int, default=DEFAULT_TRACE_TOKENS, metavar="N",
                    help=f"record every routed slot of the first N tokens per domain (default {DEFAULT_TRACE_TOKENS}; "

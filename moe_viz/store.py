@@ -469,7 +469,7 @@ def check_store_path(path: str | Path, write: bool) -> Path:
 
 def settings_key(model_id: str, fingerprint: str, domain: str, source: str, settings: dict) -> str:
     # Where and how a capture ran (device, ranks, layer by layer) does not change what it measures: not in the key.
-    keyed = {k: v for k, v in settings.items() if k not in ("device", "world_size", "layerwise")}
+    keyed = {k: v for k, v in settings.items() if k not in ("device", "world_size", "layerwise", "capture_phase")}
     payload = json.dumps([model_id, fingerprint, domain, source, keyed], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -570,11 +570,13 @@ def complete_run(
     sequences: int,
     trace: dict[str, pd.DataFrame] | None = None,
     lock_timeout: float | None = None,
+    settings_update: dict | None = None,
 ) -> None:
     """Write all of a run's rows and mark it complete, in one transaction.
 
     `trace`: the token-level trace frames (TRACE_TABLES -> frame, capture/trace.py), written in the
-    same transaction.
+    same transaction. `settings_update`: keys merged into the run's settings JSON (what is only
+    known at the end, e.g. the capture phase's throughput; never part of the settings key).
 
     Earlier runs with the same settings key (same model, domain, source and
     settings) are deleted in the same transaction, so a re-capture replaces
@@ -590,9 +592,9 @@ def complete_run(
     timeout = _commit_timeout(lock_timeout)
     try:
         with connect(path, timeout=timeout) as con:
-            _commit_run(con, run_id, frames, tokens, sequences)
+            _commit_run(con, run_id, frames, tokens, sequences, settings_update=settings_update)
     except StoreLockedError as exc:
-        saved = save_run_file(path, run_id, frames, tokens, sequences)
+        saved = save_run_file(path, run_id, frames, tokens, sequences, settings_update=settings_update)
         command = f"moe-viz import-run {shlex.quote(str(saved))} --store {shlex.quote(str(path))}"
         raise RunSavedToFile(
             f"store {path} stayed locked for {timeout:.0f}s, so run {run_id} was saved to {saved}; "
@@ -601,7 +603,7 @@ def complete_run(
 
 
 def _commit_run(con: duckdb.DuckDBPyConnection, run_id: str, frames: dict[str, pd.DataFrame], tokens: int,
-                sequences: int, row: dict | None = None) -> None:
+                sequences: int, row: dict | None = None, settings_update: dict | None = None) -> None:
     """The one transaction that completes a run (`row`: insert the run first if the store lacks it).
 
     Rows go in straight from the frames, run_id added by the INSERT itself: a
@@ -627,6 +629,10 @@ def _commit_run(con: duckdb.DuckDBPyConnection, run_id: str, frames: dict[str, p
             columns = ", ".join(f'"{c}"' for c in frame.columns if c != "run_id")
             con.execute(f"INSERT INTO {table} BY NAME SELECT ?::VARCHAR AS run_id, {columns} FROM incoming", [run_id])
             con.unregister("incoming")
+        if settings_update:
+            (settings,) = con.execute("SELECT settings FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            merged = {**json.loads(settings), **settings_update}
+            con.execute("UPDATE runs SET settings = ? WHERE run_id = ?", [json.dumps(merged, sort_keys=True), run_id])
         con.execute(
             """UPDATE runs SET status = 'complete', tokens = ?, sequences = ?, num_moe_layers = ?,
                                finished_at = ?, error = NULL WHERE run_id = ?""",
@@ -658,7 +664,7 @@ def _fsync(path: Path) -> None:
 
 
 def save_run_file(path: str | Path, run_id: str, frames: dict[str, pd.DataFrame], tokens: int,
-                  sequences: int) -> Path:
+                  sequences: int, settings_update: dict | None = None) -> Path:
     """Write a run's rows to STORE.pending/RUN_ID/ (Parquet per table + run.json), atomically.
 
     Written into a hidden temporary directory, fsynced, then renamed into place:
@@ -686,6 +692,7 @@ def save_run_file(path: str | Path, run_id: str, frames: dict[str, pd.DataFrame]
             "store": str(Path(path).absolute()),
             "tokens": int(tokens),
             "sequences": int(sequences),
+            "settings_update": settings_update or {},
             "saved_at": _now().isoformat(),
             "run": {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()} if row else None,
         }
@@ -727,7 +734,8 @@ def import_run_file(saved: str | Path, path: str | Path) -> str:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MoeVizError(f"{saved} is not a run saved by moe_viz ({reason})") from exc
     with connect(path) as con:
-        _commit_run(con, run_id, frames, tokens, sequences, row=meta.get("run"))
+        _commit_run(con, run_id, frames, tokens, sequences, row=meta.get("run"),
+                    settings_update=meta.get("settings_update") or None)
     shutil.rmtree(saved, ignore_errors=True)
     return run_id
 

@@ -15,7 +15,9 @@ import duckdb
 import numpy as np
 import pytest
 
-from capture_compare import SETTINGS, assert_same_statistics, domains, reference, save_model  # noqa: F401 (fixture)
+from capture_compare import (  # noqa: F401 (fixture)
+    SETTINGS, assert_same_statistics, domains, reference, save_model, write_domain,
+)
 from moe_viz import store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +28,10 @@ def _sql(path, query, *params):
         return con.execute(query, list(params)).df()
 
 
-def torchrun(args, timeout=600):
+def torchrun(args, timeout=600, pythonpath=(), env_extra=None):
     """`torchrun --standalone --nproc-per-node 2 -m moe_viz ...` (standalone: it picks a free port itself)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), str(ROOT)]), "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "moe_viz", "--threads", "1", "capture", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -47,8 +50,10 @@ def test_two_ranks_store_what_one_process_stores(tmp_path, domains, mode):
     model_dir = save_model(tmp_path / "model", "deepseek_v3")
     ref_ids = reference(model_dir, domains, tmp_path / "one.duckdb")
     extra = ["--layerwise"] if mode == "layerwise" else []
-    done = torchrun(capture_args(model_dir, domains, tmp_path / "two.duckdb", *extra))
+    done = torchrun(capture_args(model_dir, domains, tmp_path / "two.duckdb", "--timing", *extra))
     assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):  # rank 0 prints every rank's phases
+        assert f"moe-viz: timing rank {rank} of 2: start-up " in done.stderr, done.stderr[-3000:]
     # only rank 0 (the writer) names the store: once in the two ranks' combined output
     assert (done.stdout + done.stderr).count("moe-viz: store ") == 1, done.stderr[-3000:]
     assert f"moe-viz: store {(tmp_path / 'two.duckdb').absolute()}\n" in done.stderr
@@ -56,15 +61,20 @@ def test_two_ranks_store_what_one_process_stores(tmp_path, domains, mode):
     assert len(runs) == 2 and set(runs.status) == {"complete"}  # one run per domain, written once
     settings = [json.loads(s) for s in runs.settings]
     assert [s["world_size"] for s in settings] == [2, 2]
+    for s, tokens in zip(settings, runs.tokens):  # the capture phase of all ranks together
+        phase = s["capture_phase"]
+        assert phase["tokens"] == (sum(runs.tokens) if mode == "layerwise" else tokens)
+        assert phase["seconds"] > 0 and phase["tokens_per_s"] == pytest.approx(phase["tokens"] / phase["seconds"],
+                                                                                rel=1e-3)
     assert [s["layerwise"] for s in settings] == [mode == "layerwise"] * 2
     ids = runs.set_index("domain").loc[["code", "prose"]].run_id.tolist()
     assert_same_statistics(tmp_path / "one.duckdb", ref_ids, tmp_path / "two.duckdb", ids)
-    if mode == "in-memory":  # rank 0 traces its own batches (0, 2, ...): one process's rows at those (seq, pos)
+    if mode == "in-memory":  # rank 0 traces its own batches: one process's rows at those (seq, pos)
         for ref, got in zip(ref_ids, ids):
             query = "SELECT seq, pos, layer, slot, expert, gate FROM token_routes WHERE run_id = $1"
             one = _sql(tmp_path / "one.duckdb", query, ref)
             two = _sql(tmp_path / "two.duckdb", query, got)
-            assert len(two) > 0 and set(two.seq // SETTINGS.batch_size % 2) == {0}
+            assert len(two) > 0 and set(two.seq // SETTINGS.batch_size) == {0}  # batch 0: the largest, rank 0's
             merged = two.merge(one, on=["seq", "pos", "layer", "slot"], suffixes=("", "_one"))
             assert len(merged) == len(two) and (merged.expert == merged.expert_one).all()
             np.testing.assert_allclose(merged.gate, merged.gate_one, rtol=1e-6)
@@ -89,6 +99,46 @@ def test_a_failing_rank_fails_the_run_on_every_rank_with_no_rows(tmp_path, domai
     assert obstacle.read_text() == "not a directory"  # never destroy what moe_viz did not create
 
 
+# Loaded by every process of the launch (sitecustomize): rank 1 raises on its first batch, rank 0 counts its batches.
+FAIL_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") in ("0", "1"):
+    import moe_viz.capture.observe as observe
+    original = observe.RoutingObserver.set_attention_mask
+
+    def set_attention_mask(self, mask):
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("injected failure on rank 1's first batch")
+        with open(os.environ["BATCHES_FILE"], "a") as handle:
+            handle.write("batch\\n")
+        return original(self, mask)
+
+    observe.RoutingObserver.set_attention_mask = set_attention_mask
+"""
+
+
+@pytest.mark.parametrize("mode", ["in-memory", "layerwise"])
+def test_a_rank_failing_on_its_first_batch_stops_the_others_at_once(tmp_path, mode):
+    """Rank 1 fails on its first batch; rank 0, with 12 batches to run (per layer), stops after at most 2."""
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    counted = tmp_path / "rank0-batches.txt"
+    one = f"many={write_domain(tmp_path / 'many.jsonl', 3, [16] * 48)}"  # 24 batches of 2: 12 per rank
+    path = tmp_path / "two.duckdb"
+    extra = ["--layerwise"] if mode == "layerwise" else []
+    done = torchrun(capture_args(model_dir, [one], path, *extra), pythonpath=[inject],
+                    env_extra={"BATCHES_FILE": str(counted)})
+    assert done.returncode != 0
+    assert "injected failure on rank 1's first batch" in done.stderr
+    runs = store.list_runs(path)
+    assert runs.status.tolist() == ["failed"] and "rank 1 of 2 failed" in runs.error.iloc[0]
+    assert store.expert_stats(path, runs.run_id.tolist()).empty
+    batches = counted.read_text().count("batch") if counted.exists() else 0
+    assert batches <= 2, f"rank 0 ran {batches} batches after rank 1 had failed"  # each check overlaps a batch
+
+
 def test_ranks_come_from_the_launcher_environment():
     from moe_viz.capture.distributed import Ranks, from_env
     from moe_viz.models import MoeVizError
@@ -96,10 +146,15 @@ def test_ranks_come_from_the_launcher_environment():
     assert from_env({}) == Ranks()  # not launched: one process
     ranks = from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
     assert ranks == Ranks(3, 4, 1, 2) and not ranks.main and ranks.distributed
-    # 11 batches over 4 ranks: rank 3 runs 3 and 7; together the ranks run each batch exactly once
-    assert ranks.batches(11) == [3, 7]
-    assert sorted(b for r in range(4) for b in Ranks(r, 4).batches(11)) == list(range(11))
-    assert Ranks(5, 8).batches(3) == []  # more ranks than batches: this rank only joins the reductions
+    # 11 equal batches over 4 ranks: round robin, rank 3 runs 3 and 7; each batch runs exactly once
+    assert ranks.batches([8] * 11) == [3, 7]
+    assert sorted(b for r in range(4) for b in Ranks(r, 4).batches([8] * 11)) == list(range(11))
+    assert Ranks(5, 8).batches([8] * 3) == []  # more ranks than batches: this rank only joins the reductions
+    assert Ranks(0, 4).most_batches([8] * 11) == 3 and Ranks(0, 8).most_batches([8] * 3) == 1
+    # unequal batches: equal token counts, not equal batch counts (round robin would give 40 vs 13 tokens)
+    tokens = [16, 4, 16, 4, 4, 4, 4, 1]
+    assert [sum(tokens[b] for b in Ranks(r, 2).batches(tokens)) for r in range(2)] == [28, 25]
+    assert Ranks(0, 2).batches(tokens) == [0, 1, 4, 6] and Ranks(0, 2).most_batches(tokens) == 4
     with pytest.raises(MoeVizError, match="RANK='x' is not an integer"):
         from_env({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(MoeVizError, match="not a valid rank assignment"):

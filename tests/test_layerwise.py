@@ -46,6 +46,8 @@ def test_layerwise_equals_in_memory(tmp_path, domains, family):
     runs = store.list_runs(tmp_path / "lw.duckdb")
     assert [json.loads(s)["layerwise"] for s in runs.settings] == [True, True]
     assert [json.loads(s)["world_size"] for s in runs.settings] == [1, 1]
+    # one pass serves both domains: each run records that pass (all domains' tokens)
+    assert [json.loads(s)["capture_phase"]["tokens"] for s in runs.settings] == [sum(runs.tokens)] * 2
     ref_runs = store.list_runs(tmp_path / "mem.duckdb")
     assert [json.loads(s)["layerwise"] for s in ref_runs.settings] == [False, False]
     assert not (tmp_path / "lw.duckdb.layerwise").exists()  # its state is removed after success

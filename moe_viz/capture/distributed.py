@@ -2,22 +2,26 @@
 
 The launcher sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (and the
 rendezvous MASTER_ADDR/MASTER_PORT); nothing here starts processes. Each rank
-runs the batches ``rank, rank + W, rank + 2W, ...`` of the same deterministic
-batching a single process would use, so every batch is computed exactly as a
-single-process capture computes it; only the order of the float64 sums of
-the accumulators differs. Accumulators are combined with ``all_reduce``
+runs a share of the batches of the same deterministic batching a single
+process would use (`assign`: equal token counts per rank, as far as whole
+batches allow), so every batch is computed exactly as a single-process capture
+computes it; only the order of the float64 sums of the accumulators differs. Accumulators are combined with ``all_reduce``
 (SUM, MAX for ``ean_max``) over gloo (CPU) or NCCL (GPU), and only rank 0
 touches the store.
 
 Failures: every rank reaches the same `together` points in the same order,
 and there all ranks learn whether any rank failed (an ``all_gather`` of the
 error messages), so no rank waits forever in a collective and rank 0 can mark
-the run failed with the failing rank's message.
+the run failed with the failing rank's message. Inside a long body (a pass over
+the batches) ranks also exchange a one-element failure flag after every batch
+(`Steps`), so a rank that fails early stops the others within a batch or two
+instead of at the end of the pass.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,9 +51,15 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def batches(self, count: int) -> list[int]:
-        """This rank's batch numbers out of `count`: rank, rank + W, ..."""
-        return list(range(self.rank, count, self.world_size))
+    def batches(self, tokens: list[int]) -> list[int]:
+        """This rank's batch numbers, given every batch's token count (see `assign`), in increasing order."""
+        owners = assign(tokens, self.world_size)
+        return [number for number, owner in enumerate(owners) if owner == self.rank]
+
+    def most_batches(self, tokens: list[int]) -> int:
+        """The largest number of batches any rank runs (how many failure checks every rank makes)."""
+        owners = assign(tokens, self.world_size)
+        return max((owners.count(rank) for rank in range(self.world_size)), default=0)
 
     def gpus(self) -> list[int]:
         """This rank's GPUs: the machine's GPUs split evenly over the ranks on it (at least one each)."""
@@ -72,6 +82,22 @@ class Ranks:
 
         return {**{gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in self.gpus()},
                 "cpu": psutil.virtual_memory().available // self.local_world_size}
+
+
+def assign(tokens: list[int], world_size: int) -> list[int]:
+    """The rank that runs each batch: equal token counts per rank, as far as whole batches allow.
+
+    Largest batch first (ties: lower batch number first) to the rank with the
+    fewest tokens so far (ties: lower rank). Deterministic, so every rank
+    computes the same assignment; with equal batches it is round robin.
+    """
+    load = [0] * world_size
+    owners = [0] * len(tokens)
+    for number in sorted(range(len(tokens)), key=lambda n: (-tokens[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[number] = rank
+        load[rank] += tokens[number]
+    return owners
 
 
 def from_env(environ=os.environ) -> Ranks:
@@ -113,6 +139,96 @@ def process_group(ranks: Ranks, device: str):
         dist.destroy_process_group()
 
 
+class PeerFailed(Exception):
+    """Another rank failed (seen at a `Steps.step`); its message arrives at the enclosing `together`."""
+
+
+class Steps:
+    """A failure flag all-reduced (MAX) after each unit of work, so every rank learns promptly that one failed.
+
+    Every rank must make the same number of steps inside one `together` body:
+    each declares the same count with `plan` (e.g. the most batches any rank
+    runs) *before* anything in the body can fail, and `together` issues the
+    steps a rank did not make itself when the body ends (a rank with fewer
+    batches) or fails (one step carrying the failure). A rank that sees
+    another's failure raises PeerFailed.
+
+    `slack`: the flag of step i is read at step i+1 (the reduction overlaps the
+    next batch, so healthy ranks never wait on each other batch by batch); a
+    failure then stops the others within two batches. A no-op for one process.
+    """
+
+    def __init__(self, ranks: Ranks, slack: bool = True):
+        self.ranks = ranks
+        self.slack = slack
+        self.planned = 0
+        self.issued = 0
+        self.waited = 0.0  # seconds spent waiting for the flags (mostly: for slower ranks)
+        self._pending = None  # (work, flag tensor) of the last step not read yet
+
+    def plan(self, count: int) -> None:
+        self.planned += count
+
+    def _read(self) -> None:
+        if self._pending is None:
+            return
+        work, flag = self._pending
+        self._pending = None
+        start = time.perf_counter()
+        work.wait()
+        self.waited += time.perf_counter() - start
+        if int(flag.item()):
+            raise PeerFailed("another rank failed")
+
+    def step(self, failed: bool = False) -> None:
+        """One step: raises PeerFailed if a rank reported a failure (at the previous step with `slack`)."""
+        if not self.ranks.distributed:
+            return
+        import torch.distributed as dist
+
+        if not failed:
+            self._read()
+        flag = torch.tensor([int(failed)], dtype=torch.int32, device=_collective_device())
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        self.issued += 1
+        if failed:
+            self._pending[0].wait()
+            self._pending = None
+        elif not self.slack:
+            self._read()
+
+    def sync(self) -> None:
+        """A (planned) step every rank waits for, failures included: e.g. before a timed phase."""
+        self.step()
+        self._read()
+
+    def finish(self) -> None:
+        """End of the body: the steps this rank did not need (fewer batches), then the last flag."""
+        while self.ranks.distributed and self.issued < self.planned:
+            self.step()
+        self._read()
+
+    def abort(self) -> None:
+        """This rank failed: tell the others at its next step (if any are left to make).
+
+        Not if the last step already carried another rank's failure: that rank
+        makes no further step, so neither may this one.
+        """
+        if not self.ranks.distributed or self.issued >= self.planned:
+            return
+        try:
+            self._read()
+        except PeerFailed:
+            return
+        self.step(failed=True)
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def agree(ranks: Ranks, error: BaseException | None, what: str) -> None:
     """Called by every rank at the same point: raises on every rank if any rank failed.
 
@@ -125,26 +241,50 @@ def agree(ranks: Ranks, error: BaseException | None, what: str) -> None:
         return
     import torch.distributed as dist
 
-    message = None if error is None else (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+    own = error if not isinstance(error, PeerFailed) else None
+    message = None if own is None else (f"{type(own).__name__}: {own}" if str(own) else type(own).__name__)
     messages: list = [None] * ranks.world_size
     dist.all_gather_object(messages, message)
     failed = [(rank, m) for rank, m in enumerate(messages) if m]
-    if error is not None:
-        raise error
+    if own is not None:
+        raise own
     if failed:
         rank, message = failed[0]
         raise MoeVizError(f"rank {rank} of {ranks.world_size} failed while {what}: {message}")
+    if error is not None:  # PeerFailed with no message: cannot happen while ranks keep to the protocol
+        raise MoeVizError(f"another rank failed while {what}")
 
 
 @contextmanager
 def together(ranks: Ranks, what: str):
-    """Run the body on every rank, then `agree` on whether any rank failed in it."""
+    """Run the body on every rank, then `agree` on whether any rank failed in it.
+
+    The body receives a `Steps` for per-batch failure checks (unused bodies make none).
+    """
     error = None
+    steps = Steps(ranks)
     try:
-        yield
+        yield steps
+        steps.finish()
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
         error = exc
+        if not isinstance(exc, PeerFailed):
+            try:
+                steps.abort()
+            except Exception:  # noqa: BLE001 - the process group itself failed: agree reports it
+                pass
     agree(ranks, error, what)
+
+
+def gather_objects(ranks: Ranks, value) -> list:
+    """Every rank's `value`, in rank order (a collective: every rank calls it at the same point)."""
+    if not ranks.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    values: list = [None] * ranks.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def accumulator_tensors(acc: LayerAccumulator) -> dict[str, torch.Tensor]:
@@ -175,7 +315,7 @@ def reduce_accumulators(ranks: Ranks, accumulators: list[LayerAccumulator]) -> N
         return
     import torch.distributed as dist
 
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = _collective_device()
     for acc in accumulators:
         for name, tensor in accumulator_tensors(acc).items():
             shared = tensor.to(on)

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_viz.capture.distributed import accumulator_tensors
+from moe_viz.capture.distributed import Ranks, Steps, accumulator_tensors
 from moe_viz.capture.observe import RoutingObserver
 from moe_viz.capture.run import Progress
 from moe_viz.capture.routing_stats import LayerAccumulator
@@ -371,6 +371,7 @@ class LayerwiseResult:
     fingerprint: str
     resumed_from: int = 0
     layers_run: list[int] = field(default_factory=list)
+    seconds: float = 0.0  # the pass, from the moment every rank was ready
 
 
 class LayerwiseCapture:
@@ -467,6 +468,8 @@ def run_layerwise(
     resume: bool = False,
     max_host_memory: int | None = None,
     progress=None,
+    steps: Steps | None = None,
+    steps_per_phase: int = 0,
 ) -> LayerwiseResult:
     """Stream every decoder layer once over all batches of all domains.
 
@@ -475,9 +478,23 @@ def run_layerwise(
         state: where hidden states and accumulators are persisted after each layer.
         max_host_memory: bytes of hidden states kept in host memory; beyond it they are read back from `state`.
         progress: called with run.Progress (domain "all domains", tokens as whole-model tokens, the layer as detail).
+        steps: data-parallel failure checks: one after each batch of the recording phase and of every layer
+            (`steps_per_phase` each: the most batches any rank runs), plus one before the pass starts.
     """
+    steps = steps if steps is not None else Steps(Ranks())
+    mine = sum(len(domain_batches) for domain_batches in batches)
+    per_phase = max(mine, steps_per_phase)
+    num_layers = len(streamer.layers)
+    steps.plan(1 + per_phase * (1 + num_layers))  # before anything here can fail (see Steps)
+
+    def pad() -> None:  # the checks of the batches this rank does not have
+        for _ in range(per_phase - mine):
+            steps.step()
+
     start = state.open(resume)
     streamer.load_outer()
+    steps.sync()  # every rank is ready: the pass starts now
+    started = time.monotonic()
     device = streamer.device
     base = streamer.model.base_model
     hidden_size = streamer.config.get_text_config().hidden_size
@@ -498,12 +515,12 @@ def run_layerwise(
                 state.save_hidden(0, d, number, first)
                 first = None
             hidden[d].append(first)
+            steps.step()
+    pad()
     streamer.drop_outer()  # on a GPU only the current layer (and batch) stays there from now on
 
     accumulators: dict[int, list[LayerAccumulator]] = {d: [] for d in range(len(batches))}
     tokens = sum(int(m.sum()) for domain_batches in batches for _, _, m in domain_batches)
-    num_layers = len(streamer.layers)
-    started = time.monotonic()
     done = 0
     result = LayerwiseResult(accumulators, "", resumed_from=start)
     for index in range(num_layers):
@@ -514,6 +531,8 @@ def run_layerwise(
             streamer.samples.update(state.load_layer(index, layer_accs))
             for d in accumulators:
                 accumulators[d].extend(layer_accs[d])
+            for _ in range(per_phase):  # another rank may still have to run this layer
+                steps.step()
             continue
         layer = streamer.load_layer(index)
         layer_accs = {}
@@ -533,8 +552,10 @@ def run_layerwise(
                         resumed = f", resumed at layer {start + 1}" if start else ""
                         progress(Progress("all domains", done // (num_layers - start), tokens,
                                           time.monotonic() - started, f"layer {index + 1}/{num_layers}{resumed}"))
+                    steps.step()
             layer_accs[d] = observer.accumulators
             accumulators[d].extend(observer.accumulators)
+        pad()
         prefix = f"{streamer.layers_prefix}.{index}."
         state.finish_layer(index, layer_accs,
                            {n: b for n, b in streamer.samples.items() if n.startswith(prefix)})
@@ -542,6 +563,7 @@ def run_layerwise(
         _return_freed_memory()
         result.layers_run.append(index)
     result.fingerprint = streamer.fingerprint()
+    result.seconds = time.monotonic() - started
     return result
 
 
@@ -610,17 +632,27 @@ def capture_layerwise(
     ranks,
     resume: bool = False,
     max_host_memory: int | None = None,
+    timings=None,
 ) -> list[str]:
-    """`capture_model` for a streamed checkpoint: one layer-wise pass over all domains, then one run per domain."""
-    from moe_viz.capture import distributed, run
+    """`capture_model` for a streamed checkpoint: one layer-wise pass over all domains, then one run per domain.
 
+    Under a data-parallel launch the batches of all domains together are split
+    over the ranks (equal token counts, distributed.assign).
+    """
+    from moe_viz.capture import distributed, run
+    from moe_viz.capture.timing import Timings
+
+    timings = timings if timings is not None else Timings()
     vocab_size = engine.model.get_input_embeddings().weight.shape[0]
-    packed = run.pack_domains(documents, tokenizer, settings, vocab_size)
+    with timings.phase("pack tokens"):
+        packed = run.pack_domains(documents, tokenizer, settings, vocab_size)
     pad_id = run.pad_id_of(tokenizer)
-    batches = []
-    for docs in documents:
-        every = list(run.padded_batches(packed[docs.domain], settings.batch_size, pad_id))
-        batches.append([(number, *every[number]) for number in ranks.batches(len(every))])
+    every = [list(run.padded_batches(packed[docs.domain], settings.batch_size, pad_id)) for docs in documents]
+    flat = [(d, number) for d, domain_batches in enumerate(every) for number in range(len(domain_batches))]
+    flat_tokens = [int(every[d][number][1].sum()) for d, number in flat]
+    owners = distributed.assign(flat_tokens, ranks.world_size)
+    batches = [[(number, *every[d][number]) for (dd, number), owner in zip(flat, owners)
+                if dd == d and owner == ranks.rank] for d in range(len(documents))]
     run_settings = {
         "max_tokens": settings.max_tokens,
         "seq_len": settings.seq_len,
@@ -636,14 +668,15 @@ def capture_layerwise(
     state = LayerwiseState(LayerwiseState.location(store_path, key, ranks.rank, ranks.world_size), key)
     result, error = None, None
     try:
-        with distributed.together(ranks, "running the layer-wise pass"):
+        with distributed.together(ranks, "running the layer-wise pass") as steps, timings.phase("layer-wise pass"):
             result = run_layerwise(engine, batches, state, resume=resume, max_host_memory=max_host_memory,
-                                   progress=progress if ranks.main else None)
+                                   progress=progress if ranks.main else None, steps=steps,
+                                   steps_per_phase=ranks.most_batches(flat_tokens))
     except BaseException as exc:  # noqa: BLE001 - every rank records it below, then raises it
         error = exc
     names = [docs.domain for docs in documents]
 
-    def collect(domain: str, sequences, on_batch) -> list[LayerAccumulator]:
+    def collect(domain: str, sequences, on_batch, steps) -> list[LayerAccumulator]:
         if error is not None:
             raise error
         return result.accumulators[names.index(domain)]
@@ -651,7 +684,8 @@ def capture_layerwise(
     run_ids = run.store_domain_runs(
         store_path=store_path, ranks=ranks, domains=documents, packed=packed, model_id=model_id,
         fingerprint=result.fingerprint if result is not None else "", model_type=engine.config.model_type,
-        run_settings=run_settings, collect=collect, progress=None,
+        run_settings=run_settings, collect=collect, progress=None, timings=timings,
+        shared_pass=(result.seconds if result is not None else 0.0, sum(flat_tokens)),
     )
     state.remove()  # every rank stored (or handed over) its share: nothing left to resume
     return run_ids

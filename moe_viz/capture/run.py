@@ -26,10 +26,11 @@ from moe_viz.models import (
     other_modality_blocks, resolve_device,
 )
 from moe_viz.capture import distributed
-from moe_viz.capture.distributed import Ranks
+from moe_viz.capture.distributed import Ranks, Steps
 from moe_viz.capture.observe import RoutingObserver, TextNeverReaches
 from moe_viz.capture.routing_stats import LayerAccumulator
 from moe_viz.capture.sources import Documents, pack_sequences, parse_domain, read_documents
+from moe_viz.capture.timing import Timings, capture_phase, format_timings
 from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS, TokenTracer
 
 
@@ -62,6 +63,11 @@ ProgressCallback = Callable[[Progress], None]
 
 def _input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
+
+
+def batch_tokens(sequences: list[list[int]], batch_size: int) -> list[int]:
+    """The real (non-padding) tokens of each batch `padded_batches` makes."""
+    return [sum(len(s) for s in sequences[start : start + batch_size]) for start in range(0, len(sequences), batch_size)]
 
 
 def padded_batches(sequences: list[list[int]], batch_size: int, pad_id: int = 0):
@@ -154,12 +160,14 @@ def accumulate_routing(
     on_batch: Callable[[int], None] | None = None,
     fast: bool = True,
     tracer: TokenTracer | None = None,
+    steps: Steps | None = None,
 ) -> list[LayerAccumulator]:
     """Forward (input_ids (B,S), attention_mask (B,S)) CPU batches through `model`; one accumulator per MoE layer.
 
     Only host-side counts (from the CPU attention mask) are reported per batch,
     so the device is never synchronised inside the loop. A `tracer` also records
-    the routing of its first tokens (`tracer.frames()` afterwards).
+    the routing of its first tokens (`tracer.frames()` afterwards). `steps`
+    (data-parallel): one failure check after each batch.
     """
     layers = find_moe_layers(model)
     device = _input_device(model)
@@ -171,6 +179,8 @@ def accumulate_routing(
             model(**text_inputs(model, ids.to(device), mask.to(device)))
             if on_batch is not None:
                 on_batch(int(mask.sum()))
+            if steps is not None:
+                steps.step()
     return observer.accumulators
 
 
@@ -212,8 +222,8 @@ def pack_domains(domains: list[Documents], tokenizer, settings: CaptureSettings,
     }
 
 
-# collect(domain, sequences, on_batch) -> this process's accumulators for the domain
-Collector = Callable[[str, list[list[int]], Callable[[int], None]], list[LayerAccumulator]]
+# collect(domain, sequences, on_batch, steps) -> this process's accumulators for the domain
+Collector = Callable[[str, list[list[int]], Callable[[int], None], Steps], list[LayerAccumulator]]
 
 
 def store_domain_runs(
@@ -229,13 +239,23 @@ def store_domain_runs(
     collect: Collector,
     progress: ProgressCallback | None,
     traces: Callable[[str], dict[str, pd.DataFrame] | None] | None = None,
+    planned_steps: Callable[[str, list[list[int]]], int] = lambda domain, sequences: 0,
+    timings: Timings | None = None,
+    shared_pass: tuple[float, int] | None = None,
 ) -> list[str]:
     """One stored run per domain: begin it (rank 0), collect, combine the ranks' accumulators, complete it.
 
     Every rank calls this with the same arguments. A failure on any rank fails
-    the run on every rank (see distributed.together); rank 0 marks it failed
-    and no rows are kept. Returns the run ids (on rank 0; [] on the others).
+    the run on every rank (see distributed.together; `planned_steps`: how many
+    per-batch failure checks `collect` makes on the busiest rank); rank 0 marks
+    it failed and no rows are kept. Returns the run ids (on rank 0; [] on the others).
+
+    Each run records its capture phase in `settings` (timing.capture_phase):
+    from the moment every rank is ready to the reduced accumulators, so model
+    loading and the store write are not in it. `shared_pass`: (seconds, tokens)
+    of a pass made for all domains at once (layer-wise) that `collect` only hands over.
     """
+    timings = timings if timings is not None else Timings()
     run_ids = []
     for docs in domains:
         sequences = packed[docs.domain]
@@ -251,30 +271,50 @@ def store_domain_runs(
                 progress(Progress(docs.domain, done, total, time.monotonic() - started))
 
         try:
-            with distributed.together(ranks, f"capturing domain {docs.domain}"):
+            with distributed.together(ranks, f"capturing domain {docs.domain}") as steps:
+                steps.plan(1 + planned_steps(docs.domain, sequences))  # before anything here can fail
                 if ranks.main:
                     run_id = store.begin_run(
                         store_path, model_id=model_id, model_fingerprint=fingerprint, model_type=model_type,
                         domain=docs.domain, source=docs.source, settings=run_settings, tool_version=__version__,
                     )
                 with _heartbeat(store_path, run_id) if run_id else nullcontext():
+                    with timings.phase("wait for ranks"):
+                        steps.sync()  # every rank is ready: the capture phase starts now
+                    clock, waited = time.perf_counter(), steps.waited
                     if progress is not None:  # start the clock before the first forward, not after it
                         progress(Progress(docs.domain, 0, total, 0.0))
-                    accumulators = collect(docs.domain, sequences, on_batch)
-            distributed.reduce_accumulators(ranks, accumulators)
+                    accumulators = collect(docs.domain, sequences, on_batch, steps)
+                    timings.add("forward", time.perf_counter() - clock - (steps.waited - waited))
+                    if progress is not None and done < total:  # this rank's share is done: so are the others
+                        progress(Progress(docs.domain, total, total, time.monotonic() - started))
+            timings.add("failure checks", steps.waited - waited)
+            with timings.phase("all-reduce"):
+                distributed.reduce_accumulators(ranks, accumulators)
+            seconds = time.perf_counter() - clock
+            if shared_pass is None:
+                phase = capture_phase(total, seconds, "this domain: first batch to reduced accumulators, all ranks")
+            else:
+                pass_seconds, pass_tokens = shared_pass
+                phase = capture_phase(pass_tokens, pass_seconds + seconds,
+                                      "one layer-wise pass over every domain of the capture, tokens of all of them")
             with distributed.together(ranks, f"storing domain {docs.domain}"):
                 if ranks.main:
-                    expert_df, layer_df, coact_df = accumulator_frames(accumulators)
-                    store.complete_run(
+                    with timings.phase("frames"):
+                        expert_df, layer_df, coact_df = accumulator_frames(accumulators)
+                        trace = traces(docs.domain) if traces is not None else None  # domain -> trace frames
+                    with timings.phase("store"):
+                        store.complete_run(
                         store_path,
                         run_id,
                         expert_stats=expert_df,
                         layer_stats=layer_df,
                         coactivation=coact_df,
-                        tokens=total,
-                        sequences=len(sequences),
-                        trace=traces(docs.domain) if traces is not None else None,  # domain -> trace frames
-                    )
+                            tokens=total,
+                            sequences=len(sequences),
+                            trace=trace,
+                            settings_update=phase,
+                        )
         except store.RunSavedToFile:
             raise  # its statistics are in a file to import; the run reads `interrupted` until then
         except BaseException as exc:
@@ -299,17 +339,21 @@ def capture_model(
     progress: ProgressCallback | None = None,
     extra_settings: dict | None = None,
     ranks: Ranks | None = None,
+    timings: Timings | None = None,
 ) -> list[str]:
     """Capture already-read domains with a loaded model; returns one run id per domain (store: default_store()).
 
     With `ranks` of a data-parallel launch, each rank runs its share of the
-    batches and rank 0 stores the combined statistics.
+    batches (equal token counts, see distributed.assign) and rank 0 stores the
+    combined statistics.
     """
     store_path = store.default_store() if store_path is None else store_path
     settings.check()
     ranks = ranks or Ranks()
+    timings = timings if timings is not None else Timings()
     find_moe_layers(model)  # fail before touching the store
-    packed = pack_domains(domains, tokenizer, settings, model.get_input_embeddings().weight.shape[0])
+    with timings.phase("pack tokens"):
+        packed = pack_domains(domains, tokenizer, settings, model.get_input_embeddings().weight.shape[0])
     pad_id = pad_id_of(tokenizer)
     run_settings = {
         "max_tokens": settings.max_tokens,
@@ -323,19 +367,25 @@ def capture_model(
 
     tracers: dict[str, TokenTracer] = {}
 
-    def collect(domain: str, sequences: list[list[int]], on_batch) -> list[LayerAccumulator]:
-        batches = list(padded_batches(sequences, settings.batch_size, pad_id))
-        mine = ranks.batches(len(batches))
+    def collect(domain: str, sequences: list[list[int]], on_batch, steps: Steps) -> list[LayerAccumulator]:
+        tokens = batch_tokens(sequences, settings.batch_size)
+        mine = ranks.batches(tokens)
+        wanted = set(mine)
+        share = sum(tokens[i] for i in mine) / max(1, sum(tokens))  # progress: this rank's share stands for all
+        report = on_batch if share in (0, 1) else (lambda n: on_batch(int(n / share)))
+        batches = [b for n, b in enumerate(padded_batches(sequences, settings.batch_size, pad_id)) if n in wanted]
         tracer = None
         if settings.trace_tokens and ranks.main:  # rank 0 traces the first N tokens of its own batches
             tracer = tracers[domain] = TokenTracer(settings.trace_tokens, [i * settings.batch_size for i in mine])
-        return accumulate_routing(model, [batches[i] for i in mine], on_batch, tracer=tracer)
+        return accumulate_routing(model, batches, report, tracer=tracer, steps=steps)
 
     return store_domain_runs(
         store_path=store_path, ranks=ranks, domains=domains, packed=packed, model_id=model_id,
         fingerprint=model_fingerprint(model), model_type=getattr(model.config, "model_type", ""),
         run_settings=run_settings, collect=collect, progress=progress,
         traces=lambda domain: tracers.pop(domain).frames(tokenizer) if domain in tracers else None,
+        planned_steps=lambda domain, sequences: ranks.most_batches(batch_tokens(sequences, settings.batch_size)),
+        timings=timings,
     )
 
 
@@ -371,6 +421,7 @@ def capture(
     layerwise: bool | None = None,
     resume: bool = False,
     max_host_memory: int | None = None,
+    timing: bool = False,
 ) -> list[str]:
     """Capture `NAME=SOURCE` domains from a model path or hub id into the store.
 
@@ -382,7 +433,9 @@ def capture(
     (default) does so only when the checkpoint would not fit on the device.
     `resume` continues an interrupted layer-wise capture. Under torchrun /
     accelerate launch (RANK, WORLD_SIZE set) the batches are split over ranks.
+    `timing`: rank 0 prints where every rank's time went (timing.format_timings).
     """
+    timings = Timings.of_this_process()
     store_path = store.default_store() if store_path is None else store_path
     ranks = distributed.from_env()
     if resume and layerwise is False:
@@ -391,61 +444,72 @@ def capture(
     concrete = resolve_device(ranks.device(device))
     with distributed.process_group(ranks, concrete):
         with distributed.together(ranks, "checking the inputs and loading the model"):
-            if ranks.main:
-                store.check_store_path(store_path, write=True)
-            settings = settings or CaptureSettings()
-            settings.check()
-            if not domains:
-                raise MoeVizError("give at least one --domain NAME=SOURCE")
-            parsed = [parse_domain(arg) for arg in domains]
-            names = [name for name, _ in parsed]
-            duplicates = sorted({n for n in names if names.count(n) > 1})
-            if duplicates:
-                raise MoeVizError(f"domain names must be unique; repeated: {', '.join(duplicates)}")
-            documents = [read_documents(name, source) for name, source in parsed]
-            streaming = _choose_layerwise(model_id, concrete, layerwise, ranks)
-            if streaming:
-                from moe_viz.capture.layerwise import LayerwiseCapture
+            with timings.phase("check inputs"):
+                if ranks.main:
+                    store.check_store_path(store_path, write=True)
+                settings = settings or CaptureSettings()
+                settings.check()
+                if not domains:
+                    raise MoeVizError("give at least one --domain NAME=SOURCE")
+                parsed = [parse_domain(arg) for arg in domains]
+                names = [name for name, _ in parsed]
+                duplicates = sorted({n for n in names if names.count(n) > 1})
+                if duplicates:
+                    raise MoeVizError(f"domain names must be unique; repeated: {', '.join(duplicates)}")
+                documents = [read_documents(name, source) for name, source in parsed]
+                streaming = _choose_layerwise(model_id, concrete, layerwise, ranks)
+            with timings.phase("load model"):
+                if streaming:
+                    from moe_viz.capture.layerwise import LayerwiseCapture
 
-                check_model_path(model_id)
-                check_checkpoint(model_id)
-                engine = LayerwiseCapture(model_id, concrete, dtype, trust_remote_code)
-                tokenizer = load_tokenizer(model_id, trust_remote_code)
-                embeddings = engine.model.get_input_embeddings().weight
-                where = str(engine.device)
-            else:
-                spread = ranks.max_memory(device)  # device_map="auto" over this rank's GPUs
-                model, tokenizer = load_model(model_id, device="auto" if spread else ranks.device(device),
-                                              dtype=dtype, trust_remote_code=trust_remote_code, max_memory=spread)
-                embeddings = model.get_input_embeddings().weight
-                where = str(_input_device(model))
-            text_domains = [docs.domain for docs in documents if not docs.pretokenised]
-            if text_domains:
-                problem = tokenizer_problem(tokenizer, model_id, embeddings.shape[0])
-                if problem:
-                    raise MoeVizError(
-                        f"domain {text_domains[0]} is text but {model_id} has no usable tokenizer ({problem}): "
-                        "add tokenizer files or give pre-tokenised .jsonl with input_ids"
-                    )
-            extra = {"device": where}
-            if is_local(model_id):  # prune compares it before exporting: the files must be the ones captured
-                extra["checkpoint_digest"] = checkpoint_digest(model_id)
+                    check_model_path(model_id)
+                    check_checkpoint(model_id)
+                    engine = LayerwiseCapture(model_id, concrete, dtype, trust_remote_code)
+                    tokenizer = load_tokenizer(model_id, trust_remote_code)
+                    embeddings = engine.model.get_input_embeddings().weight
+                    where = str(engine.device)
+                else:
+                    spread = ranks.max_memory(device)  # device_map="auto" over this rank's GPUs
+                    model, tokenizer = load_model(model_id, device="auto" if spread else ranks.device(device),
+                                                  dtype=dtype, trust_remote_code=trust_remote_code, max_memory=spread)
+                    embeddings = model.get_input_embeddings().weight
+                    where = str(_input_device(model))
+            with timings.phase("check inputs"):
+                text_domains = [docs.domain for docs in documents if not docs.pretokenised]
+                if text_domains:
+                    problem = tokenizer_problem(tokenizer, model_id, embeddings.shape[0])
+                    if problem:
+                        raise MoeVizError(
+                            f"domain {text_domains[0]} is text but {model_id} has no usable tokenizer ({problem}): "
+                            "add tokenizer files or give pre-tokenised .jsonl with input_ids"
+                        )
+                extra = {"device": where}
+                if is_local(model_id):  # prune compares it before exporting: the files must be the ones captured
+                    extra["checkpoint_digest"] = checkpoint_digest(model_id)
         progress = progress if progress is not None else tqdm_progress()
         if streaming:
             from moe_viz.capture.layerwise import capture_layerwise
 
-            return capture_layerwise(
+            run_ids = capture_layerwise(
                 engine, tokenizer, canonical_model_id(model_id), documents, settings, store_path=store_path,
                 progress=progress, extra_settings=extra, ranks=ranks, resume=resume, max_host_memory=max_host_memory,
+                timings=timings,
             )
-        return capture_model(
-            model,
-            tokenizer,
-            canonical_model_id(model_id),
-            documents,
-            settings,
-            store_path=store_path,
-            progress=progress if ranks.main else None,
-            extra_settings=extra,
-            ranks=ranks,
-        )
+        else:
+            run_ids = capture_model(
+                model,
+                tokenizer,
+                canonical_model_id(model_id),
+                documents,
+                settings,
+                store_path=store_path,
+                progress=progress if ranks.main else None,
+                extra_settings=extra,
+                ranks=ranks,
+                timings=timings,
+            )
+        if timing:
+            per_rank = distributed.gather_objects(ranks, timings.seconds)
+            if ranks.main:
+                print(format_timings(per_rank), file=sys.stderr)
+        return run_ids
