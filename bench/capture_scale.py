@@ -264,7 +264,7 @@ def bench_ranks(directory: Path, reps: int, tokens: int) -> str:
         f"for 2 ranks, the torchrun launcher included) {spread(whole, '{:.2f}')}. Target >= 1.8 (capture phase).",
         "Where the time goes (`--timing`, seconds, median over the repetitions; start-up = interpreter start "
         "and imports before the capture begins; rank 0 alone writes the store):",
-        table(["variant", "rank"] + names, phase_rows)])
+        table(["variant", "rank"] + [n if n != "peak RSS" else "peak RSS (MiB)" for n in names], phase_rows)])
 
 
 def main() -> None:

@@ -50,6 +50,6 @@ def test_timings_add_up_per_phase_and_print_in_capture_order():
     timings.add("forward", 1.0)
     timings.add("forward", 2.0)
     assert timings.seconds == {"store": 0.5, "forward": 3.0}
-    text = format_timings([timings.seconds, {"forward": 2.5}])
+    text = format_timings([timings.seconds, {"peak RSS": 812.4, "forward": 2.5}])
     assert text.splitlines() == ["moe-viz: timing rank 0 of 2: forward 3.00 s, store 0.50 s",
-                                 "moe-viz: timing rank 1 of 2: forward 2.50 s"]
+                                 "moe-viz: timing rank 1 of 2: forward 2.50 s, peak RSS 812 MiB"]

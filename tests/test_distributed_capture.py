@@ -19,6 +19,7 @@ from capture_compare import (  # noqa: F401 (fixture)
     SETTINGS, assert_same_statistics, domains, reference, save_model, write_domain,
 )
 from moe_viz import store
+from moe_viz.models import load_model, model_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,6 +95,9 @@ def test_a_failing_rank_fails_the_run_on_every_rank_with_no_rows(tmp_path, domai
     runs = store.list_runs(path)
     assert runs.status.tolist() == ["failed"]  # the first domain's run, marked by rank 0
     assert "rank 1 of 2 failed" in runs.error.iloc[0]
+    # the pass never loaded a layer; the failed run still names the model (what an in-memory capture records)
+    model, _ = load_model(model_dir, device="cpu")
+    assert runs.model_fingerprint.tolist() == [model_fingerprint(model)]
     for table in (store.expert_stats(path, runs.run_id.tolist()), store.layer_stats(path, runs.run_id.tolist())):
         assert table.empty
     assert obstacle.read_text() == "not a directory"  # never destroy what moe_viz did not create

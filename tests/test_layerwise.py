@@ -15,6 +15,7 @@ mask or a skipped layer moves them by >1e-3).
 
 import json
 
+import pandas as pd
 import pytest
 
 from capture_compare import SETTINGS, assert_same_statistics, domains, reference, save_model  # noqa: F401 (fixture)
@@ -36,6 +37,23 @@ CASES = {
 }
 
 
+def assert_same_trace(store_a, ids_a, store_b, ids_b):
+    """The token trace tables of two captures are equal, domain by domain (gates to float32 rounding)."""
+    import duckdb
+
+    def rows(path, table, order, run_id):
+        with duckdb.connect(str(path), read_only=True) as con:
+            query = f"SELECT * EXCLUDE (run_id) FROM {table} WHERE run_id = ? ORDER BY {order}"
+            return con.execute(query, [run_id]).df()
+
+    for run_a, run_b in zip(ids_a, ids_b):
+        # (token_pieces differ only by tokenizer: the reference captures without one)
+        for table, order in (("run_tokens", "seq, pos"), ("token_routes", "layer, seq, pos, slot")):
+            a, b = rows(store_a, table, order, run_a), rows(store_b, table, order, run_b)
+            assert len(a) > 0, table
+            pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, obj=table)
+
+
 @pytest.mark.parametrize("family", list(CASES))
 def test_layerwise_equals_in_memory(tmp_path, domains, family):
     model_dir = save_model(tmp_path / "model", family, **CASES[family])
@@ -43,6 +61,7 @@ def test_layerwise_equals_in_memory(tmp_path, domains, family):
     ids = capture(model_dir, domains, store_path=tmp_path / "lw.duckdb", settings=SETTINGS, device="cpu",
                   layerwise=True, progress=lambda p: None)
     assert_same_statistics(tmp_path / "mem.duckdb", ref_ids, tmp_path / "lw.duckdb", ids)
+    assert_same_trace(tmp_path / "mem.duckdb", ref_ids, tmp_path / "lw.duckdb", ids)
     runs = store.list_runs(tmp_path / "lw.duckdb")
     assert [json.loads(s)["layerwise"] for s in runs.settings] == [True, True]
     assert [json.loads(s)["world_size"] for s in runs.settings] == [1, 1]
@@ -90,6 +109,8 @@ def test_resume_continues_from_the_last_completed_layer(tmp_path, domains):
     failed = store.list_runs(path)
     assert failed.status.tolist() == ["failed"]  # the first domain's run; no rows kept
     assert store.expert_stats(path, failed.run_id.tolist()).empty
+    # it names the model it was for: layers 3-4, never reached, were read just for the fingerprint
+    assert failed.model_fingerprint.tolist() == store.list_runs(tmp_path / "mem.duckdb").model_fingerprint[:1].tolist()
     assert (tmp_path / "lw.duckdb.layerwise").is_dir()  # kept for --resume
 
     seen.clear()
@@ -97,6 +118,8 @@ def test_resume_continues_from_the_last_completed_layer(tmp_path, domains):
                   max_host_memory=0, progress=lambda p: seen.append(p.detail))  # hidden states read from disk
     assert sorted(set(seen)) == ["layer 3/4, resumed at layer 3", "layer 4/4, resumed at layer 3"]
     assert_same_statistics(tmp_path / "mem.duckdb", ref_ids, path, ids)
+    assert_same_trace(tmp_path / "mem.duckdb", ref_ids, path, ids)  # layers 1-2's trace came from the state
+    assert store.list_runs(path).status.tolist() == ["complete", "complete"]  # the failed run was replaced
     assert not (tmp_path / "lw.duckdb.layerwise").exists()
 
 
@@ -153,3 +176,30 @@ def test_a_small_model_is_captured_in_memory_by_default(tmp_path, domains):
     capture(model_dir, domains, store_path=tmp_path / "s.duckdb", settings=SETTINGS, device="cpu",
             progress=lambda p: None)
     assert [json.loads(s)["layerwise"] for s in store.list_runs(tmp_path / "s.duckdb").settings] == [False, False]
+
+
+def test_resume_under_another_number_of_ranks_is_refused(tmp_path, domains):
+    """A capture interrupted with 1 process, resumed with 2 ranks: refused in one line (state kept)."""
+    from test_distributed_capture import capture_args, torchrun
+
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    path = tmp_path / "lw.duckdb"
+
+    def interrupt_in_layer_2(p):
+        if p.detail.startswith("layer 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", layerwise=True,
+                progress=interrupt_in_layer_2)
+    state = tmp_path / "lw.duckdb.layerwise"
+    kept = sorted(p.relative_to(state) for p in state.rglob("*"))
+    done = torchrun(capture_args(model_dir, domains, path, "--resume"))
+    assert done.returncode != 0
+    assert ("--resume: the interrupted capture ran on 1 rank(s) and this launch has 2; each rank's hidden states "
+            "and partial sums are its own, so relaunch with 1 rank(s)") in done.stderr
+    assert sorted(p.relative_to(state) for p in state.rglob("*")) == kept  # nothing of it touched
+    # the same launch width resumes it
+    ids = capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", resume=True,
+                  progress=lambda p: None)
+    assert store.list_runs(path).set_index("run_id").status[ids].tolist() == ["complete", "complete"]

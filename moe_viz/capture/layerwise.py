@@ -46,9 +46,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moe_viz.capture import distributed
 from moe_viz.capture.distributed import Ranks, Steps, accumulator_tensors
 from moe_viz.capture.observe import RoutingObserver
 from moe_viz.capture.run import Progress
+from moe_viz.capture.trace import TokenTracer
 from moe_viz.capture.routing_stats import LayerAccumulator
 from moe_viz.checkpoint import checkpoint_bytes
 from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, resolve_dtype, tensor_sample
@@ -302,8 +304,7 @@ class LayerwiseState:
             raise MoeVizError(f"{self.dir} exists but was not made by a moe_viz layer-wise capture: move it away")
         start = self.completed_layers() if resume else 0
         if resume and start == 0:
-            raise MoeVizError("--resume: no interrupted layer-wise capture of this model with these domains and "
-                              f"settings was found (looked in {self.dir}); run without --resume")
+            self._refuse_another_world_size()
         if not resume and self.dir.exists():
             done = self.completed_layers()
             if done:
@@ -319,6 +320,19 @@ class LayerwiseState:
         (self.dir / STATE_MARKER).write_text("created by moe-viz capture --layerwise; removed when it succeeds\n")
         return start
 
+    def _refuse_another_world_size(self) -> None:
+        """--resume under another number of ranks than the interrupted capture had: one line saying what to do."""
+        mine = re.fullmatch(r"rank-(\d+)-of-(\d+)", self.dir.parent.name)
+        found = sorted({int(m.group(2)) for path in self.dir.parent.parent.glob(f"rank-*-of-*/{self.key}")
+                        if (m := re.fullmatch(r"rank-(\d+)-of-(\d+)", path.parent.name))
+                        and (not mine or m.group(2) != mine.group(2))
+                        and LayerwiseState(path, self.key).completed_layers()})
+        if found and mine:
+            raise MoeVizError(
+                f"--resume: the interrupted capture ran on {found[0]} rank(s) and this launch has "
+                f"{mine.group(2)}; each rank's hidden states and partial sums are its own, so relaunch with "
+                f"{found[0]} rank(s) (torchrun --nproc-per-node ...) or run without --resume to start over")
+
     def hidden_path(self, after_layers: int, domain_index: int, batch: int) -> Path:
         return self.dir / f"h{after_layers % 2}" / f"d{domain_index}-b{batch}.pt"
 
@@ -329,8 +343,8 @@ class LayerwiseState:
         return torch.load(self.hidden_path(after_layers, domain_index, batch), weights_only=True)
 
     def finish_layer(self, layer: int, accumulators: dict[int, list[LayerAccumulator]],
-                     samples: dict[str, bytes]) -> None:
-        """Persist layer `layer`'s accumulators (per domain) and fingerprint samples, then mark it done."""
+                     samples: dict[str, bytes], trace: dict | None = None) -> None:
+        """Persist layer `layer`'s accumulators (per domain), fingerprint samples and token trace, then mark it done."""
         from moe_viz.atomic import write_text_atomic
 
         _save_atomic({
@@ -338,11 +352,12 @@ class LayerwiseState:
             "top_k": {d: [a.top_k for a in accs] for d, accs in accumulators.items()},
             "score_fn": {d: [a.score_fn for a in accs] for d, accs in accumulators.items()},  # probed while loaded
             "samples": samples,
+            "trace": trace or {},  # domain -> MoE layer -> TokenTracer.routes_of
         }, self.dir / f"layer-{layer}.pt")
         write_text_atomic(self.dir / "state.json", json.dumps({"key": self.key, "next_layer": layer + 1}))
 
-    def load_layer(self, layer: int, accumulators: dict[int, list[LayerAccumulator]]) -> dict[str, bytes]:
-        """Restore a finished layer's accumulators in place; returns its fingerprint samples."""
+    def load_layer(self, layer: int, accumulators: dict[int, list[LayerAccumulator]]) -> tuple[dict, dict]:
+        """Restore a finished layer's accumulators in place; returns its fingerprint samples and token trace."""
         saved = torch.load(self.dir / f"layer-{layer}.pt", weights_only=True)
         for d, accs in accumulators.items():
             score_fns = saved.get("score_fn", {}).get(d, [acc.score_fn for acc in accs])
@@ -351,7 +366,7 @@ class LayerwiseState:
                 for name, value in tensors.items():
                     mine[name].copy_(value)
                 acc.top_k, acc.score_fn = top_k, score_fn
-        return saved["samples"]
+        return saved["samples"], saved.get("trace", {})
 
     def remove(self) -> None:
         """Delete this capture's directory, and its parents if that leaves them empty."""
@@ -448,6 +463,29 @@ class LayerwiseCapture:
             raise RuntimeError(f"fingerprint: {len(missing)} tensors were never loaded ({missing[0]}, ...)")
         return fingerprint_from_samples(self.config, self.meta_state, self.samples)
 
+    def fingerprint_after_failure(self) -> str:
+        """The fingerprint when the pass stopped early: what it never reached is loaded and sampled now.
+
+        One decoder layer at a time, no compute (at most one more read of the
+        checkpoint). "" when the checkpoint itself cannot be read (a missing or
+        broken layer: there is no whole model to fingerprint) or when this is
+        interrupted (a second Ctrl-C).
+        """
+        try:
+            missing = {n for n, _, _ in self.meta_state if n not in self.samples}
+            prefix = self.layers_prefix + "."
+            if any(not n.startswith(prefix) for n in missing):
+                self._outer_loaded = False
+                self.load_outer()
+                self.drop_outer()
+            for index in range(len(self.layers)):
+                if any(n.startswith(f"{prefix}{index}.") for n in missing):
+                    self.load_layer(index)
+                    self.free_layer(index)
+            return self.fingerprint()
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001 - the run's own error is what gets reported
+            return ""
+
     def moe_layers_in(self, index: int) -> list[MoeLayer]:
         prefix = f"{self.layers_prefix}.{index}."
         return [m for m in self.moe_layers if m.name.startswith(prefix)]
@@ -470,6 +508,7 @@ def run_layerwise(
     progress=None,
     steps: Steps | None = None,
     steps_per_phase: int = 0,
+    tracers: dict | None = None,
 ) -> LayerwiseResult:
     """Stream every decoder layer once over all batches of all domains.
 
@@ -480,7 +519,9 @@ def run_layerwise(
         progress: called with run.Progress (domain "all domains", tokens as whole-model tokens, the layer as detail).
         steps: data-parallel failure checks: one after each batch of the recording phase and of every layer
             (`steps_per_phase` each: the most batches any rank runs), plus one before the pass starts.
+        tracers: per domain index, a TokenTracer for the domain's token trace (as an in-memory capture makes).
     """
+    tracers = tracers or {}
     steps = steps if steps is not None else Steps(Ranks())
     mine = sum(len(domain_batches) for domain_batches in batches)
     per_phase = max(mine, steps_per_phase)
@@ -494,6 +535,10 @@ def run_layerwise(
     start = state.open(resume)
     streamer.load_outer()
     steps.sync()  # every rank is ready: the pass starts now
+    if resume and not any(distributed.gather_objects(steps.ranks, start)):  # a rank without state starts at 0
+        state.remove()  # created just now, empty
+        raise MoeVizError("--resume: no interrupted layer-wise capture of this model with these domains and "
+                          f"settings was found (looked in {state.dir}); run without --resume")
     started = time.monotonic()
     device = streamer.device
     base = streamer.model.base_model
@@ -507,6 +552,8 @@ def run_layerwise(
         records.append([])
         hidden.append([])
         for number, ids, mask in domain_batches:
+            if d in tracers:
+                tracers[d].begin_batch(ids, mask)
             record, first = record_batch(base, streamer.layers, ids, mask, device)
             records[d].append(record)
             if start > 0:  # resume: the hidden states after `start` layers were saved by the earlier attempt
@@ -528,7 +575,11 @@ def run_layerwise(
         if index < start:  # finished by an earlier attempt: its accumulators and fingerprint samples
             layer_accs = {d: [LayerAccumulator(m.layer, m.name, m.num_experts, m.score_fn, device) for m in moe]
                           for d in accumulators}
-            streamer.samples.update(state.load_layer(index, layer_accs))
+            samples, trace = state.load_layer(index, layer_accs)
+            streamer.samples.update(samples)
+            for d, tracer in tracers.items():
+                for m in moe:
+                    tracer.restore(m.layer, trace.get(d, {}).get(m.layer))
             for d in accumulators:
                 accumulators[d].extend(layer_accs[d])
             for _ in range(per_phase):  # another rank may still have to run this layer
@@ -537,8 +588,10 @@ def run_layerwise(
         layer = streamer.load_layer(index)
         layer_accs = {}
         for d, domain_batches in enumerate(batches):
-            with RoutingObserver(moe) as observer:
+            with RoutingObserver(moe, tracer=tracers.get(d)) as observer:
                 for j, (number, _, mask) in enumerate(domain_batches):
+                    if d in tracers:
+                        tracers[d].use_batch(j)
                     h = hidden[d][j] if keep_in_memory else state.load_hidden(index, d, number)
                     args, kwargs = records[d][j].inputs_on(index, device, {})
                     observer.set_attention_mask(mask)
@@ -557,8 +610,8 @@ def run_layerwise(
             accumulators[d].extend(observer.accumulators)
         pad()
         prefix = f"{streamer.layers_prefix}.{index}."
-        state.finish_layer(index, layer_accs,
-                           {n: b for n, b in streamer.samples.items() if n.startswith(prefix)})
+        state.finish_layer(index, layer_accs, {n: b for n, b in streamer.samples.items() if n.startswith(prefix)},
+                           {d: {m.layer: tracer.routes_of(m.layer) for m in moe} for d, tracer in tracers.items()})
         streamer.free_layer(index)
         _return_freed_memory()
         result.layers_run.append(index)
@@ -639,7 +692,7 @@ def capture_layerwise(
     Under a data-parallel launch the batches of all domains together are split
     over the ranks (equal token counts, distributed.assign).
     """
-    from moe_viz.capture import distributed, run
+    from moe_viz.capture import run
     from moe_viz.capture.timing import Timings
 
     timings = timings if timings is not None else Timings()
@@ -663,7 +716,12 @@ def capture_layerwise(
         **extra_settings,
     }
     keyed = {"batch_size": settings.batch_size, "pad_id": pad_id, "dtype": run_settings["dtype"],
-             "device": engine.device.type, "world_size": ranks.world_size}
+             "device": engine.device.type,  # the number of ranks is in the state's path (rank-R-of-N)
+             "trace_tokens": settings.trace_tokens}
+    tracers = {}
+    if settings.trace_tokens and ranks.main:  # rank 0 traces the first N tokens of its own batches, as in memory
+        tracers = {d: TokenTracer(settings.trace_tokens, [number * settings.batch_size for number, _, _ in mine])
+                   for d, mine in enumerate(batches)}
     key = state_key(engine.model_dir, extra_settings.get("checkpoint_digest", ""), packed, keyed)
     state = LayerwiseState(LayerwiseState.location(store_path, key, ranks.rank, ranks.world_size), key)
     result, error = None, None
@@ -671,9 +729,12 @@ def capture_layerwise(
         with distributed.together(ranks, "running the layer-wise pass") as steps, timings.phase("layer-wise pass"):
             result = run_layerwise(engine, batches, state, resume=resume, max_host_memory=max_host_memory,
                                    progress=progress if ranks.main else None, steps=steps,
-                                   steps_per_phase=ranks.most_batches(flat_tokens))
+                                   steps_per_phase=ranks.most_batches(flat_tokens), tracers=tracers)
     except BaseException as exc:  # noqa: BLE001 - every rank records it below, then raises it
         error = exc
+    fingerprint = result.fingerprint if result is not None else ""
+    if error is not None and ranks.main:  # the failed runs name the model too (and a re-capture replaces them)
+        fingerprint = engine.fingerprint_after_failure()
     names = [docs.domain for docs in documents]
 
     def collect(domain: str, sequences, on_batch, steps) -> list[LayerAccumulator]:
@@ -683,8 +744,9 @@ def capture_layerwise(
 
     run_ids = run.store_domain_runs(
         store_path=store_path, ranks=ranks, domains=documents, packed=packed, model_id=model_id,
-        fingerprint=result.fingerprint if result is not None else "", model_type=engine.config.model_type,
+        fingerprint=fingerprint, model_type=engine.config.model_type,
         run_settings=run_settings, collect=collect, progress=None, timings=timings,
+        traces=lambda domain: tracers.pop(names.index(domain)).frames(tokenizer) if tracers else None,
         shared_pass=(result.seconds if result is not None else 0.0, sum(flat_tokens)),
     )
     state.remove()  # every rank stored (or handed over) its share: nothing left to resume

@@ -30,7 +30,7 @@ from moe_viz.capture.distributed import Ranks, Steps
 from moe_viz.capture.observe import RoutingObserver, TextNeverReaches
 from moe_viz.capture.routing_stats import LayerAccumulator
 from moe_viz.capture.sources import Documents, pack_sequences, parse_domain, read_documents
-from moe_viz.capture.timing import Timings, capture_phase, format_timings
+from moe_viz.capture.timing import PEAK_RSS, Timings, capture_phase, format_timings, peak_rss_mib
 from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS, TokenTracer
 
 
@@ -509,7 +509,7 @@ def capture(
                 timings=timings,
             )
         if timing:
-            per_rank = distributed.gather_objects(ranks, timings.seconds)
+            per_rank = distributed.gather_objects(ranks, {**timings.seconds, PEAK_RSS: peak_rss_mib()})
             if ranks.main:
                 print(format_timings(per_rank), file=sys.stderr)
         return run_ids

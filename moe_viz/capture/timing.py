@@ -13,8 +13,20 @@ import time
 from contextlib import contextmanager
 
 # Phases in the order a capture goes through them (others are printed after these).
-ORDER = ("start-up", "check inputs", "load model", "pack tokens", "wait for ranks", "forward", "failure checks",
-         "all-reduce", "frames", "store")
+ORDER = ("start-up", "check inputs", "load model", "pack tokens", "wait for ranks", "layer-wise pass", "forward",
+         "failure checks", "all-reduce", "frames", "store", "peak RSS")
+
+
+PEAK_RSS = "peak RSS"  # printed with the phases, in MiB
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB; Linux/macOS ru_maxrss)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 class Timings:
@@ -48,12 +60,13 @@ def format_timings(per_rank: list[dict[str, float]]) -> str:
     lines = []
     for rank, seconds in enumerate(per_rank):
         names = [n for n in ORDER if n in seconds] + sorted(n for n in seconds if n not in ORDER)
-        parts = ", ".join(f"{name} {seconds[name]:.2f} s" for name in names)
+        parts = ", ".join(f"{name} {seconds[name]:.0f} MiB" if name == PEAK_RSS else f"{name} {seconds[name]:.2f} s"
+                          for name in names)
         lines.append(f"moe-viz: timing rank {rank} of {len(per_rank)}: {parts}")
     return "\n".join(lines)
 
 
 def capture_phase(tokens: int, seconds: float, scope: str) -> dict:
     """What a run records about its capture phase (first batch to reduced accumulators, every rank)."""
-    return {"capture_phase": {"seconds": round(seconds, 4), "tokens": int(tokens),
+    return {"capture_phase": {"seconds": round(seconds, 6), "tokens": int(tokens),
                               "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None, "scope": scope}}

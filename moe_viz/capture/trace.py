@@ -48,6 +48,7 @@ class TokenTracer:
         self._batch_starts = list(batch_starts) if batch_starts is not None else None
         self._rows: torch.Tensor | None = None  # (n,) flat indices into the batch's B*L tokens, or None
         self._rows_on: dict[str, torch.Tensor] = {}
+        self._batch_rows: list[torch.Tensor | None] = []  # every batch's rows, for `use_batch`
         self._tokens: list[np.ndarray] = []  # (n, 3) int64 blocks: seq, pos, token_id
         self._routes: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -58,15 +59,32 @@ class TokenTracer:
         if self._batch_starts is not None:
             first_seq = self._batch_starts.pop(0)
         self._rows, self._rows_on = None, {}
+        self._batch_rows.append(None)
         if self.traced >= self.limit:
             return
         rows = mask.reshape(-1).nonzero().squeeze(1)[: self.limit - self.traced]  # row-major: sequence by sequence
         if rows.numel() == 0:
             return
-        self._rows = rows
+        self._rows = self._batch_rows[-1] = rows
         self.traced += rows.numel()
         self._tokens.append(np.stack([(first_seq + rows // width).numpy(), (rows % width).numpy(),
                                       ids.reshape(-1)[rows].numpy()], axis=1))
+
+    def use_batch(self, number: int) -> None:
+        """Layer-wise capture: every batch was begun first (in order); the next `add` calls belong to batch `number`.
+
+        Run the batches in the same order within each layer: each layer's rows are kept in call order.
+        """
+        self._rows, self._rows_on = self._batch_rows[number], {}
+
+    def routes_of(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What `add` kept for one MoE layer (to persist it for a layer-wise --resume)."""
+        return [(index.cpu(), gate.cpu()) for index, gate in self._routes.get(layer, [])]
+
+    def restore(self, layer: int, routes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put back what `routes_of` returned for a layer an earlier attempt ran."""
+        if routes:
+            self._routes[layer] = list(routes)
 
     def add(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """Called by the observer per MoE layer: top_k_index, top_k_weights (T, k) with T = B*L (padding included)."""
