@@ -132,11 +132,14 @@ def phase_seconds(stderr: str) -> list[dict[str, float]]:
     return ranks
 
 
+BATCH_SIZE = 4  # sequences per forward; --batch-size changes it (a larger batch reuses each expert's weights more)
+
+
 def capture_command(model: Path, tokens: Path, store: Path, *extra: str, seq_len: int = 256) -> list[str]:
     store.unlink(missing_ok=True)
     return [sys.executable, "-m", "moe_viz", "--threads", "1", "capture", "--model", str(model), "--domain",
             f"bench={tokens}", "--store", str(store), "--device", "cpu", "--seq-len", str(seq_len),
-            "--batch-size", "4", "--max-tokens", "1000000", "--trace-tokens", "0", "--timing", *extra]
+            "--batch-size", str(BATCH_SIZE), "--max-tokens", "1000000", "--trace-tokens", "0", "--timing", *extra]
 
 
 def peak_rss(command: list[str]) -> float:
@@ -193,7 +196,7 @@ def bench_memory(directory: Path, reps: int, tokens: int) -> str:
              ", ".join(f"{v:.0f}" for v in values) + f" MiB (median {statistics.median(values):.0f})",
              f"{in_memory:.0f} MiB" if name == "scale12" else "-"] for name, values in results.items()]
     return "\n\n".join([
-        f"Measured {machine(threads=1)}; {tokens} tokens, sequences of 256, batches of 4; peak = ru_maxrss.",
+        f"Measured {machine(threads=1)}; {tokens} tokens, sequences of 256, batches of {BATCH_SIZE}; peak = ru_maxrss.",
         table(["checkpoint", "size (bf16)", f"layer-wise peak RSS ({reps} reps)", "in-memory peak RSS"], rows),
         "\n".join(f"- {n}" for n in notes)])
 
@@ -216,7 +219,7 @@ def bench_throughput(directory: Path, reps: int, tokens: int) -> str:
                      f"{got['in-memory'][1]:.0f}", f"{got['layer-wise'][1]:.0f}", f"{phase[-1]:.2f}"])
         print(f"  rep {rep}: {rows[-1]}", flush=True)
     return "\n\n".join([
-        f"Measured {machine(threads=1)}; {tokens} tokens; variants alternate which runs first.",
+        f"Measured {machine(threads=1)}; {tokens} tokens, batches of {BATCH_SIZE}; variants alternate which runs first.",
         table(["rep", "in-memory wall", "layer-wise wall", "whole-command ratio", "in-memory capture tok/s",
                "layer-wise capture tok/s", "capture-phase ratio"], rows),
         f"Layer-wise / in-memory throughput: capture phase **{spread(phase, '{:.2f}')}**; whole command "
@@ -255,7 +258,7 @@ def bench_ranks(directory: Path, reps: int, tokens: int) -> str:
             phase_rows.append([variant, rank] + [
                 f"{statistics.median(r[rank][n] for r in runs):.2f}" if n in runs[0][rank] else "-" for n in names])
     return "\n\n".join([
-        f"Measured {machine(threads=1)}; {tokens} tokens (sequences of 256, batches of 4, no token trace); "
+        f"Measured {machine(threads=1)}; {tokens} tokens (sequences of 256, batches of {BATCH_SIZE}, no token trace); "
         "`torchrun --standalone --nproc-per-node 2` vs a plain `moe-viz capture`, alternating which runs first.",
         table(["rep", "1 rank wall", "2 ranks wall", "whole-command speed-up", "1 rank capture tok/s",
                "2 ranks capture tok/s", "capture-phase speed-up"], rows),
@@ -273,8 +276,10 @@ def main() -> None:
     parser.add_argument("--dir", required=True, help="where checkpoints and stores are written (delete afterwards)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per forward (default 4)")
     parser.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
     args = parser.parse_args()
+    globals()["BATCH_SIZE"] = args.batch_size
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs; "
