@@ -70,15 +70,18 @@ def test_two_ranks_store_what_one_process_stores(tmp_path, domains, mode):
     assert [s["layerwise"] for s in settings] == [mode == "layerwise"] * 2
     ids = runs.set_index("domain").loc[["code", "prose"]].run_id.tolist()
     assert_same_statistics(tmp_path / "one.duckdb", ref_ids, tmp_path / "two.duckdb", ids)
-    if mode == "in-memory":  # rank 0 traces its own batches: one process's rows at those (seq, pos)
-        for ref, got in zip(ref_ids, ids):
-            query = "SELECT seq, pos, layer, slot, expert, gate FROM token_routes WHERE run_id = $1"
-            one = _sql(tmp_path / "one.duckdb", query, ref)
-            two = _sql(tmp_path / "two.duckdb", query, got)
-            assert len(two) > 0 and set(two.seq // SETTINGS.batch_size) == {0}  # batch 0: the largest, rank 0's
-            merged = two.merge(one, on=["seq", "pos", "layer", "slot"], suffixes=("", "_one"))
-            assert len(merged) == len(two) and (merged.expert == merged.expert_one).all()
-            np.testing.assert_allclose(merged.gate, merged.gate_one, rtol=1e-6)
+    # rank 0 traces its own batches: one process's rows at those (seq, pos). Shares by tokens: in memory
+    # per domain (code 27, 21, 9 tokens: rank 0 runs batch 0; prose 23, 13: batch 0); layer-wise over
+    # both domains together (27, 21, 9, 23, 13: rank 0 runs code 0 and 2, prose 1)
+    rank0 = {"in-memory": [{0}, {0}], "layerwise": [{0, 2}, {1}]}[mode]
+    for ref, got, batches in zip(ref_ids, ids, rank0):
+        query = "SELECT seq, pos, layer, slot, expert, gate FROM token_routes WHERE run_id = $1"
+        one = _sql(tmp_path / "one.duckdb", query, ref)
+        two = _sql(tmp_path / "two.duckdb", query, got)
+        assert len(two) > 0 and set(two.seq // SETTINGS.batch_size) == batches
+        merged = two.merge(one, on=["seq", "pos", "layer", "slot"], suffixes=("", "_one"))
+        assert len(merged) == len(two) and (merged.expert == merged.expert_one).all()
+        np.testing.assert_allclose(merged.gate, merged.gate_one, rtol=1e-6)
 
 
 def test_a_failing_rank_fails_the_run_on_every_rank_with_no_rows(tmp_path, domains):
