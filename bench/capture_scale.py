@@ -257,6 +257,15 @@ def bench_ranks(directory: Path, reps: int, tokens: int) -> str:
         for rank in range(len(runs[0])):
             phase_rows.append([variant, rank] + [
                 f"{statistics.median(r[rank][n] for r in runs):.2f}" if n in runs[0][rank] else "-" for n in names])
+    cpu = {variant: statistics.median(sum(rank.get("forward CPU", 0.0) for rank in run) for run in runs)
+           for variant, runs in timings.items()}
+    cpu_line = (f"CPU seconds of the forward passes, all ranks together (median): 1 rank {cpu['1 rank']:.2f} s, "
+                f"2 ranks {cpu['2 ranks']:.2f} s ({cpu['2 ranks'] / cpu['1 rank']:.2f}x). Splitting the work "
+                f"over two processes {'adds' if cpu['2 ranks'] > 1.05 * cpu['1 rank'] else 'adds no'} CPU work of "
+                f"its own: were both ranks on free cores at these per-token CPU costs, the capture-phase speed-up "
+                f"would be about 2 x {cpu['1 rank'] / cpu['2 ranks']:.2f} = {2 * cpu['1 rank'] / cpu['2 ranks']:.2f} "
+                "(CPU time counts memory stalls, so two ranks competing for memory bandwidth show up here too, "
+                "but only while they run at the same time).")
     return "\n\n".join([
         f"Measured {machine(threads=1)}; {tokens} tokens (sequences of 256, batches of {BATCH_SIZE}, no token trace); "
         "`torchrun --standalone --nproc-per-node 2` vs a plain `moe-viz capture`, alternating which runs first.",
@@ -265,6 +274,7 @@ def bench_ranks(directory: Path, reps: int, tokens: int) -> str:
         f"2 ranks / 1 rank throughput: capture phase (every rank ready -> reduced accumulators) "
         f"**{spread(phase, '{:.2f}')}**; whole command (interpreter start, imports, model load, store write and, "
         f"for 2 ranks, the torchrun launcher included) {spread(whole, '{:.2f}')}. Target >= 1.8 (capture phase).",
+        cpu_line,
         "Where the time goes (`--timing`, seconds, median over the repetitions; start-up = interpreter start "
         "and imports before the capture begins; rank 0 alone writes the store):",
         table(["variant", "rank"] + [n if n != "peak RSS" else "peak RSS (MiB)" for n in names], phase_rows)])

@@ -133,10 +133,17 @@ def process_group(ranks: Ranks, device: str):
     except (RuntimeError, ValueError) as exc:
         raise MoeVizError(f"rank {ranks.rank} could not join the process group ({str(exc).splitlines()[0]}): "
                           "check MASTER_ADDR/MASTER_PORT and that every rank was launched") from exc
+    global _flag_group
     try:
+        # failure flags (Steps) travel on the CPU even under NCCL, so checking one never waits for the GPU
+        _flag_group = dist.new_group(backend="gloo") if backend == "nccl" else None
         yield
     finally:
+        _flag_group = None
         dist.destroy_process_group()
+
+
+_flag_group = None  # the gloo group of the failure flags when the main group is NCCL
 
 
 class PeerFailed(Exception):
@@ -188,8 +195,8 @@ class Steps:
 
         if not failed:
             self._read()
-        flag = torch.tensor([int(failed)], dtype=torch.int32, device=_collective_device())
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        flag = torch.tensor([int(failed)], dtype=torch.int32)  # CPU: gloo, or the gloo side group under NCCL
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_flag_group, async_op=True), flag)
         self.issued += 1
         if failed:
             self._pending[0].wait()

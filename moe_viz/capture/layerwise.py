@@ -726,7 +726,8 @@ def capture_layerwise(
     state = LayerwiseState(LayerwiseState.location(store_path, key, ranks.rank, ranks.world_size), key)
     result, error = None, None
     try:
-        with distributed.together(ranks, "running the layer-wise pass") as steps, timings.phase("layer-wise pass"):
+        with distributed.together(ranks, "running the layer-wise pass") as steps, \
+                timings.phase("layer-wise pass", cpu=True):
             result = run_layerwise(engine, batches, state, resume=resume, max_host_memory=max_host_memory,
                                    progress=progress if ranks.main else None, steps=steps,
                                    steps_per_phase=ranks.most_batches(flat_tokens), tracers=tracers)

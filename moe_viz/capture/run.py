@@ -281,11 +281,12 @@ def store_domain_runs(
                 with _heartbeat(store_path, run_id) if run_id else nullcontext():
                     with timings.phase("wait for ranks"):
                         steps.sync()  # every rank is ready: the capture phase starts now
-                    clock, waited = time.perf_counter(), steps.waited
+                    clock, waited, cpu = time.perf_counter(), steps.waited, time.process_time()
                     if progress is not None:  # start the clock before the first forward, not after it
                         progress(Progress(docs.domain, 0, total, 0.0))
                     accumulators = collect(docs.domain, sequences, on_batch, steps)
                     timings.add("forward", time.perf_counter() - clock - (steps.waited - waited))
+                    timings.add("forward CPU", time.process_time() - cpu)  # all threads: what the work costs
                     if progress is not None and done < total:  # this rank's share is done: so are the others
                         progress(Progress(docs.domain, total, total, time.monotonic() - started))
             timings.add("failure checks", steps.waited - waited)
@@ -305,11 +306,11 @@ def store_domain_runs(
                         trace = traces(docs.domain) if traces is not None else None  # domain -> trace frames
                     with timings.phase("store"):
                         store.complete_run(
-                        store_path,
-                        run_id,
-                        expert_stats=expert_df,
-                        layer_stats=layer_df,
-                        coactivation=coact_df,
+                            store_path,
+                            run_id,
+                            expert_stats=expert_df,
+                            layer_stats=layer_df,
+                            coactivation=coact_df,
                             tokens=total,
                             sequences=len(sequences),
                             trace=trace,

@@ -13,8 +13,8 @@ import time
 from contextlib import contextmanager
 
 # Phases in the order a capture goes through them (others are printed after these).
-ORDER = ("start-up", "check inputs", "load model", "pack tokens", "wait for ranks", "layer-wise pass", "forward",
-         "failure checks", "all-reduce", "frames", "store", "peak RSS")
+ORDER = ("start-up", "check inputs", "load model", "pack tokens", "wait for ranks", "layer-wise pass",
+         "layer-wise pass CPU", "forward", "forward CPU", "failure checks", "all-reduce", "frames", "store", "peak RSS")
 
 
 PEAK_RSS = "peak RSS"  # printed with the phases, in MiB
@@ -47,12 +47,15 @@ class Timings:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     @contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
+    def phase(self, name: str, cpu: bool = False):
+        """Time the body; `cpu` also adds the process's CPU seconds (all threads) as "NAME CPU"."""
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.add(name, time.perf_counter() - start)
+            if cpu:
+                self.add(f"{name} CPU", time.process_time() - start_cpu)
 
 
 def format_timings(per_rank: list[dict[str, float]]) -> str:
