@@ -89,6 +89,17 @@ def test_a_refused_primitive_falls_through_and_its_partial_bytes_are_cut(tmp_pat
     assert len(calls) == 2  # each refused once, then never tried again
 
 
+def test_a_primitive_that_copies_nothing_before_the_end_falls_through(tmp_path):
+    source, data = _source(tmp_path)
+
+    def copies_nothing(src, dst, offset, count):
+        return 0  # what copy_file_range does on some filesystems instead of an error
+
+    copier = Copier({"nothing": copies_nothing, "pread_write": available_primitives()["pread_write"]})
+    assert _copy(tmp_path, source, copier, chunk=8_192) == _expected(data)
+    assert list(copier.primitives) == ["pread_write"]
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
 def test_other_errors_are_raised_not_hidden_by_a_fallback(tmp_path, code):
     source, _ = _source(tmp_path)

@@ -13,8 +13,8 @@ A primitive that the kernel or filesystem refuses for this pair of files (errno 
 FALLBACK_ERRNOS: EXDEV, ENOSYS, EINVAL, EOPNOTSUPP, EBADF e.g. on an O_APPEND
 destination, EPERM from some container sandboxes, ...) is dropped for this pair
 of devices for the rest of the process, the destination is cut back to where the
-chunk started and the chunk is copied again by the next primitive. Any other
-error (ENOSPC, EIO, ...) is raised. `MOE_VIZ_COPY=<name>` forces one primitive
+chunk started and the chunk is copied again by the next primitive; so is one that
+copies 0 bytes where the source has bytes. Any other error (ENOSPC, EIO, ...) is raised. `MOE_VIZ_COPY=<name>` forces one primitive
 (no fallback).
 
 Memory stays flat: at most one chunk is held in user space (pread/write only).
@@ -120,10 +120,20 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, copier: Copie
         length -= count
 
 
+class _NoProgress(OSError):
+    """A kernel primitive copied nothing although the source has bytes there (seen with copy_file_range on
+    some filesystems, e.g. FUSE or procfs-like ones): treated like a refusal, so the next primitive is tried."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EINVAL, "copied 0 bytes before the end of the source")
+
+
 def _copy_chunk(primitive: Primitive, src_fd: int, dst_fd: int, offset: int, count: int) -> None:
     while count > 0:
         copied = primitive(src_fd, dst_fd, offset, count)
         if copied == 0:
+            if os.fstat(src_fd).st_size > offset:
+                raise _NoProgress()
             raise MoeVizError("source shard ended early: is the checkpoint truncated?")
         offset += copied
         count -= copied
