@@ -166,3 +166,46 @@ def test_ranks_come_from_the_launcher_environment():
         from_env({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(MoeVizError, match="not a valid rank assignment"):
         from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+# Rank 1 raises on its first batch of the second decoder layer (it runs 2 batches per layer of the `domains` fixture).
+FAIL_ON_RANK_1_IN_LAYER_2 = """
+import os
+if os.environ.get("RANK") == "1":
+    import moe_viz.capture.observe as observe
+    original = observe.RoutingObserver.set_attention_mask
+    calls = []
+
+    def set_attention_mask(self, mask):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure in layer 2")
+        return original(self, mask)
+
+    observe.RoutingObserver.set_attention_mask = set_attention_mask
+"""
+
+
+def test_resume_where_one_rank_has_no_state_starts_that_rank_over(tmp_path, domains):
+    """Rank 0 resumes at layer 2, rank 1 (its state gone) runs from layer 1: the per-batch checks still pair
+    up (a finished layer still makes its checks) and the store equals one process's."""
+    import shutil
+
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    ref_ids = reference(model_dir, domains, tmp_path / "one.duckdb")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAIL_ON_RANK_1_IN_LAYER_2)
+    path = tmp_path / "two.duckdb"
+    done = torchrun(capture_args(model_dir, domains, path, "--layerwise"), pythonpath=[inject])
+    assert done.returncode != 0 and "injected failure in layer 2" in done.stderr
+    states = tmp_path / "two.duckdb.layerwise"
+    manifests = {p.parent.parent.name: json.loads(p.read_text())["next_layer"] for p in states.rglob("state.json")}
+    assert manifests == {"rank-0-of-2": 1, "rank-1-of-2": 1}
+    shutil.rmtree(states / "rank-1-of-2")
+    done = torchrun(capture_args(model_dir, domains, path, "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = store.list_runs(path)
+    ids = runs[runs.status == "complete"].set_index("domain").loc[["code", "prose"]].run_id.tolist()
+    assert_same_statistics(tmp_path / "one.duckdb", ref_ids, path, ids)
+    assert not states.exists()
