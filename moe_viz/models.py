@@ -12,7 +12,9 @@ layout works. Families whose experts are not the standard fused module get an
   observed by calling their own forward once more per routed slot.
 - ``llama4``: Llama4 text experts, which run densely on ``(E*T, H)`` inputs that
   the block has already multiplied by the gate.
-- ``sorted``: JetMoE's MLP: parallel-expert projections run on token rows sorted by expert.
+- ``sorted``: JetMoE: parallel-expert projections run on token rows sorted by expert (its MLP, and its
+  mixture of attention heads, observed as a block of its own: the attention module, whose `experts`
+  child holds the router and the query/output projections of each expert).
 - ``dispatch``: a ``ModuleDict`` of ``expert_i`` modules called with a dispatch mask
   (Switch-Transformers, NLLB-MoE; encoder-decoder: capture only).
 """
@@ -49,7 +51,8 @@ class MoeVizError(Exception):
 class MoeLayer:
     """One sparse MoE block of a model."""
 
-    layer: int  # decoder layer index (dense layers leave gaps; encoder-decoder: encoder layers first, _layer_index)
+    layer: int  # decoder layer index (dense layers leave gaps; encoder-decoder: encoder layers first, _layer_index;
+    #             several blocks in one decoder layer: all blocks numbered 0.. in forward order, _number_in_forward_order)
     name: str  # module path of the block, e.g. "model.layers.3.mlp"
     block: nn.Module
     router: nn.Module
@@ -124,6 +127,52 @@ def other_modality_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(getattr(module, "experts", None), nn.Module) and OTHER_MODALITY.search(name.rsplit(".", 1)[-1])]
 
 
+def _forward_position(model: nn.Module, name: str) -> int:
+    """Where the block's child of its decoder layer is first called in that layer's forward source
+    (JetMoE registers `mlp` before `self_attention` but runs attention first); large if unknown."""
+    found = re.match(r"^(?P<layer>.*\.\d+)\.(?P<child>[^.]+)", name)
+    if not found:
+        return 1 << 30
+    try:
+        source = inspect.getsource(type(model.get_submodule(found["layer"])).forward)
+    except (OSError, TypeError, AttributeError):
+        return 1 << 30
+    position = source.find(f"self.{found['child']}")
+    return position if position >= 0 else 1 << 30
+
+
+def _number_in_forward_order(model: nn.Module, layers: list["MoeLayer"]) -> list["MoeLayer"]:
+    """Blocks in forward order; when a decoder layer holds several (JetMoE: attention experts, then MLP
+    experts), every block gets its own number 0..n-1 in that order (`layer_stats.module` names each).
+    One block per decoder layer: numbers and order unchanged."""
+    if len({layer.layer for layer in layers}) == len(layers):
+        return layers
+    order = sorted(range(len(layers)), key=lambda i: (layers[i].layer, _forward_position(model, layers[i].name), i))
+    ordered = [layers[i] for i in order]
+    for number, layer in enumerate(ordered):
+        layer.layer = number
+    return ordered
+
+
+def _sorted_moe(module: nn.Module) -> nn.Module | None:
+    """The module holding a router and parallel-expert projections (JetMoE's MLP, its attention's
+    `experts`), for the module itself or its `experts` child; None otherwise."""
+    for holder in (module, getattr(module, "experts", None)):
+        if (isinstance(holder, nn.Module) and isinstance(getattr(holder, "router", None), nn.Module)
+                and any(_is_parallel_experts(child) for child in holder.children())):
+            return holder
+    return None
+
+
+def expert_modules(layer: "MoeLayer") -> list[nn.Module]:
+    """Every module holding per-expert tensors of a block: its experts module, and for parallel-expert
+    blocks (JetMoE) every projection beside it (`input_linear` as well as the observed `output_linear`)."""
+    if layer.adapter != "sorted":
+        return [layer.experts]
+    holder = _sorted_moe(layer.block)
+    return [child for child in holder.children() if _is_parallel_experts(child)]
+
+
 def _router_of(block: nn.Module, hidden_size: int | None, num_experts: int | None) -> tuple[nn.Module, nn.Module] | None:
     """(router container, module whose output is the router logits) of a block, or None.
 
@@ -132,8 +181,9 @@ def _router_of(block: nn.Module, hidden_size: int | None, num_experts: int | Non
     (AFMoE `router.gate`, HunYuan `gate.wg`, Gemma-4 `router.proj`); failing that, its last linear
     layer (whose row count then tells what it scores).
     """
+    holder = _sorted_moe(block) or block  # JetMoE's attention: the router sits in its `experts` child
     for child_name in ("gate", "router"):
-        container = getattr(block, child_name, None)
+        container = getattr(holder, child_name, None)
         if not isinstance(container, nn.Module):
             continue
         weight = getattr(container, "weight", None)
@@ -237,15 +287,14 @@ def _is_parallel_experts(module: nn.Module) -> bool:
 
 def _experts_child(module: nn.Module) -> nn.Module | None:
     """A block's experts: its `experts` child, or, for a block with a router whose experts are
-    parallel-expert projections (JetMoE's MLP: `input_linear`, `output_linear`), the last of those,
-    whose output rows are the unweighted expert outputs."""
+    parallel-expert projections, on the block or in its `experts` child (JetMoE's MLP and attention:
+    `input_linear`, `output_linear`), the last of those, whose output rows are the unweighted expert
+    outputs."""
+    holder = _sorted_moe(module)
+    if holder is not None:
+        return [child for child in holder.children() if _is_parallel_experts(child)][-1]
     experts = getattr(module, "experts", None)
-    if isinstance(experts, nn.Module):
-        return experts
-    if not isinstance(getattr(module, "router", None), nn.Module):
-        return None
-    parallel = [child for child in module.children() if _is_parallel_experts(child)]
-    return parallel[-1] if parallel else None
+    return experts if isinstance(experts, nn.Module) else None
 
 
 def kept_rows(size: int, num_experts: int, router_rows: int, kept: list[int]) -> list[int] | None:
@@ -381,7 +430,7 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
     text_prefix = (runner_name + "." if runner_name else "") + _text_model_prefix(runner)
     skipped = {name for name, _ in other_modality_blocks(model)}  # capture checks that text never runs them
     # A module that is another's `experts` is not a block itself (JetMoE's attention experts have a router of
-    # their own inside: the block is the attention, which moe_viz does not observe).
+    # their own inside and are never called: the block is the attention module that calls them).
     inner = {id(m.experts) for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)}
     candidates = [(name, module) for name, module in model.named_modules()
                   if _experts_child(module) is not None and (name + ".").startswith(text_prefix)
@@ -402,10 +451,6 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
             raise MoeVizError(f"{type(model).__name__}: moe_viz cannot observe yet {name}, whose router scores "
                               f"{rows} choices for {count} routed experts")
         index = _layer_index(name, len(layers), stacks)
-        twin = next((other.name for other in layers if other.layer == index), None)
-        if twin is not None:
-            raise MoeVizError(f"{type(model).__name__}: moe_viz cannot observe yet two MoE blocks in one decoder layer "
-                              f"({twin}, {name}): statistics and plans are per layer")
         adapter_logits_index = 1 if adapter == "llama4" else 0
         layers.append(
             MoeLayer(
@@ -430,7 +475,7 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
                 "supported are v5 fused experts and Llama4 text (see README)"
             )
         raise MoeVizError(f"{kind} ({model_type or 'unknown type'}) has no MoE layers: nothing to capture")
-    return layers
+    return _number_in_forward_order(model, layers)
 
 
 def tensor_sample(tensor: torch.Tensor) -> bytes:

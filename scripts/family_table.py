@@ -79,10 +79,10 @@ def render_table(results: dict) -> str:
              "Statistics *exact*: every count and norm-based statistic equals tests/test_capture_exact.py's "
              "independent computation; *end to end*: a block that computation cannot follow (router inside a "
              "wrapper, extra router arguments, MoE on the decoder layer, undecorated experts), checked through the "
-             "exact exports only; *own test*: a capture-only block checked against an independent computation of "
+             "exact exports only; *own test*: a block checked against an independent computation of "
              "its own in tests/test_family_structures.py.", "",
              "| model type | loaded as | status | statistics | why not (yet) |", "|---|---|---|---|---|"]
-    shown = {"exact": "exact", "not standard": "end to end"}
+    shown = {"exact": "exact", "not standard": "end to end", "own test": "own test"}
     for family, r in sorted(results.items()):
         statistics = shown.get(r.get("statistics"), "")
         statistics = "own test" if r["status"] == "capture only" and statistics == "end to end" else statistics

@@ -1,5 +1,6 @@
 """Model structures beyond one MoE block per decoder layer: which blocks capture observes, which it
-leaves alone, and what export refuses (Ernie-4.5-VL text/vision experts, Qwen3-Omni thinker/talker).
+leaves alone, and what export refuses (Ernie-4.5-VL text/vision experts, Qwen3-Omni thinker/talker,
+JetMoE's attention and MLP experts).
 
 Tiny random models from tests/family_zoo.py; nothing is mocked."""
 
@@ -44,60 +45,124 @@ def test_qwen3_omni_runs_text_through_the_thinker_and_leaves_the_talker_alone():
     check_exportable(model.config)  # the talker takes its count from its own config: nothing shared
 
 
+def _rotary(x, positions, theta):
+    """Rotary position embedding of (T, heads, d) rows, as JetMoE's modeling code applies it."""
+    d = x.shape[-1]
+    angles = positions[:, None].double() / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = torch.cat([angles, angles], -1).cos()[:, None].to(x.dtype), torch.cat([angles, angles], -1).sin()[:, None].to(x.dtype)
+    return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
+
+
 def _jetmoe_reference(model, sequences):
-    """Per (layer, expert) routed tokens, gate sum and ||f_e(x)|| sum of JetMoE's MLP experts, computed
-    from each MLP's recorded input with the formulas of its modeling code, padding excluded."""
+    """Per (block number, expert) routed tokens, gate sum and ||f_e(x)|| sum of JetMoE's two MoE blocks per
+    decoder layer, computed from each block's recorded input with the formulas of its modeling code, padding
+    excluded. Decoder layer i: block 2i is the attention experts (f_e(x_t) = the expert's output projection
+    of its own query heads' attention over the shared keys/values, before gate and bias), block 2i+1 the
+    MLP experts."""
     from moe_viz.capture.run import padded_batches
 
+    config = model.config
+    heads, d, theta = config.num_key_value_heads, config.kv_channels, config.rope_parameters["rope_theta"]
     inputs, handles = {}, []
     for index, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attention.register_forward_pre_hook(
+            lambda module, args, kwargs, index=index: inputs.__setitem__(2 * index, kwargs["hidden_states"]),
+            with_kwargs=True))
         handles.append(layer.mlp.register_forward_pre_hook(
-            lambda module, args, index=index: inputs.setdefault(index, []).append(args[0])))
+            lambda module, args, index=index: inputs.__setitem__(2 * index + 1, args[0])))
     sums = {}
+
+    def add(number, e, gate, norm):
+        row = sums.setdefault((number, e), [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += float(gate)
+        row[2] += float(norm)
+
     with torch.no_grad():
         for ids, mask in padded_batches(sequences, 4):
             inputs.clear()
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-            for index, (x,) in inputs.items():
-                mlp = model.model.layers[index].mlp
-                x = x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool()]
-                top, experts = mlp.router.layer(x).float().topk(mlp.router.top_k, dim=1)
-                gates = torch.softmax(top, dim=1)
-                for t in range(x.shape[0]):
-                    for slot in range(experts.shape[1]):
-                        e = int(experts[t, slot])
-                        a, b = (mlp.input_linear.weight[e] @ x[t]).chunk(2)
-                        norm = float(torch.linalg.vector_norm(mlp.output_linear.weight[e] @ (mlp.activation(a) * b)))
-                        row = sums.setdefault((index, e), [0, 0.0, 0.0])
-                        row[0] += 1
-                        row[1] += float(gates[t, slot])
-                        row[2] += norm
+            for number, batch in inputs.items():
+                layer = model.model.layers[number // 2]
+                for x, real in zip(batch, mask.bool()):
+                    x = x[real]  # right padding: the sequence's own tokens, positions 0..n-1
+                    moe = layer.self_attention.experts if number % 2 == 0 else layer.mlp
+                    top, experts = moe.router.layer(x).float().topk(moe.router.top_k, dim=1)
+                    gates = torch.softmax(top, dim=1)
+                    if number % 2 == 0:
+                        positions = torch.arange(x.shape[0])
+                        keys, values = layer.self_attention.kv_proj(x).chunk(2, dim=-1)
+                        keys = _rotary(keys.view(-1, heads, d), positions, theta)
+                        values = values.view(-1, heads, d)
+                    for t in range(x.shape[0]):
+                        for slot in range(experts.shape[1]):
+                            e = int(experts[t, slot])
+                            if number % 2 == 0:
+                                query = _rotary((moe.input_linear.weight[e] @ x[t]).view(1, heads, d), positions[t:t + 1], theta)[0]
+                                scores = torch.einsum("hd,shd->hs", query, keys[:t + 1]) * d ** -0.5
+                                attended = torch.einsum("hs,shd->hd", torch.softmax(scores, dim=-1), values[:t + 1])
+                                out = moe.output_linear.weight[e] @ attended.reshape(-1)
+                            else:
+                                a, b = (moe.input_linear.weight[e] @ x[t]).chunk(2)
+                                out = moe.output_linear.weight[e] @ (moe.activation(a) * b)
+                            add(number, e, gates[t, slot], torch.linalg.vector_norm(out))
     for handle in handles:
         handle.remove()
     return sums
 
 
-def test_jetmoe_mlp_statistics_equal_an_independent_computation():
+def test_jetmoe_attention_and_mlp_experts_are_blocks_in_forward_order_with_exact_statistics():
     from family_zoo import SEQUENCES
     from moe_viz.capture.run import collect_routing_stats
 
     model = tiny_family_model("jetmoe")
     layers = find_moe_layers(model)
-    assert [layer.name for layer in layers] == [f"model.layers.{i}.mlp" for i in range(len(model.model.layers))]
-    experts, _, _ = collect_routing_stats(model, SEQUENCES, batch_size=4)
+    names = {layer.layer: layer.name for layer in layers}
+    # Attention runs before the MLP in each decoder layer (the MLP is registered first): 2i, 2i+1.
+    assert names == {n: f"model.layers.{n // 2}.{'self_attention' if n % 2 == 0 else 'mlp'}"
+                     for n in range(2 * len(model.model.layers))}
+    assert [layer.layer for layer in layers] == sorted(names)
+    assert layers[0].router is model.model.layers[0].self_attention.experts.router.layer
+    experts, layer_rows, _ = collect_routing_stats(model, SEQUENCES, batch_size=4)
+    assert dict(zip(layer_rows.layer, layer_rows.module)) == names
     reference = _jetmoe_reference(model, SEQUENCES)
-    assert (experts.routed_tokens > 0).sum() > 4
+    assert sum((experts.layer == n).sum() for n in (0, 2)) and (experts.routed_tokens > 0).sum() > 8
     for row in experts.itertuples():
         tokens, gates, norms = reference.get((row.layer, row.expert), (0, 0.0, 0.0))
-        assert row.routed_tokens == tokens
-        assert row.gate_sum == pytest.approx(gates, rel=1e-5, abs=1e-9)
-        assert row.ean_sum == pytest.approx(norms, rel=1e-5, abs=1e-9)
+        assert row.routed_tokens == tokens, (row.layer, row.expert)
+        assert row.gate_sum == pytest.approx(gates, rel=1e-5, abs=1e-9), (row.layer, row.expert)
+        assert row.ean_sum == pytest.approx(norms, rel=1e-5, abs=1e-9), (row.layer, row.expert)
 
 
-def test_jetmoe_export_refuses_because_attention_experts_share_the_count():
-    model = tiny_family_model("jetmoe")
-    with pytest.raises(MoeVizError, match=r"self_attention\.experts\..* same expert count \(config num_local_experts\)"):
-        check_exportable(model.config)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_jetmoe_prunes_attention_and_mlp_experts_each_with_its_own_plan(tmp_path, streaming):
+    """Attention and MLP blocks of one decoder layer keep different experts (same count: one config key);
+    the export slices each block's expert projections and router rows with its own list and verifies
+    exact against the original with both routers' dropped experts masked."""
+    import dataclasses
+
+    from family_zoo import EVAL, capture_family
+    from moe_viz.models import load_model
+    from moe_viz.prune.export import export_pruned
+    from moe_viz.prune.plan import build_plan
+    from moe_viz.prune.verify import verify_export
+
+    row = capture_family("jetmoe", tmp_path)
+    plan = build_plan(row["store"], str(row["model_dir"].resolve()), "reap", {"rand": 1.0},
+                      config=row["model"].config, keep=4)
+    kept = {n: ([0, 2, 5, 7] if n % 2 == 0 else [1, 2, 3, 6]) for n in plan.kept}  # attention / MLP
+    plan = dataclasses.replace(plan, kept=kept)
+    out = export_pruned(plan, row["model_dir"], tmp_path / "keep4", streaming=streaming)
+    result = verify_export(out, EVAL, source_dir=row["model_dir"])
+    assert result["verdict"] == "PASS", result["reason"]
+    assert sorted(result["float64_blocks"]["layers"]) == [0, 1, 2, 3]
+    original, pruned = row["model"], load_model(str(out), device="cpu", dtype="fp32")[0]
+    for i, (before, after) in enumerate(zip(original.model.layers, pruned.model.layers)):
+        for moe_before, moe_after, keep in ((before.self_attention.experts, after.self_attention.experts, kept[2 * i]),
+                                            (before.mlp, after.mlp, kept[2 * i + 1])):
+            for name in ("router.layer.weight", "input_linear.weight", "output_linear.weight"):
+                assert torch.equal(moe_after.get_parameter(name), moe_before.get_parameter(name)[keep]), (i, name)
+            assert torch.equal(moe_after.bias, moe_before.bias)
 
 
 def test_switch_encoder_and_decoder_layers_are_numbered_apart_and_match_an_independent_computation(tmp_path):
@@ -212,6 +277,9 @@ def test_dashboard_names_encoder_and_decoder_layers_apart(tmp_path, monkeypatch)
 
     assert layer_labels(pd.DataFrame({"layer": [1, 3], "module": ["model.layers.1.mlp", "model.layers.3.mlp"]})) == {
         1: "1", 3: "3"}
+    assert layer_labels(pd.DataFrame({"layer": [0, 1], "module": ["model.layers.0.self_attention",
+                                                                  "model.layers.0.mlp"]})) == {
+        0: "0 · model.layers.0.self_attention", 1: "1 · model.layers.0.mlp"}  # JetMoE: two blocks per layer
     tiny_family_model("switch_transformers").save_pretrained(tmp_path / "model")
     _capture(tmp_path / "model", tmp_path, False, "store")
     root = Path(__file__).resolve().parent.parent
@@ -223,3 +291,12 @@ def test_dashboard_names_encoder_and_decoder_layers_apart(tmp_path, monkeypatch)
     assert list(at.selectbox(key="ex_layer").options) == [
         "0 · encoder.block.0.layer.1.mlp", "1 · encoder.block.1.layer.1.mlp",
         "2 · decoder.block.0.layer.2.mlp", "3 · decoder.block.1.layer.2.mlp"]
+
+
+def test_jetmoe_layerwise_capture_equals_the_in_memory_one(tmp_path):
+    tiny_family_model("jetmoe").save_pretrained(tmp_path / "model")
+    memory = _capture(tmp_path / "model", tmp_path, False, "memory")
+    streamed = _capture(tmp_path / "model", tmp_path, True, "layerwise")
+    assert sorted(set(memory.layer)) == [0, 1, 2, 3] and memory.routed_tokens.sum() > 0
+    for column in ("layer", "expert", "routed_tokens", "gate_sum", "ean_sum"):
+        assert memory[column].tolist() == pytest.approx(streamed[column].tolist(), rel=1e-6, abs=1e-9), column

@@ -131,10 +131,12 @@ def coactivation_partners(pairs: pd.DataFrame, stats_row_routed: int, expert: in
 
 def layer_labels(layers: pd.DataFrame) -> dict[int, str]:
     """How pickers name each MoE layer number (`layer_stats` rows): the number alone, or, when the blocks
-    sit in more than one stack of layers (encoder-decoder), the number and the block's module path,
+    sit in more than one stack of layers (encoder-decoder) or a number is not its decoder layer's index
+    (JetMoE: two blocks per decoder layer), the number and the block's module path,
     e.g. "2 · decoder.block.0.layer.2.mlp" (numbers: docs/STORE.md)."""
     modules = {int(layer): str(module) for layer, module in zip(layers.layer, layers.module)}
     stacks = {re.split(r"\.\d+(?:\.|$)", module, maxsplit=1)[0] for module in modules.values()}
-    if len(stacks) <= 1:
+    indices = {layer: re.search(r"\.(\d+)(?:\.|$)", module) for layer, module in modules.items()}
+    if len(stacks) <= 1 and all(found is None or int(found[1]) == layer for layer, found in indices.items()):
         return {layer: str(layer) for layer in modules}
     return {layer: f"{layer} · {module}" for layer, module in modules.items()}

@@ -24,9 +24,11 @@ read from the experts' own output rows. Switch-Transformers / NLLB-MoE (``dispat
 ``expert_i`` modules with a dispatch mask: the mask gives the routing, each routed token
 is run through its expert once more for ||f_e(x)||, and the rows each expert really ran
 must equal the rows the mask sent it (else capture refuses: the statistics would not
-describe what the model computes). JetMoE's MLP (``sorted``) runs its experts on
-rows sorted by expert: its gating returns the sort order and gates, and the output
-projection's rows are the unweighted per-slot outputs, put back in slot order.
+describe what the model computes). JetMoE's MLP and attention experts (``sorted``) run on
+rows sorted by expert: the gating returns the sort order and gates, and the output
+projection's rows are the unweighted per-slot outputs, put back in slot order (for an
+attention expert: its output projection of its own query heads' attention, before the
+gate and the shared bias); the attention module's forward ends the attention block.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ import torch
 
 from moe_viz import __version__
 from moe_viz.atomic import fsync_dir, fsync_file, fsync_tree, write_text_atomic
-from moe_viz.models import (EXPERT_COUNT_KEYS, SELECTION_BIAS_NAMES, MoeVizError, expert_axis, find_moe_layers,
-                            kept_rows, model_class_for, routing_tensors)
+from moe_viz.models import (EXPERT_COUNT_KEYS, SELECTION_BIAS_NAMES, MoeVizError, expert_axis, expert_modules,
+                            find_moe_layers, kept_rows, model_class_for, routing_tensors)
 from moe_viz.prune.copy_ranges import copy_range
 from moe_viz.prune.plan import PrunePlan
 
@@ -317,14 +317,15 @@ def per_expert_tensors(layer) -> list[tuple[torch.nn.Module, str, int]]:
     Raises MoeVizError for any other layout."""
     E = layer.num_experts
     found = []
-    for name, tensor in list(layer.experts.named_parameters()) + list(layer.experts.named_buffers()):
-        if tensor.dim() <= 1 and E not in tensor.shape:
-            continue  # shared by all experts (a norm weight, a scalar)
-        if layer.row_index(int(tensor.shape[0]), list(range(E))) is None:
-            raise MoeVizError(f"{layer.name}.experts.{name} has shape {tuple(tensor.shape)}, not {E} experts on "
-                              "dim 0: this layout is not supported; nothing was written")
-        owner, _, attribute = name.rpartition(".")
-        found.append((layer.experts.get_submodule(owner), attribute, int(tensor.shape[0])))
+    for experts in expert_modules(layer):  # JetMoE: input_linear and output_linear
+        for name, tensor in list(experts.named_parameters()) + list(experts.named_buffers()):
+            if tensor.dim() <= 1 and E not in tensor.shape:
+                continue  # shared by all experts (a norm weight, a scalar)
+            if layer.row_index(int(tensor.shape[0]), list(range(E))) is None:
+                raise MoeVizError(f"{layer.name}.experts.{name} has shape {tuple(tensor.shape)}, not {E} experts on "
+                                  "dim 0: this layout is not supported; nothing was written")
+            owner, _, attribute = name.rpartition(".")
+            found.append((experts.get_submodule(owner), attribute, int(tensor.shape[0])))
     return found
 
 
@@ -334,6 +335,7 @@ class LayerLayout:
 
     prefix: str  # the decoder layer's tensor-name prefix, e.g. "transformer.blocks.1." (DBRX)
     router_rows: int  # E plus the router's extra choices (LongCat's identity experts, ...)
+    block: bool = False  # prefix is the block's own path: its decoder layer holds several blocks (JetMoE)
 
 
 def check_exportable(config) -> dict[int, LayerLayout]:
@@ -353,11 +355,14 @@ def check_exportable(config) -> dict[int, LayerLayout]:
                           "only; nothing was written")
     layers = find_moe_layers(model)
     layouts = {}
+    decoder_layers = [LAYER.search(layer.name + ".") for layer in layers]
+    several = len({found["layer"] for found in decoder_layers if found}) < len(layers)  # numbered by block
     for layer in layers:
         routing_tensors(layer)
         per_expert_tensors(layer)
         at = re.search(rf"^(.*\.{layer.layer}\.)", layer.name + ".")  # through the layer index (last such)
-        layouts[layer.layer] = LayerLayout(at[1] if at else "", layer.router_rows)
+        layouts[layer.layer] = (LayerLayout(layer.name + ".", layer.router_rows, block=True) if several
+                                else LayerLayout(at[1] if at else "", layer.router_rows))
     check_count_shared(config, model, layers)
     return layouts
 
@@ -405,6 +410,7 @@ def prune_model_in_place(model: torch.nn.Module, kept: dict[int, list[int]]) -> 
         keep = kept[layer.layer]
         E = layer.num_experts
         expert_tensors = [(module, name, 0, size) for module, name, size in per_expert_tensors(layer)]
+        holders = expert_modules(layer)  # before slicing: found by their weight's expert count
         routing = [(t.module, t.attribute, t.axis, t.size) for t in per_layer[layer.layer]]
         for module, name, axis, size in expert_tensors + routing:
             tensor = getattr(module, name)
@@ -414,7 +420,7 @@ def prune_model_in_place(model: torch.nn.Module, kept: dict[int, list[int]]) -> 
                 module._parameters[name] = torch.nn.Parameter(sliced, requires_grad=False)
             else:
                 module._buffers[name] = sliced
-        for module in (layer.block, layer.experts, layer.router):
+        for module in (layer.block, layer.experts, layer.router, layer.router_parent, *holders):
             for attr in EXPERT_COUNT_KEYS:
                 if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == E:
                     setattr(module, attr, len(keep))
@@ -468,10 +474,13 @@ def _row_ranges(start: int, end: int, rows: int, keep: list[int]) -> list[tuple[
 
 def _locate(name: str, layouts: dict[int, LayerLayout]) -> tuple[int | None, str]:
     """(MoE decoder layer, rest of the name) of a tensor: by the layer prefixes of the model built on meta,
-    else by `layers.N` in its name; (None, "") outside any decoder layer."""
+    else by `layers.N` in its name; (None, "") outside any decoder layer, or, when blocks are numbered
+    apart (`LayerLayout.block`), outside any block."""
     for layer, layout in layouts.items():
         if layout.prefix and name.startswith(layout.prefix):
             return layer, name[len(layout.prefix):]
+    if any(layout.block for layout in layouts.values()):
+        return None, ""
     located = LAYER.search(name)
     return (int(located["layer"]), located["rest"]) if located else (None, "")
 

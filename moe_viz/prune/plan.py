@@ -313,14 +313,14 @@ def size_summary(plan: PrunePlan, config) -> dict:
     """Parameters and bytes before/after, from the config alone (a model built on the meta device)."""
     import torch
 
-    from moe_viz.models import find_moe_layers, model_class_for
+    from moe_viz.models import expert_modules, find_moe_layers, model_class_for
 
     with torch.device("meta"):
         model = model_class_for(config).from_config(config)
     total = sum(p.numel() for p in model.parameters())
     removed = 0
     for layer in find_moe_layers(model):
-        per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+        per_expert = sum(p.numel() for m in expert_modules(layer) for p in m.parameters()) // layer.num_experts
         per_router_row = sum(p.numel() for p in layer.router.parameters() if p.shape[0] == layer.num_experts) // layer.num_experts
         removed += (per_expert + per_router_row) * len(plan.dropped.get(layer.layer, []))
     dtype = getattr(config, "dtype", None) or torch.float32

@@ -42,7 +42,7 @@ from moe_viz.capture.run import padded_batches
 from moe_viz.prune.evaluate import evaluation_sequences, predicted_positions
 from moe_viz.prune.export import PRUNE_MANIFEST, TOP_K_KEY
 from moe_viz.prune.masking import applied_plan, masked_layer, reduced_top_k
-from moe_viz.models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, find_moe_layers, routing_tensors
+from moe_viz.models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, expert_modules, find_moe_layers, routing_tensors
 from moe_viz.prune.plan import PrunePlan
 from moe_viz.analysis.reconstruction import RecordBlockInputs
 
@@ -128,7 +128,8 @@ def check_unchanged_weights(original, pruned) -> list[str]:
     biases on the block) must equal the source's bit for bit; those are checked by the float64 replay."""
     pruned_tensors = dict(pruned.state_dict())
     layers = find_moe_layers(original)
-    routed = [f"{layer.name}.{_submodule_name(layer.block, m)}." for layer in layers for m in (layer.experts, layer.router)]
+    routed = [f"{layer.name}.{_submodule_name(layer.block, m)}." for layer in layers
+              for m in (*expert_modules(layer), layer.router)]
     routing = {f"{layer.name}.{t.path}" for layer in layers for t in routing_tensors(layer)}
     changed = []
     for name, tensor in original.state_dict().items():
