@@ -33,7 +33,7 @@ from benchlib import machine, ratios, spread, table, write_section
 from moe_viz.capture.observe import RoutingObserver, slot_outputs
 from moe_viz.capture.run import CaptureSettings, capture_model, collect_routing_stats, padded_batches
 from moe_viz.capture.sources import Documents
-from moe_viz.models import find_moe_layers
+from moe_viz.models.discovery import find_moe_layers
 
 CONFIGS = {
     # name: (hidden, layers, experts, top_k, expert width, vocab, batch, seq)

@@ -24,7 +24,7 @@ from moe_viz.capture.run import padded_batches
 from moe_viz.demo import shipped_model
 from moe_viz.demo.corpora import documents
 from moe_viz.prune.evaluate import evaluate_plan, reference_batches
-from moe_viz.models import find_moe_layers
+from moe_viz.models.discovery import find_moe_layers
 from moe_viz.capture.sources import token_stream
 
 

@@ -24,7 +24,7 @@ from benchlib import machine, spread, table, write_section
 from moe_viz.analysis import criteria
 from moe_viz import demo
 from moe_viz.prune.evaluate import evaluation_sequences
-from moe_viz.models import canonical_model_id
+from moe_viz.models.loading import canonical_model_id
 from moe_viz.prune.sweep import run_sweep, sweep_plans
 
 SPARSITIES = [0.25, 0.375, 0.5, 0.625, 0.75]

@@ -30,7 +30,7 @@ def overhead(args: argparse.Namespace) -> None:
     from moe_viz.capture.sources import read_documents
     from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS
     from moe_viz.demo import SHIPPED_MODEL
-    from moe_viz.models import load_model
+    from moe_viz.models.loading import load_model
 
     model, tokenizer = load_model(str(SHIPPED_MODEL), device="cpu", dtype="fp32")
     docs = read_documents("code", "builtin:code")

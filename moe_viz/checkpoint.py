@@ -21,7 +21,7 @@ import os
 import struct
 from pathlib import Path
 
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

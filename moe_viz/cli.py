@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS
 from moe_viz.store import check_store_path
 from moe_viz.store_location import HOME_ENV, default_store
@@ -67,7 +67,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     directory (the dashboard's Token routes page runs this for pasted text).
     """
     from moe_viz.capture.trace import save_trace, trace_text
-    from moe_viz.models import load_model
+    from moe_viz.models.loading import load_model
 
     if (args.text is None) == (args.text_file is None):
         raise MoeVizError("give exactly one of --text or --text-file")
@@ -153,7 +153,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """
     from moe_viz.checkpoint import load_config
     from moe_viz.prune.export import export_pruned
-    from moe_viz.models import canonical_model_id, check_model_path
+    from moe_viz.models.loading import canonical_model_id, check_model_path
     from moe_viz.prune.plan import build_plan, parse_domain_weights
 
     check_store_path(args.store, write=False)
@@ -248,7 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """
     from moe_viz.checkpoint import load_config
     from moe_viz.prune.evaluate import evaluate_plan, reference_batches
-    from moe_viz.models import canonical_model_id, check_model_path, load_model
+    from moe_viz.models.loading import canonical_model_id, check_model_path, load_model
     from moe_viz.prune.plan import build_plan, parse_domain_weights
 
     check_store_path(args.store, write=args.store_result)
@@ -305,7 +305,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from moe_viz.checkpoint import load_config
-    from moe_viz.models import canonical_model_id, check_model_path, load_model
+    from moe_viz.models.loading import canonical_model_id, check_model_path, load_model
     from moe_viz.prune.plan import parse_domain_weights
     from moe_viz.prune.sweep import run_sweep, sweep_plans
 
@@ -396,7 +396,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from moe_viz.checkpoint import load_config
     from moe_viz.analysis.criteria import CRITERIA, check_criterion
     from moe_viz.prune.evaluate import evaluate_plan, reference_batches
-    from moe_viz.models import canonical_model_id, check_model_path, load_model
+    from moe_viz.models.loading import canonical_model_id, check_model_path, load_model
     from moe_viz.prune.plan import RouterConstraints, build_plan, parse_domain_weights
     from moe_viz.analysis.reconstruction import enumeration_plan, record_block_inputs
     from moe_viz.prune.search import interleave, plan_problem, search, split_halves
@@ -541,7 +541,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
 
     from moe_viz.prune.evaluate import heldout_text
     from moe_viz.analysis.importance import causal_agreement, measure_knockout, measure_reconstruction
-    from moe_viz.models import canonical_model_id, check_model_path, load_model
+    from moe_viz.models.loading import canonical_model_id, check_model_path, load_model
     from moe_viz.prune.plan import complete_runs_for, parse_domain_weights
 
     check_store_path(args.store, write=True)

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 # default_store is re-exported: store.default_store() is the one public name for the default store path
 from moe_viz.store_location import default_store, location_problem  # noqa: F401
 

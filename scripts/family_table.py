@@ -26,7 +26,7 @@ def run_all(only: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     from family_zoo import CAPTURE_ONLY, NOT_BUILT, UNSUPPORTED, capture_family, check_family, discover_families
-    from moe_viz.models import MoeVizError
+    from moe_viz.errors import MoeVizError
 
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()

@@ -9,7 +9,7 @@ import torch
 from moe_viz import store
 from moe_viz.capture.run import CaptureSettings, capture_model
 from moe_viz.capture.sources import read_documents
-from moe_viz.models import canonical_model_id, load_model
+from moe_viz.models.loading import canonical_model_id, load_model
 from tiny_models import VOCAB, tiny_model
 
 COUNTS = ["routed_tokens", "top1_tokens"]

@@ -22,7 +22,8 @@ import transformers
 from transformers import CONFIG_MAPPING
 from transformers.models.auto import modeling_auto
 
-from moe_viz.models import SELECTION_BIAS_NAMES, model_class_for
+from moe_viz.models.loading import model_class_for
+from moe_viz.models.routing import SELECTION_BIAS_NAMES
 
 LAYERS = 2
 VOCAB = 128
@@ -95,7 +96,7 @@ def moe_directories() -> frozenset[str]:
 def auto_kind(model_type: str) -> tuple[str, str] | None:
     """(kind, class name) of the first generative auto class registered for a model type.
 
-    Only tells which model types generate text; moe_viz.models.model_class_for picks the class."""
+    Only tells which model types generate text; moe_viz.models.loading.model_class_for picks the class."""
     for kind, mapping in AUTO_MAPPINGS:
         names = getattr(modeling_auto, mapping, {})
         if model_type in names:
@@ -287,7 +288,8 @@ def capture_family(model_type: str, workdir) -> dict:
 
     from moe_viz.capture.run import CaptureSettings, capture_model
     from moe_viz.capture.sources import Documents
-    from moe_viz.models import find_moe_layers, load_model
+    from moe_viz.models.discovery import find_moe_layers
+    from moe_viz.models.loading import load_model
 
     workdir = Path(workdir)
     model_dir = workdir / model_type

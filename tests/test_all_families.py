@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from family_zoo import CAPTURE_ONLY, NOT_BUILT, UNSUPPORTED, check_family, discover_families
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = [f for f in discover_families() if f not in NOT_BUILT]

@@ -360,7 +360,7 @@ def test_prune_refuses_a_checkpoint_replaced_after_capture(captured, capsys, str
 
 def test_dashboard_export_refuses_a_replaced_checkpoint(captured, tmp_path):
     """The dashboard calls export_pruned with a plan from the store: the same check applies there."""
-    from moe_viz.models import MoeVizError
+    from moe_viz.errors import MoeVizError
 
     model_dir, store_path, _ = captured
     plan = build_plan(store_path, str(model_dir.resolve()), "frequency", {"code": 1.0}, keep=4)

@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from moe_viz.capture.run import collect_routing_stats
-from moe_viz.models import find_moe_layers
+from moe_viz.models.discovery import find_moe_layers
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
 SIGMOID_FAMILIES = {"deepseek_v3", "llama4_text"}

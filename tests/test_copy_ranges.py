@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.prune import copy_ranges
 from moe_viz.prune.copy_ranges import FALLBACK_ERRNOS, Copier, available_primitives, copy_range
 

@@ -8,7 +8,7 @@ from transformers import DeepseekV3Config
 
 from moe_viz.analysis import criteria
 from moe_viz import store
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.prune.plan import PrunePlan, RouterConstraints, build_plan, parse_domain_weights, preview, size_summary
 
 # One layer, 4 experts; expert 3 is never routed. Tokens: 10, top-k 2.

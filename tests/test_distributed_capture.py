@@ -19,7 +19,8 @@ from capture_compare import (  # noqa: F401 (fixture)
     SETTINGS, assert_same_statistics, domains, reference, save_model, write_domain,
 )
 from moe_viz import store
-from moe_viz.models import load_model, model_fingerprint
+from moe_viz.models.fingerprint import model_fingerprint
+from moe_viz.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,7 +149,7 @@ def test_a_rank_failing_on_its_first_batch_stops_the_others_at_once(tmp_path, mo
 
 def test_ranks_come_from_the_launcher_environment():
     from moe_viz.capture.distributed import Ranks, from_env
-    from moe_viz.models import MoeVizError
+    from moe_viz.errors import MoeVizError
 
     assert from_env({}) == Ranks()  # not launched: one process
     ranks = from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_viz.prune.evaluate import evaluate_plan, reference_batches
 from moe_viz.prune.export import export_pruned
-from moe_viz.models import find_moe_layers
+from moe_viz.models.discovery import find_moe_layers
 from moe_viz.prune.plan import PrunePlan
 from tiny_models import VOCAB, tiny_model
 
@@ -173,7 +173,7 @@ def test_lowered_top_k_equals_the_exported_config_change(tmp_path, family, keep)
 
 
 def test_a_router_that_ignores_top_k_is_refused():
-    from moe_viz.models import MoeVizError
+    from moe_viz.errors import MoeVizError
 
     model = tiny_model("phimoe")  # sparsemixer: always top-2
     references = {"rand": reference_batches(model, SEQUENCES[:2])}

@@ -9,7 +9,8 @@ import torch
 
 from family_zoo import tiny_family_model
 from moe_viz.capture.observe import TextNeverReaches
-from moe_viz.models import MoeVizError, find_moe_layers, other_modality_blocks, text_runner
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import find_moe_layers, other_modality_blocks, text_runner
 from moe_viz.prune.export import check_exportable, text_scope
 
 torch.set_num_threads(1)
@@ -142,7 +143,7 @@ def test_jetmoe_prunes_attention_and_mlp_experts_each_with_its_own_plan(tmp_path
     import dataclasses
 
     from family_zoo import EVAL, capture_family
-    from moe_viz.models import load_model
+    from moe_viz.models.loading import load_model
     from moe_viz.prune.export import export_pruned
     from moe_viz.prune.plan import build_plan
     from moe_viz.prune.verify import verify_export

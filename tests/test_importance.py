@@ -13,7 +13,7 @@ from moe_viz.cli import main
 from moe_viz.prune.evaluate import evaluate_plan, heldout_text, reference_batches
 from moe_viz.analysis.importance import calibration_sequences, causal_agreement
 from moe_viz.prune.masking import masked_experts
-from moe_viz.models import find_moe_layers
+from moe_viz.models.discovery import find_moe_layers
 from moe_viz.prune.plan import build_plan
 from moe_viz.capture.sources import pack_sequences, read_documents
 from tiny_models import SAMPLE_TEXT, save_tiny_model

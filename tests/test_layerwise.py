@@ -22,7 +22,7 @@ from capture_compare import SETTINGS, assert_same_statistics, domains, reference
 from moe_viz import store
 from moe_viz.capture.layerwise import LayerwiseState, layerwise_reason
 from moe_viz.capture.run import capture
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 # deepseek_v3: a dense first layer, a shared expert, a sigmoid router with group-limited top-k.
 # qwen2_moe: shared expert with its own gate. gpt_oss: sliding-window and full-attention layers

@@ -19,7 +19,9 @@ from torch.nn import functional as F
 
 from family_zoo import EVAL, KEEPS, SEQUENCES, check_family, tiny_family_model
 from moe_viz.capture.run import collect_routing_stats
-from moe_viz.models import MoeVizError, classify_score_fn, find_moe_layers, kept_rows
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import find_moe_layers, kept_rows
+from moe_viz.models.score_fn import classify_score_fn
 from moe_viz.prune.masking import masked_layer
 from moe_viz.prune.verify import verify_export
 

@@ -22,7 +22,7 @@ import pytest
 from moe_viz import jobs, store
 from moe_viz.capture.run import CaptureSettings, capture_model
 from moe_viz.cli import main
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.capture.sources import Documents
 from tiny_models import SAMPLE_TEXT, save_tiny_model, tiny_model, tiny_tokenizer
 

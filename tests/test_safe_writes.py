@@ -20,7 +20,7 @@ import pytest
 from moe_viz import atomic
 from moe_viz.cli import _write_json, main
 from moe_viz.prune.export import PARTIAL_MARKER, PRUNE_MANIFEST, export_name_path, export_pruned, write_manifest
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from test_export import _saved_and_captured
 from test_ui import _app
 from test_ui import captured as ui_captured  # noqa: F401  (a pytest fixture)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_viz.prune.evaluate import evaluate_plan, reference_batches
 from moe_viz.prune.masking import masked_layer
-from moe_viz.models import find_moe_layers
+from moe_viz.models.discovery import find_moe_layers
 from moe_viz.prune.plan import PrunePlan, RouterConstraints
 from moe_viz.analysis.reconstruction import (
     enumeration_plan,
@@ -114,7 +114,7 @@ def test_enumeration_finds_the_brute_force_optimum(family, keep, groups):
 
 
 def test_enumeration_refuses_counts_the_router_cannot_keep():
-    from moe_viz.models import MoeVizError
+    from moe_viz.errors import MoeVizError
 
     model = tiny_model("deepseek_v3")
     inputs = record_block_inputs(model, SEQUENCES[:2])
@@ -198,7 +198,7 @@ def test_nonuniform_search_keeps_the_total_and_top_k():
 
 
 def test_uniform_search_refuses_a_nonuniform_seed():
-    from moe_viz.models import MoeVizError
+    from moe_viz.errors import MoeVizError
 
     model, references, seeds, constraints = _search_setup()
     seeds[1].kept[0] = seeds[1].kept[0][:3]

@@ -14,7 +14,7 @@ import pytest
 
 from moe_viz import store
 from moe_viz.capture.run import CaptureSettings, capture_model
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.capture.sources import Documents
 from tiny_models import tiny_model, tiny_tokenizer
 

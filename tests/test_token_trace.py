@@ -19,7 +19,7 @@ from moe_viz.capture.run import CaptureSettings, capture_model
 from moe_viz.capture.sources import Documents
 from moe_viz.capture.trace import load_trace, save_trace, trace_text
 from moe_viz.cli import main
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 LENGTHS = (12, 5, 9, 12, 3, 7)  # unequal: batches of 4 are padded; the limit cuts sequence 3 in the middle

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from moe_viz.cli import main
 from moe_viz.prune.export import INDEX_FILE, PRUNE_MANIFEST, export_pruned
-from moe_viz.models import find_moe_layers
+from moe_viz.models.discovery import find_moe_layers
 from moe_viz.prune.plan import PrunePlan, RouterConstraints
 from moe_viz.prune.verify import FAIL, PASS, VERIFY_FILE, quality, verify_export
 from tiny_models import FAMILIES, VOCAB, tiny_model

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 
 def group_keys(frame: pd.DataFrame) -> list[str]:

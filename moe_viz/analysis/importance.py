@@ -26,7 +26,8 @@ from torch import nn
 from moe_viz.analysis import criteria
 from moe_viz import store
 from moe_viz.prune.evaluate import evaluate_plan, reference_batches
-from moe_viz.models import MoeVizError, find_moe_layers
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import find_moe_layers
 from moe_viz.capture.sources import pack_sequences, read_documents
 from moe_viz.prune.sweep import sequences_key
 

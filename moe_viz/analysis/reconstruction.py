@@ -31,7 +31,9 @@ from torch import nn
 
 from moe_viz.capture.run import padded_batches
 from moe_viz.prune.masking import masked_layer
-from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, model_fingerprint
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import MoeLayer, find_moe_layers
+from moe_viz.models.fingerprint import model_fingerprint
 from moe_viz.prune.plan import PrunePlan, RouterConstraints, check_keep
 
 EXACT_MAX_EXPERTS = 8  # enumerate every subset up to this many experts per layer (C(8, 4) = 70)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from moe_viz import store
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 TEXT_RUN = "text"  # run id given to the frames of a traced text
 

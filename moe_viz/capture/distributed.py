@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 
 from moe_viz.capture.routing_stats import LayerAccumulator
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 # How long a rank waits for the others at a collective (layer-wise passes of huge models take hours).

@@ -53,7 +53,10 @@ from moe_viz.capture.run import Progress
 from moe_viz.capture.trace import TokenTracer
 from moe_viz.capture.routing_stats import LayerAccumulator
 from moe_viz.checkpoint import checkpoint_bytes
-from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, resolve_dtype, tensor_sample
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import MoeLayer, find_moe_layers
+from moe_viz.models.fingerprint import tensor_sample
+from moe_viz.models.loading import resolve_dtype
 
 STATE_MARKER = "moe_viz-layerwise-state"
 
@@ -64,7 +67,8 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) 
     """The causal LM with every parameter on the meta device; real non-persistent buffers."""
     from accelerate import init_empty_weights
 
-    from moe_viz.models import adopt_text_forward, model_class_for
+    from moe_viz.models.discovery import adopt_text_forward
+    from moe_viz.models.loading import model_class_for
 
     if getattr(config, "is_encoder_decoder", False):
         raise MoeVizError(f"{config.model_type} is an encoder-decoder model: layer-by-layer capture streams one stack "
@@ -456,7 +460,7 @@ class LayerwiseCapture:
         self.layers[index].to("meta")
 
     def fingerprint(self) -> str:
-        from moe_viz.models import fingerprint_from_samples
+        from moe_viz.models.fingerprint import fingerprint_from_samples
 
         missing = [n for n, _, _ in self.meta_state if n not in self.samples]
         if missing:

@@ -36,7 +36,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_viz.models import MoeLayer, MoeVizError, classify_score_fn, dispatch_experts
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import MoeLayer, dispatch_experts
+from moe_viz.models.score_fn import classify_score_fn
 from moe_viz.capture.routing_stats import LayerAccumulator, Scratch, token_shift
 
 try:  # private helper of transformers' grouped_mm experts forward; the fast path mirrors that forward
@@ -301,7 +303,7 @@ class _LayerTap:
 
 class TextNeverReaches:
     """Context manager: fail the forward pass if a block that capture leaves alone (another modality's
-    experts, `models.other_modality_blocks`) runs on any token, so no routed token goes unobserved."""
+    experts, `models.discovery.other_modality_blocks`) runs on any token, so no routed token goes unobserved."""
 
     def __init__(self, blocks: list[tuple[str, nn.Module]]):
         self.blocks = blocks

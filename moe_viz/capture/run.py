@@ -21,10 +21,10 @@ from torch import nn
 
 from moe_viz import __version__, store
 from moe_viz.checkpoint import check_checkpoint, checkpoint_digest, is_local, tokenizer_problem
-from moe_viz.models import (
-    MoeVizError, canonical_model_id, check_model_path, find_moe_layers, load_model, load_tokenizer, model_fingerprint,
-    other_modality_blocks, resolve_device,
-)
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import find_moe_layers, other_modality_blocks
+from moe_viz.models.fingerprint import model_fingerprint
+from moe_viz.models.loading import canonical_model_id, check_model_path, load_model, load_tokenizer, resolve_device
 from moe_viz.capture import distributed
 from moe_viz.capture.distributed import Ranks, Steps
 from moe_viz.capture.observe import RoutingObserver, TextNeverReaches

@@ -21,7 +21,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 

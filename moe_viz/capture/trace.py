@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 DEFAULT_TRACE_TOKENS = 4096  # per domain; `moe-viz capture --trace-tokens N` (0 disables)
 TRACE_FILES = ("token_routes", "run_tokens", "token_pieces")  # one frame each (store tables of the same names)

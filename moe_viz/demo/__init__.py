@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe_viz import store
-from moe_viz.models import MoeVizError, canonical_model_id
+from moe_viz.errors import MoeVizError
+from moe_viz.models.loading import canonical_model_id
 from moe_viz.demo import corpora
 
 SHIPPED_MODEL = Path(__file__).parent / "model"

@@ -19,7 +19,7 @@ from moe_viz.capture.run import collect_routing_stats
 from moe_viz.analysis.domain_stats import mutual_information, specific_experts
 from moe_viz.prune.evaluate import heldout_sequences, mean_loss
 from moe_viz.prune.masking import masked_experts
-from moe_viz.models import find_moe_layers
+from moe_viz.models.discovery import find_moe_layers
 from moe_viz.demo import corpora
 
 SEQ_LEN = 256

@@ -26,7 +26,7 @@ import errno
 import os
 from typing import Callable
 
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 CHUNK = 16 << 20  # bytes per call: bounds pread/write memory whatever the tensor size
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moe_viz.capture.run import padded_batches
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.capture.sources import Documents, pack_sequences, parse_domain, read_documents, token_stream
 
 

@@ -37,8 +37,10 @@ import torch
 
 from moe_viz import __version__
 from moe_viz.atomic import fsync_dir, fsync_file, fsync_tree, write_text_atomic
-from moe_viz.models import (EXPERT_COUNT_KEYS, SELECTION_BIAS_NAMES, MoeVizError, expert_axis, expert_modules,
-                            find_moe_layers, kept_rows, model_class_for, routing_tensors)
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import EXPERT_COUNT_KEYS, expert_modules, find_moe_layers, kept_rows
+from moe_viz.models.loading import model_class_for
+from moe_viz.models.routing import SELECTION_BIAS_NAMES, expert_axis, routing_tensors
 from moe_viz.prune.copy_ranges import copy_range
 from moe_viz.prune.plan import PrunePlan
 
@@ -570,7 +572,7 @@ def text_scope(config) -> str:
     """The tensor-name prefix of the text model that capture observed and export prunes: "" for most
     models; its child's name for a composite model run through a child (Qwen3-Omni's `thinker.`,
     whose speech talker has MoE layers of its own with the same layer numbers)."""
-    from moe_viz.models import text_runner
+    from moe_viz.models.discovery import text_runner
 
     try:
         with torch.device("meta"):

@@ -13,7 +13,9 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from moe_viz.models import MoeLayer, MoeVizError, find_moe_layers, routing_tensors
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import MoeLayer, find_moe_layers
+from moe_viz.models.routing import routing_tensors
 
 
 class _MaskRouterLinear(TorchFunctionMode):

@@ -16,7 +16,7 @@ import pandas as pd
 
 from moe_viz import __version__, store
 from moe_viz.analysis import criteria
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 SCOPES = ("uniform", "global")
 
@@ -313,7 +313,8 @@ def size_summary(plan: PrunePlan, config) -> dict:
     """Parameters and bytes before/after, from the config alone (a model built on the meta device)."""
     import torch
 
-    from moe_viz.models import expert_modules, find_moe_layers, model_class_for
+    from moe_viz.models.discovery import expert_modules, find_moe_layers
+    from moe_viz.models.loading import model_class_for
 
     with torch.device("meta"):
         model = model_class_for(config).from_config(config)

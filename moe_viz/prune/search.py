@@ -32,7 +32,7 @@ from typing import Callable
 from torch import nn
 
 from moe_viz.prune.evaluate import ReferenceBatch, evaluate_plan
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.prune.plan import PrunePlan, RouterConstraints
 
 MODES = ("uniform", "nonuniform")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from moe_viz import __version__, store
 from moe_viz.prune.evaluate import ReferenceBatch, evaluate_plan, reference_batches
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.prune.plan import PrunePlan, build_plan
 
 RESULT_COLUMNS = ("tokens", "sequences", "nll_original", "nll_pruned", "kl", "top1_agreement")

@@ -42,7 +42,9 @@ from moe_viz.capture.run import padded_batches
 from moe_viz.prune.evaluate import evaluation_sequences, predicted_positions
 from moe_viz.prune.export import PRUNE_MANIFEST, TOP_K_KEY
 from moe_viz.prune.masking import applied_plan, masked_layer, reduced_top_k
-from moe_viz.models import EXPERT_COUNT_KEYS, MoeLayer, MoeVizError, expert_modules, find_moe_layers, routing_tensors
+from moe_viz.errors import MoeVizError
+from moe_viz.models.discovery import EXPERT_COUNT_KEYS, MoeLayer, expert_modules, find_moe_layers
+from moe_viz.models.routing import routing_tensors
 from moe_viz.prune.plan import PrunePlan
 from moe_viz.analysis.reconstruction import RecordBlockInputs
 
@@ -68,7 +70,8 @@ def load_checked(path: Path, dtype: torch.dtype):
     """Load a checkpoint; return (model or None, problems) where problems lists load issues."""
     from transformers import AutoConfig
 
-    from moe_viz.models import adopt_text_forward, model_class_for
+    from moe_viz.models.discovery import adopt_text_forward
+    from moe_viz.models.loading import model_class_for
 
     handler = _Collect()
     logger = logging.getLogger("transformers")

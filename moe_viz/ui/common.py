@@ -15,7 +15,7 @@ import streamlit as st
 
 from moe_viz.analysis import tables, domain_stats
 from moe_viz import store
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 
 COLOR_SEQUENTIAL = "Viridis"
 COLOR_DIVERGING = "RdBu_r"  # blue-red diverging: readable with red-green colour blindness

@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 
 from moe_viz.analysis import compare, criteria
 from moe_viz import jobs
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.prune.plan import RouterConstraints
 from moe_viz.prune.sweep import stored_sweeps
 from moe_viz.ui.common import (CHART_HEIGHT, causal_vs_observational, layer_stats, model_config, pick_model,

@@ -11,7 +11,7 @@ from moe_viz.analysis import compare, criteria
 from moe_viz import jobs
 from moe_viz.prune.command import prune_command
 from moe_viz.prune.export import PRUNE_MANIFEST, export_name_path, export_pruned
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.prune.plan import RouterConstraints, build_plan, preview, size_summary
 from moe_viz.prune.sweep import plan_key, stored_plan_results
 from moe_viz.ui.common import (CHART_HEIGHT, DROPPED_COLOR, KEPT_COLOR, criteria_help, layer_stats,

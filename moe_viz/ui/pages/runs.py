@@ -3,7 +3,7 @@
 import streamlit as st
 
 from moe_viz import jobs
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.ui.common import runs, store_path
 
 st.title("Runs")

@@ -10,7 +10,7 @@ import streamlit as st
 from moe_viz import jobs
 from moe_viz.analysis import criteria, token_profiles
 from moe_viz.capture.trace import load_trace
-from moe_viz.models import MoeVizError
+from moe_viz.errors import MoeVizError
 from moe_viz.prune.plan import RouterConstraints, build_plan
 from moe_viz.ui.common import (CHART_HEIGHT, COLOR_SEQUENTIAL, DROPPED_COLOR, criteria_help, 
                                layer_stats, model_config, pick_model, plotly_chart, store_path, trace_view,
