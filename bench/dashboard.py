@@ -54,7 +54,7 @@ def build_store(path: Path) -> None:
 
 
 class Timing:
-    """Wall and process CPU milliseconds of repeated calls (DuckDB runs 1 thread per connection here, in this
+    """Wall and process CPU milliseconds of repeated calls (DuckDB runs 1 thread per process here, in this
     process: its CPU time is what the query costs on an otherwise idle core; wall adds waiting for a CPU)."""
 
     def __init__(self, fn, reps: int = 5):
@@ -126,8 +126,8 @@ def main() -> None:
     computed = [[label, *ms.cells()] for _, _, derived in rows if derived for label, ms in [derived]]
     body = [f"{LAYERS} layers × {EXPERTS} experts × {DOMAINS} domains: {len(stats_all):,} expert rows, "
             f"{coact_rows:,} co-activation rows per layer and run. Milliseconds, median (min–max, n) of 5 calls "
-            "(3 for the slowest), each opening and closing the store as the dashboard does; CPU = this process's "
-            "CPU time (DuckDB: 1 thread per connection, in this process), what a call costs on an otherwise idle "
+            "(3 for the slowest), each opening (attaching) and closing the store as the dashboard does; CPU = this process's "
+            "CPU time (DuckDB: 1 thread per process, in this process), what a call costs on an otherwise idle "
             "core; wall adds waiting for a CPU. Target: a view's query < 100 ms (judged on the CPU median).", "",
             table(["view: the store query it issues", "CPU ms", "wall ms", "< 100 ms"], lines), "",
             "Analysis computed from the query results (pandas/numpy in the page's process; cached per store version):",

@@ -192,7 +192,7 @@ def main() -> None:
         f"`commits` = {args.commits} `begin_run` + `complete_run` of synthetic 48-layer × 128-expert runs. Conditions "
         f"interleaved per round, {args.rounds} rounds after one warm-up capture; wall seconds (waiting for the lock "
         "is the point), median (min–max, n); ratios per round; 1 torch thread, DuckDB "
-        f"{store.duckdb_threads()} thread(s) per connection.", "",
+        f"{store.duckdb_threads()} thread(s) per process.", "",
         table(["workload", "solo (s)", "+ 2 readers (s)", "+ 2 burners (s)", "readers / solo", "burners / solo",
                "opening the store, solo / readers (s, median)", "reads/s per reader"], rows), "",
         f"Machine: {machine(1)}."])

@@ -110,7 +110,7 @@ def main() -> None:
     body = "\n".join([
         f"{len(frames['coactivation']):,} co-activation rows, {len(frames['expert_stats']):,} expert rows; "
         f"{args.reps} repetitions, each in fresh stores (schema created before the timing), bare insert first; "
-        f"DuckDB {store.duckdb.__version__} with {store.duckdb_threads()} thread(s) per connection; wall and process "
+        f"DuckDB {store.duckdb.__version__} with {store.duckdb_threads()} thread(s) per process; wall and process "
         "CPU seconds, median (min–max, n).", "",
         table(["what", "wall s", "CPU s"], rows), "",
         "Before schema v5 the co-activation table carried an ART index on (run_id, layer): in an interleaved "

@@ -154,7 +154,7 @@ def queries(args: argparse.Namespace) -> None:
         body = "\n".join([
             (built.read_text() if built.exists() else f"store {path}") + ". Each view opens the store afresh, as the "
             f"dashboard does; views interleaved, {args.reps} repetitions after one warm-up round; DuckDB "
-            f"{store.duckdb_threads()} thread(s) per connection. CPU = this process's CPU time (all its threads): what "
+            f"{store.duckdb_threads()} thread(s) per process. CPU = this process's CPU time (all its threads): what "
             "the view costs on an otherwise idle core; wall includes waiting for the CPU.", "",
             table(["view", "CPU ms: median (min–max)", "wall ms: median (min–max)"], rows), "",
             f"Machine: {machine()}."])

@@ -323,12 +323,11 @@ def _wait_for_writers(path: Path, deadline: float) -> None:
 
 @lru_cache(maxsize=1)
 def duckdb_threads() -> int:
-    """DuckDB worker threads per store connection: $MOE_VIZ_DUCKDB_THREADS, else half the usable CPUs.
+    """DuckDB worker threads of this process's store instance: $MOE_VIZ_DUCKDB_THREADS, else half the usable CPUs.
 
-    Every query opens the store afresh, and each open starts (and on close joins)
-    a pool of threads-1 workers. With DuckDB's default (all CPUs), two dashboards
+    Every query of every process runs on that many threads. With DuckDB's default (all CPUs), two dashboards
     polling without pause kept 4 threads busy on a 2-core machine and slowed a
-    capture there 2.3x; with 1 thread per connection, 1.4x (docs/BENCHMARKS.md).
+    capture there 2.3x; with 1 thread, 1.4x (docs/BENCHMARKS.md).
     """
     value = os.environ.get("MOE_VIZ_DUCKDB_THREADS")
     if value:
@@ -342,18 +341,91 @@ def duckdb_threads() -> int:
     return max(1, cpus // 2)
 
 
-def _connect_once(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+class _Attachments:
+    """Store files attached to this process's one in-memory DuckDB instance.
+
+    Starting a DuckDB database instance costs ~10 ms of CPU (a `duckdb.connect` of an
+    empty in-memory database, measured here), more than most store queries; ATTACH +
+    DETACH of the file costs ~1 ms, takes and releases the same file lock, and DETACH
+    checkpoints as a close does. So a store connection is a cursor of one long-lived
+    in-memory instance, with the file attached while any connection to it is open:
+    threads share an attachment (counted), and a thread that needs the other mode
+    (read-write while it is attached read-only) waits for it as for another process's
+    lock. A reader may share a read-write attachment: it sees what is committed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._base: duckdb.DuckDBPyConnection | None = None
+        self._attached: dict[str, list] = {}  # file -> [alias, read_only, open connections]
+        self._aliases = 0
+
+    def _instance(self) -> duckdb.DuckDBPyConnection:
+        if self._pid != os.getpid():  # a forked child must not touch its parent's instance
+            self._base, self._attached, self._pid = None, {}, os.getpid()
+        if self._base is None:
+            self._base = duckdb.connect(":memory:", config={"threads": duckdb_threads()})
+        return self._base
+
+    def open(self, path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A connection whose default database is the store at `path`; give it back with `close`."""
+        key = os.path.realpath(path)  # DuckDB allows one attachment per file, however it is spelled
+        with self._lock:
+            base = self._instance()
+            entry = self._attached.get(key)
+            if entry is not None and entry[1] and not read_only:
+                raise duckdb.IOException(f"Could not set lock on file {key}: this process has it attached read-only")
+            if entry is None:
+                self._aliases += 1
+                alias = f"moe_viz_store_{self._aliases}"
+                quoted = key.replace("'", "''")
+                base.execute(f"ATTACH '{quoted}' AS {alias}" + (" (READ_ONLY)" if read_only else ""))
+                entry = self._attached[key] = [alias, read_only, 0]
+            entry[2] += 1
+            try:
+                con = base.cursor()
+                con.execute(f"USE {entry[0]}")
+            except BaseException:
+                self._release(key)
+                raise
+        return con
+
+    def close(self, path: Path, con: duckdb.DuckDBPyConnection) -> None:
+        con.close()
+        with self._lock:
+            self._release(os.path.realpath(path))
+
+    def _release(self, key: str) -> None:
+        entry = self._attached[key]
+        entry[2] -= 1
+        if entry[2] == 0:
+            del self._attached[key]
+            self._base.execute(f"DETACH {entry[0]}")  # checkpoints a read-write attachment, releases the lock
+
+
+_attachments = _Attachments()
+
+
+def _connect_once(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnection, bool]:
+    """(connection, attached): attached to this process's instance unless another instance here has the file."""
     try:
-        return duckdb.connect(str(path), read_only=read_only, config={"threads": duckdb_threads()})
+        return _attachments.open(path, read_only), True
     except duckdb.Error as exc:
-        if "different configuration" not in str(exc).lower():
+        if "unique file handle conflict" not in str(exc).lower():
             raise
-    # This process already has the file open with DuckDB's defaults (e.g. a notebook's own
-    # duckdb.connect): share that instance rather than wait for it to close.
-    return duckdb.connect(str(path), read_only=read_only)
+    # This process already has the file open in a DuckDB instance of its own (e.g. a notebook's
+    # duckdb.connect): connect to that instance, with its settings; a read may go through a
+    # read-write instance. Anything else ("different configuration") waits like a lock.
+    try:
+        return duckdb.connect(str(path), read_only=read_only), False
+    except duckdb.Error as exc:
+        if not read_only or "different configuration" not in str(exc).lower():
+            raise
+    return duckdb.connect(str(path)), False
 
 
-def _open(path: Path, read_only: bool, deadline: float, timeout: float) -> duckdb.DuckDBPyConnection:
+def _open(path: Path, read_only: bool, deadline: float, timeout: float) -> tuple[duckdb.DuckDBPyConnection, bool]:
     delay = 0.002 if not read_only else 0.01
     while True:
         if read_only:
@@ -387,12 +459,15 @@ def connect(path: str | Path, read_only: bool = False, timeout: float = LOCK_TIM
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     with nullcontext() if read_only else _writer_gate(path, deadline, timeout):
-        con = _open(path, read_only, deadline, timeout)
+        con, attached = _open(path, read_only, deadline, timeout)
         try:
             _check_schema(con, path, migrate=not read_only)
             yield con
         finally:
-            con.close()
+            if attached:
+                _attachments.close(path, con)
+            else:
+                con.close()
 
 
 def _schema_version(con: duckdb.DuckDBPyConnection, path: Path, full: bool = True) -> int:

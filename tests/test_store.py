@@ -361,3 +361,68 @@ def test_read_only_directory_is_refused_for_a_user_who_cannot_write_there():
     finally:
         (top / "ro").chmod(0o755) if (top / "ro").exists() else None
         shutil.rmtree(top)
+
+
+# -- connections: one DuckDB instance per process, the file attached while in use --------------
+
+OPEN_READ_WRITE = "import duckdb, sys; duckdb.connect(sys.argv[1]).close(); print('opened')"
+
+
+def _write_one_run(path) -> str:
+    run_id = store.begin_run(path, model_id="m", model_fingerprint="f", model_type="qwen3_moe", domain="d",
+                             source="s", settings={}, tool_version="t")
+    return run_id
+
+
+def test_a_closed_connection_leaves_the_file_unlocked_and_checkpointed(store_path):
+    """Another process can open the store read-write right after a write, and no WAL is left behind:
+    the file is detached (lock released, checkpointed) when the last connection closes."""
+    _write_one_run(store_path)
+    assert not Path(str(store_path) + ".wal").exists()
+    opened = subprocess.run([sys.executable, "-c", OPEN_READ_WRITE, str(store_path)], capture_output=True, text=True)
+    assert opened.stdout.strip() == "opened", opened.stderr
+    with store.connect(store_path, read_only=True):
+        held = subprocess.run([sys.executable, "-c", OPEN_READ_WRITE, str(store_path)], capture_output=True, text=True)
+    assert "lock" in held.stderr.lower()  # while a connection is open, the file is really held
+
+
+def test_connections_of_one_process_share_the_attachment(store_path):
+    """Nested connections (a read inside a write, as a thread beside a writer does) see the committed rows;
+    a write while this process has the file read-only waits like for another process's lock."""
+    run_id = _write_one_run(store_path)
+    with store.connect(store_path) as writer:
+        writer.execute("UPDATE runs SET domain = 'changed' WHERE run_id = ?", [run_id])
+        assert store.list_runs(store_path).domain.tolist() == ["changed"]  # shares the read-write attachment
+    with store.connect(store_path, read_only=True):
+        with pytest.raises(store.StoreLockedError):
+            with store.connect(store_path, timeout=0.2):
+                pass
+    with store.connect(store_path, read_only=True):  # and the same path spelled another way is the same file
+        spelled = Path(store_path).parent / "." / Path(store_path).name
+        assert store.list_runs(spelled).run_id.tolist() == [run_id]
+    with store.connect(store_path) as con:  # everything was detached: read-write works again
+        assert con.execute("SELECT domain FROM runs").fetchall() == [("changed",)]
+
+
+def test_a_store_this_process_opened_with_duckdb_itself_is_still_readable(store_path):
+    """A notebook's own duckdb.connect of the store must not lock moe_viz out of it."""
+    run_id = _write_one_run(store_path)
+    with duckdb.connect(str(store_path)) as own:
+        assert store.list_runs(store_path).run_id.tolist() == [run_id]
+        own.execute("UPDATE runs SET domain = 'notebook'")
+        assert store.list_runs(store_path).domain.tolist() == ["notebook"]
+
+
+def test_a_forked_child_opens_the_store_with_an_instance_of_its_own(store_path):
+    import multiprocessing
+
+    run_id = _write_one_run(store_path)
+    with store.connect(store_path, read_only=True):  # the parent holds an attachment while it forks
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as pool:
+            seen = pool.apply(_runs_in_child, (str(store_path),))
+    assert seen == [run_id]
+
+
+def _runs_in_child(path: str) -> list[str]:
+    return store.list_runs(path).run_id.tolist()
