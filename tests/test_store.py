@@ -112,37 +112,49 @@ def test_missing_store_read_is_a_clear_error(tmp_path):
         store.list_runs(tmp_path / "nothing.duckdb")
 
 
-def test_reader_in_another_process_works_while_a_capture_runs(store_path, model_and_tokenizer):
-    """A separate process polls the store during a capture and must see the run as `running`."""
+def test_reader_in_another_process_works_while_a_capture_runs(store_path, model_and_tokenizer, tmp_path):
+    """A separate process polls the store during a capture and must see the run as `running`, then `complete`.
+
+    No race: the capture's first progress report (after begin_run, before the first forward) waits until
+    the reader has written that it saw the run running; then the reader waits for `complete`.
+    """
     model, tokenizer = model_and_tokenizer
+    saw_running = tmp_path / "reader-saw-running"
     reader = textwrap.dedent(
         f"""
-        import time
+        import pathlib, time
         from moe_viz import store
-        deadline = time.time() + 120
-        seen = set()
+        deadline = time.time() + 240
+        seen = []
         while time.time() < deadline:
             try:
                 statuses = store.list_runs({str(store_path)!r}).status.tolist()
             except store.MoeVizError as exc:
-                if "no store" in str(exc):
-                    time.sleep(0.05); continue
-                raise
-            seen.update(statuses)
+                if "no store" not in str(exc):
+                    raise
+                statuses = []
+            seen += [s for s in statuses if s not in seen]
+            if "running" in statuses:
+                pathlib.Path({str(saw_running)!r}).touch()
             if "complete" in statuses:
                 break
             time.sleep(0.02)
-        print(sorted(seen))
+        print(seen)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3.0)  # let the reader import and start polling before the capture begins
+
+    def hold_until_the_reader_saw_it(progress) -> None:
+        deadline = time.time() + 240
+        while not saw_running.exists():
+            assert proc.poll() is None and time.time() < deadline, "the reader never saw the run running"
+            time.sleep(0.02)
+
     docs = Documents(domain="code", source="inline", texts=[TEXT * 20])
-    slow = CaptureSettings(max_tokens=6000, seq_len=16, batch_size=1)
-    capture_model(model, tokenizer, "tiny", [docs], slow, store_path=store_path, progress=lambda p: time.sleep(0.002))
-    out, err = proc.communicate(timeout=120)
+    capture_model(model, tokenizer, "tiny", [docs], SETTINGS, store_path=store_path, progress=hold_until_the_reader_saw_it)
+    out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
-    assert "running" in out and "complete" in out
+    assert out.strip() == "['running', 'complete']"
 
 
 def test_runs_of_two_models_with_the_same_domain_read_back_together(store_path, model_and_tokenizer):
