@@ -213,3 +213,58 @@ def test_kept_and_dropped_are_told_apart_without_red_green(captured, monkeypatch
     at = _app(store_path, monkeypatch, "rankings")
     bars = {trace.name: trace.marker.color for trace in _charts(at)[0].data}
     assert bars == {"kept": "#0072B2", "dropped": "#E69F00"}
+
+
+WARM_CHECK = """
+import json, sys
+sys.argv = ["app.py", "--store", sys.argv[1]]
+import threading
+from moe_viz.ui.common import warm_imports
+from streamlit.testing.v1 import AppTest
+
+warm_imports()  # the app's background thread, as the app starts it; the app's own call below starts no other
+for thread in threading.enumerate():
+    if thread.name == "moe_viz-warm-imports":
+        thread.join()
+at = AppTest.from_file({app!r}, default_timeout=300)
+at.switch_page({pages!r} + "/runs.py")  # the session opens here: its first run imports the app shell's modules
+at.run()
+seen = {{}}
+for page in {visited!r}:
+    before = set(sys.modules)
+    at.switch_page({pages!r} + f"/{{page}}.py").run()
+    seen[page] = {{"new": sorted(set(sys.modules) - before), "title": [t.value for t in at.title][:1],
+                  "exception": [e.value for e in at.exception]}}
+print(json.dumps(seen))
+"""
+
+
+def test_warm_up_leaves_no_page_a_module_to_import(captured):
+    """Once the app's warm-up thread (warm.warm_up) is done, no page's first visit imports a module.
+
+    A first import costs the import, and under `streamlit run app.py` (file watcher on) Streamlit then rescans
+    every loaded module's path before the page's run is reported finished (~0.3 s CPU). A fresh process: this
+    one has imported everything already. The session opens on Runs; every other page is visited once after it.
+    The model family's own transformers modules depend on the store's model and are left to their first use.
+    """
+    import json
+    import subprocess
+    import sys
+
+    from test_ui import PAGES, ROOT
+
+    _, model_dir, store_path = captured
+    family = "transformers.models." + json.loads((model_dir / "config.json").read_text())["model_type"]
+    visited = ["overlap", "rankings", "expert", "tokens", "health", "prune", "compare", "heatmaps"]
+    code = WARM_CHECK.format(app=str(ROOT / "app.py"), pages=str(ROOT / PAGES), visited=visited)
+    result = subprocess.run([sys.executable, "-c", code, str(store_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {page: (seen[page]["title"], seen[page]["exception"]) for page in visited} == {
+        "overlap": (["Domain overlap"], []), "rankings": (["Saliency rankings"], []),
+        "expert": (["Expert detail"], []), "tokens": (["Token routes"], []), "health": (["Router health"], []),
+        "prune": (["Prune & export"], []), "compare": (["Compare plans"], []),
+        "heatmaps": (["Expert heatmaps"], [])}
+    new = {page: [m for m in seen[page]["new"] if m != family and not m.startswith(family + ".")] for page in visited}
+    assert new == {page: [] for page in visited}

@@ -45,24 +45,19 @@ def plotly_chart(figure, data: pd.DataFrame, key: str, container=None, **kwargs)
 
 
 def warm_imports() -> None:
-    """Import the heavy libraries of later pages in the background, once per server process.
+    """Run warm.warm_up() in a background thread, once per server process.
 
-    plotly.express, transformers and torch take seconds to import; doing it while the
-    user looks at the first page keeps every later page change fast. Only imports run
-    in the thread: no Streamlit call is made from it.
+    plotly.express, transformers and torch take seconds to import, and each page's first
+    figure loads more; doing it while the user looks at the first page keeps every later
+    page change fast (moe_viz/ui/warm.py says what and why). The thread makes no Streamlit call.
     """
     import threading
 
-    def load() -> None:
-        import plotly.express  # noqa: F401
-        import transformers  # noqa: F401
-
-        import moe_viz.prune.export  # noqa: F401
-        import moe_viz.prune.verify  # noqa: F401
+    from moe_viz.ui.warm import warm_up
 
     if not getattr(warm_imports, "started", False):
         warm_imports.started = True
-        threading.Thread(target=load, name="moe_viz-warm-imports", daemon=True).start()
+        threading.Thread(target=warm_up, name="moe_viz-warm-imports", daemon=True).start()
 
 
 def store_path() -> str:
