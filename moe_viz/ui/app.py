@@ -21,7 +21,6 @@ def main() -> None:
     # An emoji favicon is drawn in the browser (a data: URL); without one the pages' Material icons would be
     # fetched from fonts.gstatic.com as favicons. Nothing the dashboard shows leaves this machine.
     st.set_page_config(page_title="moe_viz", page_icon="🧩", layout="wide")
-    warm_imports()
     navigation = st.navigation(
         [
             st.Page(page_path("heatmaps"), title="Heatmaps", icon=":material/grid_on:", default=True),
@@ -37,7 +36,10 @@ def main() -> None:
         ]
     )
     st.sidebar.caption(f"store: `{store_path()}`")
-    navigation.run()
+    try:
+        navigation.run()
+    finally:  # started once the first page's script is done: it would compete with it for the GIL
+        warm_imports()
 
 
 if __name__ == "__main__":  # how Streamlit runs its entry script
