@@ -216,7 +216,7 @@ def test_kept_and_dropped_are_told_apart_without_red_green(captured, monkeypatch
 
 
 WARM_CHECK = """
-import json, sys
+import gc, json, sys
 sys.argv = ["app.py", "--store", sys.argv[1]]
 import threading
 from moe_viz.ui.common import warm_imports
@@ -226,6 +226,8 @@ warm_imports()  # the app's background thread, as the app starts it; the app's o
 for thread in threading.enumerate():
     if thread.name == "moe_viz-warm-imports":
         thread.join()
+tracked = {{id(o) for o in gc.get_objects()}}  # what a full collection traverses: not the frozen generation
+unfrozen = sorted(name for name, module in sys.modules.items() if id(module) in tracked)
 at = AppTest.from_file({app!r}, default_timeout=300)
 at.switch_page({pages!r} + "/runs.py")  # the session opens here: its first run imports the app shell's modules
 at.run()
@@ -235,7 +237,7 @@ for page in {visited!r}:
     at.switch_page({pages!r} + f"/{{page}}.py").run()
     seen[page] = {{"new": sorted(set(sys.modules) - before), "title": [t.value for t in at.title][:1],
                   "exception": [e.value for e in at.exception]}}
-print(json.dumps(seen))
+print(json.dumps({{"unfrozen": unfrozen, "pages": seen}}))
 """
 
 
@@ -246,6 +248,7 @@ def test_warm_up_leaves_no_page_a_module_to_import(captured):
     every loaded module's path before the page's run is reported finished (~0.3 s CPU). A fresh process: this
     one has imported everything already. The session opens on Runs; every other page is visited once after it.
     The model family's own transformers modules depend on the store's model and are left to their first use.
+    And what the thread loaded is frozen out of the garbage collector's reach (every module object).
     """
     import json
     import subprocess
@@ -260,7 +263,9 @@ def test_warm_up_leaves_no_page_a_module_to_import(captured):
     result = subprocess.run([sys.executable, "-c", code, str(store_path)], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["unfrozen"] == []
+    seen = report["pages"]
     assert {page: (seen[page]["title"], seen[page]["exception"]) for page in visited} == {
         "overlap": (["Domain overlap"], []), "rankings": (["Saliency rankings"], []),
         "expert": (["Expert detail"], []), "tokens": (["Token routes"], []), "health": (["Router health"], []),
