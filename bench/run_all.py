@@ -23,7 +23,7 @@ SCALE_DIR = "/tmp/moe_viz_capture_scale"
 def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
     """name -> (script and arguments, the docs/BENCHMARKS.md sections it writes with --write)."""
     return {
-        "capture": (["capture_overhead.py", "--sweep", "--reps", "2"], ["capture-sweep"]),
+        "capture": (["capture_overhead.py", "--sweep", "--reps", "3"], ["capture-sweep"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
                                 ["capture-config-512e"]),
