@@ -62,6 +62,24 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     print(f"updated section {name} of {doc}")
 
 
+# JavaScript, true when the dashboard's script run is over: Streamlit keeps the state on stApp
+# (`notRunning`); the status widget is no proof, it appears only a moment after a run starts.
+SCRIPT_DONE = "document.querySelector('[data-testid=\"stApp\"]').dataset.testScriptState === 'notRunning'"
+
+
+def back_to_runs(page, timeout_ms: int = 60_000) -> None:
+    """Click Runs in a dashboard's sidebar (a Playwright page) and wait until Runs itself is shown.
+
+    Waiting for any table is not enough: the page just left may still show its own, so the wait
+    ended early and the next click queued behind that page's run. Runs' own heading, its table
+    and its run over mean the app is idle on Runs.
+    """
+    page.get_by_role("link", name="Runs").click()
+    page.wait_for_function("() => { const t = document.querySelector('h1'); return t && t.innerText.trim() === 'Runs'"
+                           f" && {SCRIPT_DONE} && document.querySelector('[data-testid=\"stDataFrame\"]'); }}",
+                           timeout=timeout_ms)
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchlib import machine, spread, table, write_section
+from benchlib import SCRIPT_DONE, back_to_runs, machine, spread, table, write_section
 from store_write import synthetic_run
 from moe_viz.analysis import tables, criteria, domain_stats
 from moe_viz import store
@@ -182,17 +182,13 @@ def browser_timings(path: Path, visits: int) -> str:
                     page.wait_for_function(  # the new page's heading is shown, the run is over, its chart drawn
                         "h => { const t = document.querySelector('h1');"
                         " return t && t.innerText.trim() === h"
-                        " && document.querySelector('[data-testid=\"stApp\"]').dataset.testScriptState === 'notRunning'"
+                        f" && {SCRIPT_DONE}"
                         " && document.querySelector('.js-plotly-plot .main-svg, [data-testid=\"stVegaLiteChart\"] .marks'); }",
                         arg=heading, timeout=120_000)
                     wall.append(time.perf_counter() - start)
                     cpu_server.append(cpu_of([server]) - server_start)
                     cpu_browser.append(cpu_of(chromium()) - browser_start)
-                    page.get_by_role("link", name="Runs").click()
-                    page.wait_for_function(  # Runs' own heading and table, its run over: not the last page's
-                        "() => { const t = document.querySelector('h1'); return t && t.innerText.trim() === 'Runs'"
-                        " && document.querySelector('[data-testid=\"stApp\"]').dataset.testScriptState === 'notRunning'"
-                        " && document.querySelector('[data-testid=\"stDataFrame\"]'); }", timeout=60_000)
+                    back_to_runs(page)
                 rows.append([title, f"{wall[0]:.2f}", f"{cpu_server[0]:.2f}", f"{cpu_browser[0]:.2f}",
                              spread(wall[1:], "{:.2f}"), spread(cpu_server[1:], "{:.2f}"),
                              spread(cpu_browser[1:], "{:.2f}"), verdict(wall[1:], 2.0)])

@@ -6,7 +6,9 @@
 Starts one dashboard per checkout (this one and each --reference) on the same synthetic store (LAYERS x EXPERTS x 10 domains,
 built by bench/dashboard.py's build_store if missing) and, alternating between them,
 times a page change Runs -> Heatmaps until the heatmap is drawn (Plotly's image, Vega's painted canvas)
-and the script run is over. Reports the median, min and max per checkout and each ratio of medians.
+and the script run is over (the app's script state is notRunning). Going back, it waits for Runs' own
+heading with its run over, not for any table (the page just left may still show one). Reports the median,
+min and max per checkout and each ratio of medians.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ HERE = Path(__file__).resolve().parent.parent
 # Drawn: Plotly's heatmap image is in the SVG, or Vega's canvas has paint at its centre (a cell: the
 # canvas element exists before Vega has run its dataflow), or Vega's SVG has its marks.
 DRAWN = ("h => { const t = document.querySelector('h1');"
-         " if (!t || t.innerText.trim() !== h || document.querySelector('[data-testid=\"stStatusWidget\"]')) return false;"
+         f" if (!t || t.innerText.trim() !== h || !({benchlib.SCRIPT_DONE})) return false;"
          " if (document.querySelector('.js-plotly-plot g.hm image, [data-testid=\"stVegaLiteChart\"] svg.marks path'))"
          " return true;"
          " const c = document.querySelector('[data-testid=\"stVegaLiteChart\"] canvas.marks');"
@@ -92,8 +94,7 @@ def main() -> None:
             for rep in range(args.reps + 1):  # the first round warms both servers' caches and is not counted
                 for name in (list(checkouts) if rep % 2 else list(checkouts)[::-1]):  # alternate who goes first
                     page = pages[name]
-                    page.get_by_role("link", name="Runs").click()
-                    page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
+                    benchlib.back_to_runs(page)
                     started = time.perf_counter()
                     page.get_by_role("link", name="Heatmaps").click()
                     page.wait_for_function(DRAWN, arg="Expert heatmaps", timeout=180_000)
