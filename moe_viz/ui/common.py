@@ -197,13 +197,37 @@ def require_runs() -> pd.DataFrame:
     return complete
 
 
+def local_config_dir(model_id: str) -> str | None:
+    """The directory holding the model's config.json on this machine, found without the network.
+
+    A local directory is itself; a hub id is its snapshot in the Hugging Face hub cache (revision
+    `main`, as from_pretrained resolves it); None when there is no local copy.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(model_id).is_dir():
+        return model_id
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json")
+    except ValueError:  # not a valid hub id either (huggingface_hub's validation error is a ValueError)
+        return None
+    return str(Path(cached).parent) if isinstance(cached, str) else None
+
+
 @st.cache_resource(show_spinner=False)
 def model_config(model_id: str):
     """The model's config from local files (None for a hub id without a local copy)."""
     from transformers import AutoConfig
 
-    try:  # never reach for the network from a page: a hub id without a local copy just has no config
-        return AutoConfig.from_pretrained(model_id, local_files_only=True)
+    # Never reach for the network from a page. from_pretrained(hub_id, local_files_only=True) is not
+    # enough: for a hub id missing from the cache, huggingface_hub still fetches its agent-harness
+    # registry from the Hub to build a user-agent header (3 s timeout), so a hub id is looked up
+    # in the cache here and only a local directory is handed to transformers.
+    directory = local_config_dir(model_id)
+    if directory is None:
+        return None  # a hub id without a local copy just has no config
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or unknown to transformers
         return None
 
