@@ -26,6 +26,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -34,7 +35,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 import numpy as np
@@ -371,7 +372,7 @@ class _Attachments:
     def open(self, path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         """A connection whose default database is the store at `path`; give it back with `close`."""
         key = os.path.realpath(path)  # DuckDB allows one attachment per file, however it is spelled
-        with self._lock:
+        with _sigint_held() as deliver, self._lock:
             base = self._instance()
             entry = self._attached.get(key)
             if entry is not None and entry[1] and not read_only:
@@ -389,19 +390,60 @@ class _Attachments:
             except BaseException:
                 self._release(key)
                 raise
+        try:
+            deliver()  # a Ctrl-C that came while attaching, now that the connection is whole
+        except BaseException:
+            self.close(path, con)
+            raise
         return con
 
     def close(self, path: Path, con: duckdb.DuckDBPyConnection) -> None:
-        con.close()
-        with self._lock:
-            self._release(os.path.realpath(path))
+        with _sigint_held() as deliver:
+            con.close()
+            with self._lock:
+                self._release(os.path.realpath(path))
+        deliver()
 
     def _release(self, key: str) -> None:
         entry = self._attached[key]
         entry[2] -= 1
         if entry[2] == 0:
-            del self._attached[key]
             self._base.execute(f"DETACH {entry[0]}")  # checkpoints a read-write attachment, releases the lock
+            del self._attached[key]  # only once detached: if DETACH fails, the next open reuses the attachment
+
+
+@contextmanager
+def _sigint_held() -> Iterator[Callable[[], None]]:
+    """Hold SIGINT while the body runs; yields `deliver`, which runs the held signal's handler afterwards.
+
+    A KeyboardInterrupt between an ATTACH and its bookkeeping (or inside DuckDB, which checks for
+    signals while it works) would leave the file attached with no one to detach it: in a notebook
+    that survives the Ctrl-C, the store would stay locked for every other process and unopenable
+    here. Python runs signal handlers in the main thread only, so other threads need nothing.
+    """
+    held: list[int] = []
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+            installed = True
+        except ValueError:  # not the main interpreter
+            pass
+
+    def deliver() -> None:
+        if not held:
+            return
+        held.clear()
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)  # the default action, now that it is restored
+
+    try:
+        yield deliver
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 _attachments = _Attachments()

@@ -438,3 +438,63 @@ def test_a_forked_child_opens_the_store_with_an_instance_of_its_own(store_path):
 
 def _runs_in_child(path: str) -> list[str]:
     return store.list_runs(path).run_id.tolist()
+
+
+SIGINT_CHILD = r"""
+import os, random, signal, subprocess, sys, threading
+from moe_viz import store
+
+path = sys.argv[1]
+# A Ctrl-C while the helper holds signals arrives once the section is over, never inside it.
+with store._sigint_held() as deliver:
+    os.kill(os.getpid(), signal.SIGINT)
+    inside = "no interrupt inside"
+try:
+    deliver()
+    print("not delivered")
+except KeyboardInterrupt:
+    print(inside + ", delivered after")
+
+# Ctrl-C at random moments of store reads and writes: whatever it interrupts, nothing stays attached.
+random.seed(0)
+interrupted = 0
+
+for i in range(300):
+    timer = threading.Timer(random.uniform(0, 0.004), os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        if i % 3:
+            store.list_runs(path)
+        else:
+            store.heartbeat(path, "no-such-run")
+    except KeyboardInterrupt:
+        interrupted += 1
+    except (store.MoeVizError, RuntimeError) as exc:  # DuckDB may report the interrupt as its own error
+        if "interrupt" not in str(exc).lower():
+            raise
+        interrupted += 1
+    while True:  # until the timer fired and its signal was handled (it may land here, after the call)
+        try:
+            timer.join()
+            for _ in range(1000):  # bytecodes at which a pending signal is handled
+                pass
+            break
+        except KeyboardInterrupt:
+            pass
+attached = store._attachments._base.execute(
+    "SELECT database_name FROM duckdb_databases() WHERE NOT internal").fetchall()
+print(interrupted > 0, store._attachments._attached, attached)
+"""
+
+
+def test_ctrl_c_never_leaves_the_store_attached(store_path):
+    """Interrupting store calls (a notebook survives Ctrl-C) leaves nothing attached: the file is unlocked."""
+    _write_one_run(store_path)
+    done = subprocess.run([sys.executable, "-c", SIGINT_CHILD, str(store_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "no interrupt inside, delivered after"
+    assert lines[1] == "True {} [('memory',)]"
+    opened = subprocess.run([sys.executable, "-c", OPEN_READ_WRITE, str(store_path)], capture_output=True, text=True)
+    assert opened.stdout.strip() == "opened", opened.stderr
