@@ -474,6 +474,8 @@ def _open(path: Path, read_only: bool, deadline: float, timeout: float) -> tuple
             _wait_for_writers(path, deadline)
         try:
             return _connect_once(path, read_only)
+        except duckdb.InterruptException as exc:  # DuckDB took the Ctrl-C: it stays one, not "cannot open store"
+            raise KeyboardInterrupt from exc
         except (duckdb.IOException, duckdb.Error) as exc:
             if _is_lock_error(exc) and time.monotonic() < deadline:
                 # Jittered, short: a writer holding the gate only waits for reads already under way.
@@ -523,7 +525,7 @@ def _schema_version(con: duckdb.DuckDBPyConnection, path: Path, full: bool = Tru
             version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
             if isinstance(version, int) and version >= 1:
                 return version
-        except duckdb.Error:
+        except duckdb.ProgrammingError:  # not duckdb.Error: an interrupted query (Ctrl-C) must not be swallowed
             pass  # no (or someone else's) schema_version: the full check says which
     tables = {r[0] for r in con.execute(
         "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
@@ -535,7 +537,7 @@ def _schema_version(con: duckdb.DuckDBPyConnection, path: Path, full: bool = Tru
                           "choose another --store")
     try:
         version = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-    except duckdb.Error:
+    except duckdb.ProgrammingError:
         version = None
     missing = sorted(tables_at(version) - tables) if isinstance(version, int) else []
     if not isinstance(version, int) or version < 1 or (missing and version <= SCHEMA_VERSION):
