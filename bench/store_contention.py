@@ -42,8 +42,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# Each helper restores Python's own SIGINT handler: a benchmark started in the background (`cmd &`,
+# nohup) inherits SIGINT ignored, and its helpers would then loop on after the signal that stops them.
 READER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from moe_viz import store
 path = sys.argv[1]
 reads = 0
@@ -59,6 +62,8 @@ except BaseException:  # SIGINT ends the loop (it may surface from inside DuckDB
 """
 
 BURNER = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 print("ready", flush=True)
 try:
     while True:
