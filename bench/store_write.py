@@ -113,11 +113,9 @@ def main() -> None:
         f"DuckDB {store.duckdb.__version__} with {store.duckdb_threads()} thread(s) per process; wall and process "
         "CPU seconds, median (min–max, n).", "",
         table(["what", "wall s", "CPU s"], rows), "",
-        "Before schema v5 the co-activation table carried an ART index on (run_id, layer): in an interleaved "
-        "raw-DuckDB comparison on the same data it made the first write 16–19 s instead of 3.4–3.6 s and the "
-        "commit of the re-capture's delete 17.9 s instead of 0.08 s (load average ~9, 2026-11-24). `complete_run` "
-        "used to give the 12.3M-row frame a run_id column first (`DataFrame.assign`: 0.4 s of 1.8 s on a quiet "
-        "machine); the INSERT now adds it.", "",
+        "The co-activation table has no index on (run_id, layer) (dropped in schema v5: it made the first write "
+        "and the re-capture's delete several times slower), and `complete_run` lets the INSERT add the run_id "
+        "column instead of building it in the 12.3M-row frame first.", "",
         f"Machine: {machine()}.",
     ])
     print(body)
