@@ -242,8 +242,10 @@ def _now() -> datetime:
 
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
-    # The second: this process has the file open with the other mode (a reader thread
-    # beside a writer thread); like another process's lock, it ends when that closes.
+    # The first also covers this process's own read-only attachment when a write wants the file
+    # (_Attachments.open). The second: another DuckDB instance of this process (a notebook's
+    # duckdb.connect) has the file open in the other mode; like another process's lock, it ends
+    # when that closes.
     return ("lock" in text and ("conflict" in text or "could not set" in text)) or "different configuration" in text
 
 

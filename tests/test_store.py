@@ -381,9 +381,8 @@ OPEN_READ_WRITE = "import duckdb, sys; duckdb.connect(sys.argv[1]).close(); prin
 
 
 def _write_one_run(path) -> str:
-    run_id = store.begin_run(path, model_id="m", model_fingerprint="f", model_type="qwen3_moe", domain="d",
-                             source="s", settings={}, tool_version="t")
-    return run_id
+    return store.begin_run(path, model_id="m", model_fingerprint="f", model_type="qwen3_moe", domain="d",
+                           source="s", settings={}, tool_version="t")
 
 
 def test_a_closed_connection_leaves_the_file_unlocked_and_checkpointed(store_path):
