@@ -3,6 +3,7 @@
     python bench/capture_overhead.py --sweep [--write]          # E x tokens, end to end (CPU, 1 thread)
     python bench/capture_overhead.py --config 100m [--write]    # observer variants on one forward
     python bench/capture_overhead.py --config large --device cuda
+    python bench/capture_overhead.py --fixed [--write]          # a short capture's cost beyond the forwards
 
 --sweep: random-init Qwen3-MoE models (hidden 512, 4 layers, top-8, expert width 128)
 with 16 ... 512 experts; for each token count, interleaved repetitions of
@@ -10,6 +11,11 @@ with 16 ... 512 experts; for each token count, interleaved repetitions of
 - observer: `collect_routing_stats` (observer construction, the same forwards, to_frames);
 - capture:  `capture_model` end to end, i.e. what `moe-viz capture` pays after loading:
             begin_run, the observed forwards, to_frames and the DuckDB write of the run.
+
+--fixed: the sweep's models at one forward per run (2,048 tokens), the cost beyond the
+forwards taken apart: the steps `capture_model` takes, called one by one in its order
+(begin_run, the observed forward with the default token trace, to_frames, the trace's
+frames, complete_run), and begin_run + complete_run of the same rows without a trace.
 
 --config: one forward of a fixed config, variants bare / capture (observer) /
 recompute (observer forced onto the path for non-default experts implementations) /
@@ -31,8 +37,11 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from benchlib import machine, ratios, spread, table, write_section
 from moe_viz.capture.observe import RoutingObserver, slot_outputs
-from moe_viz.capture.run import CaptureSettings, capture_model, collect_routing_stats, padded_batches
+from moe_viz import store
+from moe_viz.capture.run import (CaptureSettings, accumulate_routing, accumulator_frames, capture_model,
+                                 collect_routing_stats, padded_batches)
 from moe_viz.capture.sources import Documents
+from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS, TokenTracer
 from moe_viz.models.discovery import find_moe_layers
 
 CONFIGS = {
@@ -202,9 +211,95 @@ def sweep_mode(args) -> None:
         write_section("capture-sweep" + ("" if default else "-" + "-".join(f"{e}e" for e in args.experts)), body)
 
 
+def fixed_mode(args) -> None:
+    """CPU seconds per run beyond the forwards, step by step, at one forward per run."""
+    shape = SWEEP_SHAPE
+    tokens = shape["batch"] * shape["seq"]
+    steps = ["begin_run", "accumulator_frames", "trace frames", "complete_run", "begin + complete, no trace"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moe_viz_capture_fixed_") as work:
+        for experts in args.experts:
+            model = build_model(shape["hidden"], shape["layers"], experts, shape["top_k"], shape["width"],
+                                shape["vocab"], shape["seq"])
+            sequences = torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]),
+                                      generator=torch.Generator().manual_seed(tokens)).tolist()
+            docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
+            settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
+            paths = {name: Path(work) / f"e{experts}-{name}.duckdb" for name in ("capture", "steps", "no-trace")}
+
+            def begin(path: Path) -> str:
+                return store.begin_run(path, model_id="bench", model_fingerprint="bench", model_type="qwen3_moe",
+                                       domain="bench", source="random", settings={}, tool_version="bench")
+
+            @torch.no_grad()
+            def bare() -> dict[str, float]:
+                start = time.process_time()
+                for ids, mask in padded_batches(sequences, shape["batch"]):
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+                return {"bare": time.process_time() - start}
+
+            def end_to_end() -> dict[str, float]:
+                start = time.process_time()
+                capture_model(model, None, "bench", [docs], settings, store_path=paths["capture"])
+                return {"capture": time.process_time() - start}
+
+            def step_by_step() -> dict[str, float]:
+                seconds, now = {}, time.process_time()
+
+                def lap(name: str) -> None:
+                    nonlocal now
+                    seconds[name], now = time.process_time() - now, time.process_time()
+
+                run_id = begin(paths["steps"])
+                lap("begin_run")
+                tracer = TokenTracer(DEFAULT_TRACE_TOKENS)
+                accumulators = accumulate_routing(model, padded_batches(sequences, shape["batch"]), tracer=tracer)
+                lap("forward, observed")
+                expert_df, layer_df, coact_df = accumulator_frames(accumulators)
+                lap("accumulator_frames")
+                trace = tracer.frames()
+                lap("trace frames")
+                store.complete_run(paths["steps"], run_id, expert_stats=expert_df, layer_stats=layer_df,
+                                   coactivation=coact_df, tokens=tokens, sequences=len(sequences), trace=trace)
+                lap("complete_run")
+                run_id = begin(paths["no-trace"])
+                store.complete_run(paths["no-trace"], run_id, expert_stats=expert_df, layer_stats=layer_df,
+                                   coactivation=coact_df, tokens=tokens, sequences=len(sequences))
+                lap("begin + complete, no trace")
+                return seconds
+
+            variants = [bare, end_to_end, step_by_step]
+            for variant in variants:  # warm-up: creates the stores
+                variant()
+            times: dict[str, list[float]] = {}
+            for rep in range(args.reps):
+                for variant in variants if rep % 2 == 0 else variants[::-1]:
+                    for name, value in variant().items():
+                        times.setdefault(name, []).append(value)
+            beyond = [c - b for c, b in zip(times["capture"], times["bare"])]
+            rows.append([experts, f"{statistics.median(times['bare']):.2f}", spread(beyond, "{:.3f}"),
+                         spread([o - b for o, b in zip(times["forward, observed"], times["bare"])], "{:.3f}"),
+                         *(spread(times[name], "{:.3f}") for name in steps)])
+            print(rows[-1], flush=True)
+            del model
+    header = (f"The sweep's models (hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, fp32) "
+              f"at one forward of {tokens} tokens per run, default token trace ({DEFAULT_TRACE_TOKENS} tokens: every "
+              f"token here, {tokens * shape['layers'] * shape['top_k']:,} `token_routes` rows); {args.reps} interleaved "
+              "repetitions, process CPU seconds, median (min–max). Steps are `capture_model`'s, called one by one in "
+              "its order into a store that already holds the previous repetition's run (replaced: same settings); "
+              "\"begin + complete, no trace\" writes the same statistics without a trace, into a store of its own")
+    body = "\n".join([header + ".", "", table(
+        ["experts", "bare forward (s)", "capture − bare", "observed forward − bare", *steps], rows), "",
+        f"Machine: {machine(args.threads)}."])
+    print(body)
+    if args.write:
+        write_section("capture-fixed", body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="experts x tokens sweep, end to end")
+    parser.add_argument("--fixed", action="store_true", help="a one-forward capture's cost beyond the forwards")
     parser.add_argument("--experts", type=int, nargs="+", default=DEFAULT_EXPERTS)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 32768, 131072])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
@@ -218,6 +313,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.sweep:
         sweep_mode(args)
+    elif args.fixed:
+        fixed_mode(args)
     else:
         config_mode(args)
 
