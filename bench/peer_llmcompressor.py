@@ -17,7 +17,9 @@ fresh process, interleaved per repetition:
   `REAPSaliencyTracker` just before it prunes.
 Each reports the seconds of the calibration call (after loading the model) and the process's
 peak RSS. Then the scores are compared: routed counts, REAP relative difference, and how many
-layers keep exactly the same experts at 50% sparsity.
+layers keep exactly the same experts at 50% sparsity. Last, which attention each pipeline
+runs: layer 0's attention output on the first sequences during `oneshot`, against the model's
+own (causal) forward and against the same attention with every position seeing every other.
 
 Not part of the test suite (it needs the other environment and minutes of CPU).
 """
@@ -126,6 +128,44 @@ def run_llmc(work: Path, out: Path, pipeline: str, all_experts: bool) -> None:
     out.write_text(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "layers": layers}))
 
 
+def run_llmc_attention(work: Path, out: Path, pipeline: str, sequences: int = 2) -> None:
+    """Inside the llm-compressor environment: layer 0's attention output during `oneshot` vs causal and
+    non-causal attention on the same input (max absolute differences)."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    tokens = json.loads((work / "tokens.json").read_text())[:sequences]
+    model = AutoModelForCausalLM.from_pretrained(work / "model").eval()
+    attention = model.model.layers[0].self_attn
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of layer 0's attention, per call
+    attention.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append((kwargs["hidden_states"].detach().clone(),
+                                                          output[0].detach().clone())), with_kwargs=True)
+    dataset = Dataset.from_dict({"input_ids": tokens, "attention_mask": [[1] * len(t) for t in tokens]})
+    oneshot(model=model, dataset=dataset, recipe=REAPPruningModifier(sparsity=0.5), pipeline=pipeline,
+            moe_calibrate_all_experts=False, num_calibration_samples=len(tokens), max_seq_length=len(tokens[0]),
+            shuffle_calibration_samples=False, batch_size=1)
+    causal_error = full_error = 0.0
+    with torch.no_grad():
+        for hidden, got in seen[:sequences]:  # the calibration pass over the sequences, in order
+            length = hidden.shape[-2]
+            hidden = hidden.reshape(1, length, -1)
+            rotary = model.model.rotary_emb(hidden, torch.arange(length)[None])
+            causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+            expected = attention(hidden_states=hidden, attention_mask=causal, position_embeddings=rotary)[0]
+            every = attention(hidden_states=hidden, attention_mask=torch.zeros(1, 1, length, length),
+                              position_embeddings=rotary)[0]
+            got = got.reshape(expected.shape)
+            causal_error = max(causal_error, (got - expected).abs().max().item())
+            full_error = max(full_error, (got - every).abs().max().item())
+    out.write_text(json.dumps({"vs_causal": causal_error, "vs_non_causal": full_error,
+                               "output_scale": max(o.abs().max().item() for _, o in seen[:sequences])}))
+
+
 def compare(mine: dict, theirs: dict, keep: int) -> dict:
     """Counts equal per layer, REAP max relative difference where both routed, same kept set per layer."""
     import numpy as np
@@ -141,7 +181,7 @@ def compare(mine: dict, theirs: dict, keep: int) -> dict:
     return {"same_counts": same_counts, "max_rel": max_rel, "same_kept": same_kept, "layers": len(mine["layers"])}
 
 
-def table_body(results: dict[str, list[dict]], reps: int) -> str:
+def table_body(results: dict[str, list[dict]], reps: int, attention: dict[str, dict]) -> str:
     from benchlib import machine, spread, table
 
     keep = SHAPE["experts"] // 2
@@ -166,6 +206,11 @@ def table_body(results: dict[str, list[dict]], reps: int) -> str:
         "Seconds = the calibration call after the model is loaded (moe_viz: `capture_model` including the store "
         "write; llm-compressor: `oneshot`, which also prunes). Agreement is against moe_viz's first run.", "",
         table(["run", "seconds: median (min–max)", "× moe_viz", "peak RSS (MB)", "score agreement with moe_viz"], rows),
+        "", "Layer 0's attention output during `oneshot` (first 2 sequences), max absolute difference from the "
+        "model's own causal attention and from the same attention without the causal mask:", "",
+        table(["pipeline", "vs causal", "vs non-causal", "output max |x|"],
+              [[name, f"{a['vs_causal']:.1e}", f"{a['vs_non_causal']:.1e}", f"{a['output_scale']:.2f}"]
+               for name, a in attention.items()]),
         "", f"Machine: {machine(1)}.",
     ])
 
@@ -190,8 +235,14 @@ def run_all(args) -> None:
                            cwd=HERE.parent, stdout=subprocess.DEVNULL)
             results[name].append(json.loads(out.read_text()))
             print(name, f"{results[name][-1]['seconds']:.1f}s", flush=True)
-    (work / "results.json").write_text(json.dumps(results))
-    body = table_body(results, args.reps)
+    attention = {}
+    for pipeline in ("basic", "sequential"):
+        out = work / f"attention-{pipeline}.json"
+        subprocess.run([args.llmc_python, __file__, "llmc-attention", "--pipeline", pipeline, "--workdir", str(work),
+                        "--out", str(out)], check=True, cwd=HERE.parent, stdout=subprocess.DEVNULL)
+        attention[pipeline] = json.loads(out.read_text())
+    (work / "results.json").write_text(json.dumps({"runs": results, "attention": attention}))
+    body = table_body(results, args.reps, attention)
     print(body)
     if args.write:
         write_section("peer-llmcompressor", body)
@@ -199,7 +250,7 @@ def run_all(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["all", "moe-viz", "llmc"])
+    parser.add_argument("command", choices=["all", "moe-viz", "llmc", "llmc-attention"])
     parser.add_argument("--workdir", default="/tmp/moe_viz_peer")
     parser.add_argument("--out")
     parser.add_argument("--pipeline", default="basic")
@@ -210,6 +261,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "all":
         run_all(args)
+    elif args.command == "llmc-attention":
+        run_llmc_attention(Path(args.workdir), Path(args.out), args.pipeline)
     elif args.command == "moe-viz":
         run_moe_viz(Path(args.workdir), Path(args.out))
     else:

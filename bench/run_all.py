@@ -44,7 +44,7 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
         "token-trace-overhead": (["token_trace.py", "overhead", "--max-tokens", "200000", "--reps", "4"],
                                  ["token-trace-overhead-200000"]),
         "token-trace-queries": (["token_trace.py", "queries", "--reps", "7"], ["token-trace-queries"]),
-        "peer": (["peer_llmcompressor.py", "all", "--llmc-python", llmc_python], ["peer-llmcompressor"]),
+        "peer": (["peer_llmcompressor.py", "all", "--llmc-python", llmc_python, "--reps", "3"], ["peer-llmcompressor"]),
         # checkpoints and stores under /tmp/moe_viz_capture_scale (memory writes ~4.5 GB; delete it afterwards)
         "capture-scale-memory": (["capture_scale.py", "memory", "--dir", SCALE_DIR, "--reps", "2"],
                                  ["capture-scale-memory"]),
