@@ -6,6 +6,7 @@ llm-compressor 0.14 pins transformers <= 5.17, so it lives in its own virtual en
     python -m venv --system-site-packages /work/venv-llmc
     /work/venv-llmc/bin/pip install "llmcompressor==0.14.*"
     python bench/peer_llmcompressor.py all --llmc-python /work/venv-llmc/bin/python [--write]
+    python bench/peer_llmcompressor.py render [--write]    # the text again from the last run's results.json
 
 `all` builds a random-init Qwen3-MoE checkpoint (hidden 512, 6 layers, 128 experts top-8,
 expert width 128, vocab 8192) and 16,384 random token ids (32 x 512) once, then runs, each in a
@@ -174,15 +175,18 @@ def compare(mine: dict, theirs: dict, keep: int) -> dict:
     for layer, ours in mine["layers"].items():
         other = theirs["layers"][str(layer)]
         same_counts += ours["count"] == other["count"]
+        if str(layer) == "0":  # each slot routed elsewhere changes two counts by one; opposite moves cancel
+            moved_layer0 = int(np.abs(np.array(ours["count"]) - np.array(other["count"])).sum()) // 2
         a, b = np.array(ours["reap"]), np.array(other["reap"])
         both = (np.array(ours["count"]) > 0) & (np.array(other["count"]) > 0)
         max_rel = max(max_rel, float(np.max(np.abs(a - b)[both] / np.abs(b)[both])))
         same_kept += set(np.argsort(-a, kind="stable")[:keep]) == set(np.argsort(-b, kind="stable")[:keep])
-    return {"same_counts": same_counts, "max_rel": max_rel, "same_kept": same_kept, "layers": len(mine["layers"])}
+    return {"same_counts": same_counts, "max_rel": max_rel, "same_kept": same_kept, "layers": len(mine["layers"]),
+            "moved_layer0": moved_layer0, "slots_layer0": int(sum(mine["layers"]["0"]["count"]))}
 
 
-def table_body(results: dict[str, list[dict]], reps: int, attention: dict[str, dict]) -> str:
-    from benchlib import machine, spread, table
+def table_body(results: dict[str, list[dict]], reps: int, attention: dict[str, dict], machine: str) -> str:
+    from benchlib import spread, table
 
     keep = SHAPE["experts"] // 2
     base = results["moe_viz capture"]
@@ -195,6 +199,8 @@ def table_body(results: dict[str, list[dict]], reps: int, attention: dict[str, d
             c = compare(base[0], runs[0], keep)
             agreement = (f"routed counts identical in {c['same_counts']}/{c['layers']} layers; REAP max rel. diff "
                          f"{c['max_rel']:.1e} where both routed; same kept half in {c['same_kept']}/{c['layers']} layers")
+            if c["moved_layer0"]:
+                agreement += f"; layer 0: ≥ {c['moved_layer0']:,} of {c['slots_layer0']:,} slots routed elsewhere"
         rows.append([name, spread(seconds, "{:.1f}"), spread(ratio, "{:.2f}") if name != "moe_viz capture" else "1",
                      f"{max(r['peak_rss_mb'] for r in runs):.0f}", agreement])
     s = SHAPE
@@ -208,15 +214,15 @@ def table_body(results: dict[str, list[dict]], reps: int, attention: dict[str, d
         table(["run", "seconds: median (min–max)", "× moe_viz", "peak RSS (MB)", "score agreement with moe_viz"], rows),
         "", "Layer 0's attention output during `oneshot` (first 2 sequences), max absolute difference from the "
         "model's own causal attention and from the same attention without the causal mask:", "",
-        table(["pipeline", "vs causal", "vs non-causal", "output max |x|"],
+        table(["pipeline", "vs causal", "vs non-causal", "largest output value (abs)"],
               [[name, f"{a['vs_causal']:.1e}", f"{a['vs_non_causal']:.1e}", f"{a['output_scale']:.2f}"]
                for name, a in attention.items()]),
-        "", f"Machine: {machine(1)}.",
+        "", f"Machine: {machine}.",
     ])
 
 
 def run_all(args) -> None:
-    from benchlib import write_section
+    from benchlib import machine
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -241,8 +247,17 @@ def run_all(args) -> None:
         subprocess.run([args.llmc_python, __file__, "llmc-attention", "--pipeline", pipeline, "--workdir", str(work),
                         "--out", str(out)], check=True, cwd=HERE.parent, stdout=subprocess.DEVNULL)
         attention[pipeline] = json.loads(out.read_text())
-    (work / "results.json").write_text(json.dumps({"runs": results, "attention": attention}))
-    body = table_body(results, args.reps, attention)
+    (work / "results.json").write_text(json.dumps({"runs": results, "attention": attention, "reps": args.reps,
+                                                   "machine": machine(1)}))
+    render(args)
+
+
+def render(args) -> None:
+    """The section's text from the last `all` run's results.json (to change the wording without re-running)."""
+    from benchlib import write_section
+
+    saved = json.loads((Path(args.workdir) / "results.json").read_text())
+    body = table_body(saved["runs"], saved["reps"], saved["attention"], saved["machine"])
     print(body)
     if args.write:
         write_section("peer-llmcompressor", body)
@@ -250,17 +265,19 @@ def run_all(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["all", "moe-viz", "llmc", "llmc-attention"])
+    parser.add_argument("command", choices=["all", "render", "moe-viz", "llmc", "llmc-attention"])
     parser.add_argument("--workdir", default="/tmp/moe_viz_peer")
     parser.add_argument("--out")
     parser.add_argument("--pipeline", default="basic")
     parser.add_argument("--all-experts", type=int, default=1)
     parser.add_argument("--llmc-python", default="/work/venv-llmc/bin/python")
-    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
     args = parser.parse_args()
     if args.command == "all":
         run_all(args)
+    elif args.command == "render":
+        render(args)
     elif args.command == "llmc-attention":
         run_llmc_attention(Path(args.workdir), Path(args.out), args.pipeline)
     elif args.command == "moe-viz":
