@@ -27,6 +27,7 @@ Reports medians and the median (min-max) of per-repetition ratios to bare.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -215,7 +216,8 @@ def fixed_mode(args) -> None:
     """CPU seconds per run beyond the forwards, step by step, at one forward per run."""
     shape = SWEEP_SHAPE
     tokens = shape["batch"] * shape["seq"]
-    steps = ["begin_run", "accumulator_frames", "trace frames", "complete_run", "begin + complete, no trace"]
+    steps = ["begin_run", "accumulator_frames", "trace frames", "complete_run", "begin + complete, no trace",
+             "complete_run, new run"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="moe_viz_capture_fixed_") as work:
         for experts in args.experts:
@@ -225,11 +227,13 @@ def fixed_mode(args) -> None:
                                       generator=torch.Generator().manual_seed(tokens)).tolist()
             docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
             settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
-            paths = {name: Path(work) / f"e{experts}-{name}.duckdb" for name in ("capture", "steps", "no-trace")}
+            paths = {name: Path(work) / f"e{experts}-{name}.duckdb" for name in ("capture", "steps", "no-trace", "new")}
 
-            def begin(path: Path) -> str:
+            new_domains = itertools.count(1)
+
+            def begin(path: Path, domain: str = "bench") -> str:
                 return store.begin_run(path, model_id="bench", model_fingerprint="bench", model_type="qwen3_moe",
-                                       domain="bench", source="random", settings={}, tool_version="bench")
+                                       domain=domain, source="random", settings={}, tool_version="bench")
 
             @torch.no_grad()
             def bare() -> dict[str, float]:
@@ -266,6 +270,11 @@ def fixed_mode(args) -> None:
                 store.complete_run(paths["no-trace"], run_id, expert_stats=expert_df, layer_stats=layer_df,
                                    coactivation=coact_df, tokens=tokens, sequences=len(sequences))
                 lap("begin + complete, no trace")
+                run_id = begin(paths["new"], domain=f"bench-{next(new_domains)}")  # replaces nothing: the store grows
+                now = time.process_time()
+                store.complete_run(paths["new"], run_id, expert_stats=expert_df, layer_stats=layer_df,
+                                   coactivation=coact_df, tokens=tokens, sequences=len(sequences), trace=trace)
+                lap("complete_run, new run")
                 return seconds
 
             variants = [bare, end_to_end, step_by_step]
@@ -287,7 +296,9 @@ def fixed_mode(args) -> None:
               f"token here, {tokens * shape['layers'] * shape['top_k']:,} `token_routes` rows); {args.reps} interleaved "
               "repetitions, process CPU seconds, median (min–max). Steps are `capture_model`'s, called one by one in "
               "its order into a store that already holds the previous repetition's run (replaced: same settings); "
-              "\"begin + complete, no trace\" writes the same statistics without a trace, into a store of its own")
+              "\"begin + complete, no trace\" writes the same statistics without a trace, into a store of its own; "
+              "\"complete_run, new run\" writes them with the trace as a run of its own (another domain each time) "
+              "into a store that keeps every earlier one")
     body = "\n".join([header + ".", "", table(
         ["experts", "bare forward (s)", "capture − bare", "observed forward − bare", *steps], rows), "",
         f"Machine: {machine(args.threads)}."])
