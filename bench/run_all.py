@@ -27,7 +27,7 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
         # the 16-expert rows alone (~12 min), to re-check them on an idle machine without the 45-minute sweep
         "capture-16e": (["capture_overhead.py", "--sweep", "--experts", "16", "--reps", "3"], ["capture-sweep-16e"]),
         # a one-forward capture's cost beyond the forwards, step by step (~2 min)
-        "capture-fixed": (["capture_overhead.py", "--fixed", "--reps", "5"], ["capture-fixed"]),
+        "capture-fixed": (["capture_overhead.py", "--fixed", "--reps", "6"], ["capture-fixed"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
                                 ["capture-config-512e"]),
