@@ -4,6 +4,7 @@
     python bench/capture_overhead.py --config 100m [--write]    # observer variants on one forward
     python bench/capture_overhead.py --config large --device cuda
     python bench/capture_overhead.py --fixed [--write]          # a short capture's cost beyond the forwards
+    python bench/capture_overhead.py --paired [--write]         # observer per forward, paired, with a 95% CI
 
 --sweep: random-init Qwen3-MoE models (hidden 512, 4 layers, top-8, expert width 128)
 with 16 ... 512 experts; for each token count, interleaved repetitions of
@@ -17,6 +18,11 @@ forwards taken apart: the steps `capture_model` takes, called one by one in its 
 (begin_run, the observed forward with the default token trace, to_frames, the trace's
 frames, complete_run), and begin_run + complete_run of the same rows without a trace.
 
+--paired: the sweep's models, one observer kept across forwards (as in a capture), bare and
+observed forwards of the same 2,048 tokens alternated in pairs; the median of the pairs' ratios
+with a bootstrap 95% interval. Pairs cancel the machine's drift that whole-capture repetitions
+of 16-70 s carry (their spread, several per cent, is larger than the overhead itself).
+
 --config: one forward of a fixed config, variants bare / capture (observer) /
 recompute (observer forced onto the path for non-default experts implementations) /
 dense ("every expert on every token" norms, the way REAP's reference code measures them).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
 import statistics
 import tempfile
 import time
@@ -42,6 +49,7 @@ from moe_viz import store
 from moe_viz.capture.run import (CaptureSettings, accumulate_routing, accumulator_frames, capture_model,
                                  collect_routing_stats, padded_batches)
 from moe_viz.capture.sources import Documents
+from moe_viz.capture.timing import Timings
 from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS, TokenTracer
 from moe_viz.models.discovery import find_moe_layers
 
@@ -158,6 +166,8 @@ def sweep_mode(args) -> None:
                                 shape["vocab"], shape["seq"])
             params = sum(p.numel() for p in model.parameters())
             store_path = Path(work) / f"e{experts}.duckdb"
+            store_seconds: list[float] = []
+
             def variants_for(tokens: int) -> dict:
                 g = torch.Generator().manual_seed(tokens)
                 sequences = torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]), generator=g).tolist()
@@ -169,15 +179,21 @@ def sweep_mode(args) -> None:
                     for ids, mask in padded_batches(sequences, shape["batch"]):
                         model(input_ids=ids, attention_mask=mask, use_cache=False)
 
+                def capture():
+                    timings = Timings()
+                    capture_model(model, None, "bench", [docs], settings, store_path=store_path, timings=timings)
+                    store_seconds.append(timings.seconds["frames"] + timings.seconds["store"])
+
                 return {
                     "bare": bare,
                     "observer": lambda: collect_routing_stats(model, sequences, shape["batch"]),
-                    "capture": lambda: capture_model(model, None, "bench", [docs], settings, store_path=store_path),
+                    "capture": capture,
                 }
 
             for run in variants_for(tokens_per_forward).values():  # warm-up, once per model (creates the store)
                 run()
             for tokens in args.tokens:
+                store_seconds.clear()  # capture's own frames + store phases, this row's repetitions
                 variants = variants_for(tokens)
                 times = {name: [] for name in variants}
                 walls = {name: [] for name in variants}
@@ -193,7 +209,7 @@ def sweep_mode(args) -> None:
                 fixed = [c - o for c, o in zip(times["capture"], times["observer"])]
                 rows.append([experts, f"{params / 1e6:.0f}M", f"{tokens:,}", f"{statistics.median(times['bare']):.2f}",
                              spread(obs, "{:.3f}"), spread(cap, "{:.3f}"), spread(fixed, "{:.2f}"),
-                             spread(ratios(walls["capture"], walls["bare"]), "{:.3f}")])
+                             spread(store_seconds, "{:.3f}"), spread(ratios(walls["capture"], walls["bare"]), "{:.3f}")])
                 print(rows[-1], flush=True)
             del model
     header = (f"Random-init Qwen3-MoE, hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
@@ -202,10 +218,12 @@ def sweep_mode(args) -> None:
               f"other one), after one warm-up round of {tokens_per_forward} tokens per model; process CPU time (wall "
               "time in the last column); ratios are per-repetition ratios to bare, median (min–max); capture − observer = CPU seconds of the store write and the rest of `capture_model` "
               "(begin_run, packing, fingerprint, complete_run), per repetition, so at many tokens it carries the "
-              "forwards' noise too")
+              "forwards' noise too; frames + store write = the capture's own `frames` and `store` phases (wall), "
+              "timed inside the same captures")
     body = "\n".join([header + ".", "",
                       table(["experts", "params", "tokens", "bare (s)", "observer / bare", "capture end to end / bare",
-                             "capture − observer (CPU s)", "capture / bare, wall"], rows), "", f"Machine: {machine(args.threads)}."])
+                             "capture − observer (CPU s)", "frames + store write in the capture (s)",
+                             "capture / bare, wall"], rows), "", f"Machine: {machine(args.threads)}."])
     print(body)
     if args.write:  # the default expert counts write the main table; others their own (e.g. a re-check of one)
         default = args.experts == DEFAULT_EXPERTS
@@ -307,10 +325,50 @@ def fixed_mode(args) -> None:
         write_section("capture-fixed", body)
 
 
+def paired_mode(args) -> None:
+    """Observed / bare per forward, from adjacent pairs, with one observer kept across the forwards."""
+    shape = SWEEP_SHAPE
+    rng = random.Random(0)
+    rows = []
+    for experts in args.experts:
+        model = build_model(shape["hidden"], shape["layers"], experts, shape["top_k"], shape["width"],
+                            shape["vocab"], shape["seq"])
+        ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0))
+        observer = RoutingObserver(find_moe_layers(model))
+
+        def forward(observed: bool) -> float:
+            return timed_forward(model, ids, observer if observed else None)
+
+        forward(True), forward(False)  # warm-up: the observer's work buffers exist from here on
+        pairs = []
+        for i in range(args.pairs):
+            first = i % 2 == 0  # which of the two goes first alternates
+            a = forward(first)
+            b = forward(not first)
+            observed, bare = (a, b) if first else (b, a)
+            pairs.append(observed / bare)
+        medians = sorted(statistics.median(rng.choices(pairs, k=len(pairs))) for _ in range(2000))
+        rows.append([experts, f"{statistics.median(pairs):.3f}", f"{medians[49]:.3f}–{medians[1949]:.3f}",
+                     f"{min(pairs):.3f}–{max(pairs):.3f}", len(pairs)])
+        print(rows[-1], flush=True)
+        del model, observer
+    header = (f"The sweep's models (hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
+              f"fp32), one forward of {shape['batch'] * shape['seq']} tokens; bare and observed forwards in adjacent "
+              "pairs (which goes first alternates), one observer accumulating across all of them as in a capture; "
+              "process CPU time; 95% interval of the median ratio by bootstrap (2,000 resamples)")
+    body = "\n".join([header + ".", "", table(["experts", "observed / bare, median", "95% interval", "min–max", "pairs"],
+                                                rows), "", f"Machine: {machine(args.threads)}."])
+    print(body)
+    if args.write:
+        write_section("capture-paired", body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="experts x tokens sweep, end to end")
     parser.add_argument("--fixed", action="store_true", help="a one-forward capture's cost beyond the forwards")
+    parser.add_argument("--paired", action="store_true", help="observer per forward, paired forwards, 95%% interval")
+    parser.add_argument("--pairs", type=int, default=40, help="--paired: pairs of forwards per model")
     parser.add_argument("--experts", type=int, nargs="+", default=DEFAULT_EXPERTS)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 32768, 131072])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
@@ -326,6 +384,8 @@ def main() -> None:
         sweep_mode(args)
     elif args.fixed:
         fixed_mode(args)
+    elif args.paired:
+        paired_mode(args)
     else:
         config_mode(args)
 

@@ -28,6 +28,8 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
         "capture-16e": (["capture_overhead.py", "--sweep", "--experts", "16", "--reps", "3"], ["capture-sweep-16e"]),
         # a one-forward capture's cost beyond the forwards, step by step (~2 min)
         "capture-fixed": (["capture_overhead.py", "--fixed", "--reps", "6"], ["capture-fixed"]),
+        # the observer per forward from adjacent bare/observed pairs, with a 95% interval (~5 min)
+        "capture-paired": (["capture_overhead.py", "--paired", "--pairs", "40"], ["capture-paired"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
                                 ["capture-config-512e"]),
