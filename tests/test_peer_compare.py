@@ -1,24 +1,12 @@
 """bench/peer_llmcompressor.py's agreement column: what it counts as the same, on hand-made score tables."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from bench_scripts import bench_module
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("bench_peer", BENCH / "peer_llmcompressor.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module.compare
+    return bench_module("peer_llmcompressor").compare
 
 
 def scores(layers):
