@@ -94,14 +94,23 @@ def run_moe_viz(work: Path, out: Path) -> None:
     out.write_text(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "layers": layers}))
 
 
+def _reap_oneshot(model, tokens: list[list[int]], pipeline: str, all_experts: bool) -> None:
+    """Inside the llm-compressor environment: its REAP calibration and 50% pruning of `model` on `tokens`."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
+
+    dataset = Dataset.from_dict({"input_ids": tokens, "attention_mask": [[1] * len(t) for t in tokens]})
+    oneshot(model=model, dataset=dataset, recipe=REAPPruningModifier(sparsity=0.5), pipeline=pipeline,
+            moe_calibrate_all_experts=all_experts, num_calibration_samples=len(tokens),
+            max_seq_length=len(tokens[0]), shuffle_calibration_samples=False, batch_size=1)
+
+
 def run_llmc(work: Path, out: Path, pipeline: str, all_experts: bool) -> None:
     """Inside the llm-compressor environment."""
     import re
 
     import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
     from llmcompressor.modifiers.pruning.reap import utils as reap_utils
     from transformers import AutoModelForCausalLM
 
@@ -116,12 +125,9 @@ def run_llmc(work: Path, out: Path, pipeline: str, all_experts: bool) -> None:
 
     reap_utils.REAPSaliencyTracker.compute_retained_experts = recording
     tokens = json.loads((work / "tokens.json").read_text())
-    dataset = Dataset.from_dict({"input_ids": tokens, "attention_mask": [[1] * len(t) for t in tokens]})
     model = AutoModelForCausalLM.from_pretrained(work / "model").eval()
     start = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=REAPPruningModifier(sparsity=0.5), pipeline=pipeline,
-            moe_calibrate_all_experts=all_experts, num_calibration_samples=len(tokens),
-            max_seq_length=len(tokens[0]), shuffle_calibration_samples=False, batch_size=1)
+    _reap_oneshot(model, tokens, pipeline, all_experts)
     seconds = time.perf_counter() - start
     # Trackers are pruned in sorted layer-name order; map them back to layer numbers.
     names = sorted(f"model.layers.{i}.mlp" for i in range(len(captured)))
@@ -133,9 +139,6 @@ def run_llmc_attention(work: Path, out: Path, pipeline: str, sequences: int = 2)
     """Inside the llm-compressor environment: layer 0's attention output during `oneshot` vs causal and
     non-causal attention on the same input (max absolute differences)."""
     import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
@@ -146,10 +149,7 @@ def run_llmc_attention(work: Path, out: Path, pipeline: str, sequences: int = 2)
     attention.register_forward_hook(
         lambda module, args, kwargs, output: seen.append((kwargs["hidden_states"].detach().clone(),
                                                           output[0].detach().clone())), with_kwargs=True)
-    dataset = Dataset.from_dict({"input_ids": tokens, "attention_mask": [[1] * len(t) for t in tokens]})
-    oneshot(model=model, dataset=dataset, recipe=REAPPruningModifier(sparsity=0.5), pipeline=pipeline,
-            moe_calibrate_all_experts=False, num_calibration_samples=len(tokens), max_seq_length=len(tokens[0]),
-            shuffle_calibration_samples=False, batch_size=1)
+    _reap_oneshot(model, tokens, pipeline, all_experts=False)
     causal_error = full_error = 0.0
     with torch.no_grad():
         for hidden, got in seen[:sequences]:  # the calibration pass over the sequences, in order
@@ -175,14 +175,14 @@ def compare(mine: dict, theirs: dict, keep: int) -> dict:
     for layer, ours in mine["layers"].items():
         other = theirs["layers"][str(layer)]
         same_counts += ours["count"] == other["count"]
-        if str(layer) == "0":  # each slot routed elsewhere changes two counts by one; opposite moves cancel
-            moved_layer0 = int(np.abs(np.array(ours["count"]) - np.array(other["count"])).sum()) // 2
         a, b = np.array(ours["reap"]), np.array(other["reap"])
         both = (np.array(ours["count"]) > 0) & (np.array(other["count"]) > 0)
         max_rel = max(max_rel, float(np.max(np.abs(a - b)[both] / np.abs(b)[both])))
         same_kept += set(np.argsort(-a, kind="stable")[:keep]) == set(np.argsort(-b, kind="stable")[:keep])
+    ours, other = np.array(mine["layers"]["0"]["count"]), np.array(theirs["layers"]["0"]["count"])
+    moved = int(np.abs(ours - other).sum()) // 2  # a slot routed elsewhere moves two counts by one; opposite moves cancel
     return {"same_counts": same_counts, "max_rel": max_rel, "same_kept": same_kept, "layers": len(mine["layers"]),
-            "moved_layer0": moved_layer0, "slots_layer0": int(sum(mine["layers"]["0"]["count"]))}
+            "moved_layer0": moved, "slots_layer0": int(ours.sum())}
 
 
 def table_body(results: dict[str, list[dict]], reps: int, attention: dict[str, dict], machine: str) -> str:
