@@ -44,8 +44,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from benchlib import machine, ratios, spread, table, write_section
-from moe_viz.capture.observe import RoutingObserver, slot_outputs
 from moe_viz import store
+from moe_viz.capture.observe import RoutingObserver, slot_outputs
 from moe_viz.capture.run import (CaptureSettings, accumulate_routing, accumulator_frames, capture_model,
                                  collect_routing_stats, padded_batches)
 from moe_viz.capture.sources import Documents
@@ -72,6 +72,20 @@ def build_model(hidden, layers, experts, top_k, width, vocab, seq, device="cpu",
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+
+
+def sweep_model(experts: int):
+    """The sweep's random-init model (SWEEP_SHAPE) with `experts` experts."""
+    shape = SWEEP_SHAPE
+    return build_model(shape["hidden"], shape["layers"], experts, shape["top_k"], shape["width"], shape["vocab"],
+                       shape["seq"])
+
+
+def sweep_sequences(tokens: int) -> list[list[int]]:
+    """`tokens` random token ids as sequences of SWEEP_SHAPE's length, the same for a given count."""
+    shape = SWEEP_SHAPE
+    return torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]),
+                         generator=torch.Generator().manual_seed(tokens)).tolist()
 
 
 def build(name: str, device: str, dtype: torch.dtype):
@@ -162,15 +176,13 @@ def sweep_mode(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="moe_viz_capture_bench_") as work:
         for experts in args.experts:
-            model = build_model(shape["hidden"], shape["layers"], experts, shape["top_k"], shape["width"],
-                                shape["vocab"], shape["seq"])
+            model = sweep_model(experts)
             params = sum(p.numel() for p in model.parameters())
             store_path = Path(work) / f"e{experts}.duckdb"
             store_seconds: list[float] = []
 
             def variants_for(tokens: int) -> dict:
-                g = torch.Generator().manual_seed(tokens)
-                sequences = torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]), generator=g).tolist()
+                sequences = sweep_sequences(tokens)
                 docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
                 settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
 
@@ -239,10 +251,8 @@ def fixed_mode(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="moe_viz_capture_fixed_") as work:
         for experts in args.experts:
-            model = build_model(shape["hidden"], shape["layers"], experts, shape["top_k"], shape["width"],
-                                shape["vocab"], shape["seq"])
-            sequences = torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]),
-                                      generator=torch.Generator().manual_seed(tokens)).tolist()
+            model = sweep_model(experts)
+            sequences = sweep_sequences(tokens)
             docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
             settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
             paths = {name: Path(work) / f"e{experts}-{name}.duckdb" for name in ("capture", "steps", "no-trace", "new")}
@@ -252,6 +262,11 @@ def fixed_mode(args) -> None:
             def begin(path: Path, domain: str = "bench") -> str:
                 return store.begin_run(path, model_id="bench", model_fingerprint="bench", model_type="qwen3_moe",
                                        domain=domain, source="random", settings={}, tool_version="bench")
+
+            def complete(path: Path, run_id: str, frames: tuple, trace: dict | None) -> None:
+                expert_df, layer_df, coact_df = frames
+                store.complete_run(path, run_id, expert_stats=expert_df, layer_stats=layer_df, coactivation=coact_df,
+                                   tokens=tokens, sequences=len(sequences), trace=trace)
 
             @torch.no_grad()
             def bare() -> dict[str, float]:
@@ -277,21 +292,17 @@ def fixed_mode(args) -> None:
                 tracer = TokenTracer(DEFAULT_TRACE_TOKENS)
                 accumulators = accumulate_routing(model, padded_batches(sequences, shape["batch"]), tracer=tracer)
                 lap("forward, observed")
-                expert_df, layer_df, coact_df = accumulator_frames(accumulators)
+                frames = accumulator_frames(accumulators)
                 lap("accumulator_frames")
                 trace = tracer.frames()
                 lap("trace frames")
-                store.complete_run(paths["steps"], run_id, expert_stats=expert_df, layer_stats=layer_df,
-                                   coactivation=coact_df, tokens=tokens, sequences=len(sequences), trace=trace)
+                complete(paths["steps"], run_id, frames, trace)
                 lap("complete_run")
-                run_id = begin(paths["no-trace"])
-                store.complete_run(paths["no-trace"], run_id, expert_stats=expert_df, layer_stats=layer_df,
-                                   coactivation=coact_df, tokens=tokens, sequences=len(sequences))
+                complete(paths["no-trace"], begin(paths["no-trace"]), frames, None)
                 lap("begin + complete, no trace")
                 run_id = begin(paths["new"], domain=f"bench-{next(new_domains)}")  # replaces nothing: the store grows
                 now = time.process_time()
-                store.complete_run(paths["new"], run_id, expert_stats=expert_df, layer_stats=layer_df,
-                                   coactivation=coact_df, tokens=tokens, sequences=len(sequences), trace=trace)
+                complete(paths["new"], run_id, frames, trace)
                 lap("complete_run, new run")
                 return seconds
 
@@ -331,8 +342,7 @@ def paired_mode(args) -> None:
     rng = random.Random(0)
     rows = []
     for experts in args.experts:
-        model = build_model(shape["hidden"], shape["layers"], experts, shape["top_k"], shape["width"],
-                            shape["vocab"], shape["seq"])
+        model = sweep_model(experts)
         ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0))
         observer = RoutingObserver(find_moe_layers(model))
 
