@@ -38,9 +38,9 @@ def _padded(sequences):
     return ids, mask
 
 
-def _reference(model, family):
-    """Per layer: (E) routed_tokens, gate_sum, top1_tokens, prob_sum and the number of non-expert slots,
-    from what each router container returned (Python loops, no moe_viz capture code)."""
+def _router_slots(model, family):
+    """Per MoE layer: (layer, logits, weights, index, real) of the real tokens, as each router container returned
+    them (float64 logits and weights); `real` (T, k) marks the slots that went to a routed expert."""
     layers = find_moe_layers(model)
     seen = {}
     handles = [layer.router_parent.register_forward_hook(
@@ -51,7 +51,6 @@ def _reference(model, family):
     for handle in handles:
         handle.remove()
     valid = mask.reshape(-1).bool()
-    result = {}
     for layer in layers:
         E = layer.num_experts
         out = seen[layer.name]
@@ -64,6 +63,15 @@ def _reference(model, family):
             assert torch.equal(index[real], chosen[real])
         else:
             real = index < E
+        yield layer, logits, weights, index, real
+
+
+def _reference(model, family):
+    """Per layer: (E) routed_tokens, gate_sum, top1_tokens, prob_sum and the number of non-expert slots,
+    from what each router container returned (Python loops, no moe_viz capture code)."""
+    result = {}
+    for layer, logits, weights, index, real in _router_slots(model, family):
+        E = layer.num_experts
         scores = torch.sigmoid(logits) if family == "inkling_text" else torch.softmax(logits, dim=-1)
         counts, gates, top1, nulls = np.zeros(E), np.zeros(E), np.zeros(E), 0
         for t in range(index.shape[0]):
@@ -243,3 +251,28 @@ def test_classify_top_k_then_softmax_and_undecidable_cases():
     # a score none of the three is (PhiMoE-like: top-2 logits themselves as weights): no answer
     top, index = torch.topk(logits, 2, dim=-1)
     assert classify_score_fn(logits, top.abs() + 0.1, index) is None
+
+
+def _slot_experts(model, family):
+    """Per layer: (T, k) expert of every slot of the real tokens, -1 for a slot routed to a non-expert choice."""
+    return {layer.layer: torch.where(real, index, -1).numpy() for layer, _, _, index, real in _router_slots(model, family)}
+
+
+@pytest.mark.parametrize("family", ["longcat_flash", "zaya"])
+def test_token_trace_marks_slots_routed_elsewhere_as_expert_minus_one(family):
+    from moe_viz.capture.trace import TokenTracer
+
+    model = tiny_family_model(family)
+    if family == "zaya":
+        for layer in find_moe_layers(model):
+            layer.router_parent.balancing_biases.data[-1] = 0.3
+    tokens = sum(map(len, SEQUENCES))
+    tracer = TokenTracer(tokens)
+    collect_routing_stats(model, SEQUENCES, batch_size=4, tracer=tracer)
+    routes = tracer.frames()["token_routes"]
+    expected = _slot_experts(model, family)
+    assert any((slots == -1).any() for slots in expected.values()), "the test data must route a slot elsewhere"
+    assert sorted(set(routes.layer)) == sorted(expected)
+    for layer, slots in expected.items():
+        got = routes[routes.layer == layer].sort_values(["seq", "pos", "slot"]).expert.to_numpy()
+        np.testing.assert_array_equal(got.reshape(tokens, -1), slots, err_msg=f"layer {layer}")

@@ -148,3 +148,62 @@ def test_token_shift_matches_float64_cosine():
     # ... but a tiny update keeps its relative accuracy (1 - cos computed directly would not).
     assert got[0].item() == pytest.approx(expected[0], rel=1e-3)
     assert got[1] == pytest.approx(2.0) and got[2] == 1.0 and got[3] == 1.0
+
+
+def test_extra_router_rows_count_only_routed_experts_and_entropy_covers_every_row():
+    # LongCat-like layer: E = 4 routed experts, W = 6 router rows (rows 4, 5 are identity choices), k = 2.
+    # Token 2 sends both slots elsewhere (no top-1, no pair); token 0's identity row outscores its expert.
+    E4, W, T = 4, 6, 6
+    logits = torch.tensor([[0.5, -1.0, 0.0, 0.2, 3.0, -2.0],
+                           [1.0, 0.3, 2.0, -0.5, 0.0, 2.5],
+                           [-1.0, 0.0, 0.5, 0.0, 1.5, 1.2],
+                           [0.0, 1.7, -0.3, 1.9, -1.0, 0.4],
+                           [2.2, 0.1, 0.0, 1.0, 0.6, -0.7],
+                           [0.3, 0.3, 1.4, -2.0, 0.9, 0.0]])
+    index = torch.tensor([[0, 4], [5, 2], [4, 5], [1, 3], [3, 0], [2, 4]])
+    real = index < E4
+    weights = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.5, 0.5], [0.2, 0.8], [0.9, 0.1], [0.35, 0.65]])
+    norms = torch.tensor([[1.0, 9.0], [9.0, 2.0], [9.0, 9.0], [3.0, 4.0], [5.0, 6.0], [7.0, 9.0]])
+    shift = torch.tensor([0.5, 1.0, 0.25, 2.0, 0.75, 1.5])
+    acc = LayerAccumulator(1, "m", E4, "softmax", torch.device("cpu"), Scratch())
+    acc.add(logits, index, weights, norms, shift, None, real)
+    experts, layer_row, coact = acc.to_frames()
+
+    p = torch.softmax(logits.double(), dim=-1)  # over all W rows
+    routed, gate_sum, ean_sum, contribution = np.zeros(E4, np.int64), np.zeros(E4), np.zeros(E4), np.zeros(E4)
+    top1, top1_prob, entropy = np.zeros(E4, np.int64), np.zeros(E4), 0.0
+    for t in range(T):
+        entropy -= sum(float(q) * math.log(float(q)) for q in p[t])
+        slots = [j for j in range(2) if int(index[t, j]) < E4]
+        for j in slots:
+            e = int(index[t, j])
+            routed[e] += 1
+            gate_sum[e] += float(weights[t, j])
+            ean_sum[e] += float(norms[t, j])
+            contribution[e] += float(weights[t, j]) * float(norms[t, j]) * float(shift[t])
+        if slots:
+            best = int(index[t, max(slots, key=lambda j: float(p[t, index[t, j]]))])
+            top1[best] += 1
+            top1_prob[best] += float(p[t, best])
+    assert routed.tolist() == [2, 1, 2, 2] and top1.tolist() == [2, 0, 2, 1]
+    np.testing.assert_array_equal(experts.routed_tokens, routed)
+    np.testing.assert_array_equal(experts.top1_tokens, top1)
+    np.testing.assert_allclose(experts.top1_prob_sum, top1_prob, rtol=1e-6)
+    np.testing.assert_allclose(experts.gate_sum, gate_sum, rtol=1e-6)
+    np.testing.assert_allclose(experts.ean_sum, ean_sum, rtol=1e-6)
+    np.testing.assert_allclose(experts.contribution_sum, contribution, rtol=1e-6)
+    np.testing.assert_allclose(experts.prob_sum, p[:, :E4].sum(0).numpy(), rtol=1e-6)  # expert columns only
+    assert layer_row["tokens"] == T and layer_row["top_k"] == 2
+    np.testing.assert_allclose(layer_row["entropy_mean"], entropy / T, rtol=1e-6)  # H over all W rows
+    assert list(zip(coact.expert_a, coact.expert_b, coact.tokens)) == [(0, 3, 1), (1, 3, 1)]
+
+
+def test_token_shift_of_a_parallel_update_is_exactly_zero():
+    # h one-hot, r = c·h: the float32 dots are single products, r·r = fl(c²). For these c, fl(c²) < c², so
+    # cos(h, h + r) comes out a few 1e-10 above 1 and s_t = max(0, 1 - cos) must be exactly 0, not negative.
+    scales = [0.3, 0.7, 1.1, -0.3]
+    h = torch.zeros(len(scales), 16)
+    h[:, 5] = 1.0
+    r = torch.tensor(scales)[:, None] * h
+    got = token_shift(h, r)
+    assert got.tolist() == [0.0] * len(scales)

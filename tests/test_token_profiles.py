@@ -209,3 +209,66 @@ def test_views_run_on_a_real_capture(tmp_path):
     assert tp.trace_sequences(source).tokens.tolist() == [32, 32]
     window = tp.token_window(source, 0, 0, 10)
     assert len(window) == 10 * 2 * 2 and (window.groupby(["pos", "layer"]).gate_rank.min() == 0).all()
+
+
+# Ties everywhere a view breaks them (gates exact in float32). Layer 0, experts 0-2, k = 2. Occurrences:
+# 30 twice, 31 once, 32 and 33 three times. Expert 0 gets 31 (.5, seq 0), 32 twice (.25 each) and 30 (.5,
+# seq 1): every id carries gate mass .5 there, 30 and 31 also tie on count.
+TIE_TOKENS = [(0, p, t) for p, t in enumerate([31, 32, 33, 32, 33])] + [(1, p, t) for p, t in enumerate([32, 30, 33, 30])]
+TIE_ROUTES = {
+    (0, 0, 0): [(0, 0.5), (1, 0.5)], (0, 1, 0): [(0, 0.25), (1, 0.75)], (0, 2, 0): [(1, 0.5), (2, 0.5)],
+    (0, 3, 0): [(0, 0.25), (2, 0.75)], (0, 4, 0): [(1, 0.5), (2, 0.5)], (1, 0, 0): [(1, 0.75), (2, 0.25)],
+    (1, 1, 0): [(0, 0.5), (2, 0.5)], (1, 2, 0): [(2, 0.5), (1, 0.5)], (1, 3, 0): [(1, 0.5), (2, 0.5)],
+}
+
+
+@pytest.fixture(params=["store", "frames"])
+def tie_source(request, tmp_path):
+    frames = trace_frames(TIE_TOKENS, TIE_ROUTES)
+    return stored(tmp_path, frames) if request.param == "store" else tp.TraceSource(frames=frames)
+
+
+def test_views_break_ties_as_documented(tie_source):
+    tokens, summary = tp.expert_tokens(tie_source, 0, 0)
+    assert summary["routed"] == 4 and summary["traced_tokens"] == 9
+    rows = tokens.set_index("token_id")
+    assert rows.loc[[30, 31, 32], "count"].tolist() == [1, 1, 2]
+    assert rows.loc[[30, 31, 32], "occurrences"].tolist() == [2, 1, 3]
+    assert rows.loc[[30, 31, 32], "mean_gate"].tolist() == [0.5, 0.5, 0.25]  # gate mass / count on the expert
+    assert rows.loc[[30, 31, 32], "share_here"].tolist() == [0.5, 1.0, 2 / 3]
+    assert tp.top_by_count(tokens).token_id.tolist() == [32, 30, 31]  # 30, 31: equal count and mass
+    assert tp.top_by_gate_mass(tokens).token_id.tolist() == [32, 30, 31]  # equal mass: more occurrences first
+    # equal gates .5 at (0, 0) and (1, 1): sequence order
+    assert tp.example_contexts(tie_source, 0, 0, limit=2)[["seq", "pos"]].values.tolist() == [[0, 0], [1, 1]]
+    # top-1 = largest gate, first slot on ties: 32 -> {1, 2, 1}, 33 -> {1, 1, 2}, 30 -> {0, 1}
+    listed = tp.context_dependent_tokens(tie_source, 0)
+    assert listed.token_id.tolist() == [32, 33, 30]  # all 2 distinct top-1: more occurrences, then smaller id
+    assert listed.occurrences.tolist() == [3, 3, 2] and listed.distinct_top1.tolist() == [2, 2, 2]
+    assert listed.distinct_routed.tolist() == [3, 2, 3]
+    # a plan that drops expert 2: hurt = gate on expert 2 (every token's gates sum to 1)
+    kept, num = {0: [0, 1]}, {0: 3}
+    occ, by_id = tp.tokens_hurt(tie_source, kept, num, top=20)
+    assert occ[["seq", "pos"]].values.tolist() == [[0, 3], [0, 2], [0, 4], [1, 1], [1, 2], [1, 3], [1, 0], [0, 0], [0, 1]]
+    assert occ.hurt.tolist() == [0.75, 0.5, 0.5, 0.5, 0.5, 0.5, 0.25, 0.0, 0.0]
+    assert by_id.token_id.tolist() == [33, 30, 32, 31]  # 33 and 30 both .5: more occurrences first
+    assert by_id.occurrences.tolist() == [3, 2, 3, 1]
+    assert by_id.mean_hurt.tolist() == pytest.approx([0.5, 0.5, 1 / 3, 0.0], rel=1e-12)
+    removed = tp.gate_removed(tp.token_window(tie_source, 0, 0, 5), kept, num)
+    assert removed.pos.tolist() == [0, 1, 2, 3, 4]
+    assert removed.removed.tolist() == [0.0, 0.0, 0.5, 0.75, 0.5]
+    assert removed.total.tolist() == [1.0] * 5
+    assert removed.removed_fraction.tolist() == [0.0, 0.0, 0.5, 0.75, 0.5]
+
+
+def test_domain_differences_lists_each_side_with_ties_by_id(tmp_path):
+    # B is A's first sequence: expert 0 has 30 x1, 31 x1, 32 x2 in A (4 routed) and 31 x1, 32 x2 in B (3).
+    a = stored(tmp_path, trace_frames(TIE_TOKENS, TIE_ROUTES), "a")
+    b_routes = {key: slots for key, slots in TIE_ROUTES.items() if key[0] == 0}
+    b = stored(tmp_path, trace_frames(TIE_TOKENS[:5], b_routes), "b")
+    got = tp.domain_differences(a, b, 0).set_index("expert")
+    assert got.index.tolist() == [2, 0, 1]  # TV 2/7, 1/4, 5/28
+    np.testing.assert_allclose(got.tv, [2 / 7, 1 / 4, 5 / 28], rtol=1e-12)
+    assert got.routed_a.tolist() == [7, 4, 7] and got.routed_b.tolist() == [3, 3, 4]
+    assert got.loc[0, "top_a"] == "“<32>”×2 · “<30>”×1 · “<31>”×1"
+    assert got.loc[0, "top_b"] == "“<32>”×2 · “<31>”×1"
+    assert got.loc[2, "top_a"] == "“<33>”×3 · “<30>”×2 · “<32>”×2"

@@ -167,3 +167,45 @@ def test_trace_text_round_trip(tmp_path):
         save_trace(out, frames, {})
     with pytest.raises(MoeVizError, match="no tokens"):
         trace_text(model, tokenizer, "")
+
+
+def test_token_routes_of_later_batches_equal_plain_hooks(tmp_path):
+    # Batches of 2: (12, 5), (9, 12), (3, 7); a budget of 40 = 17 + 21 + 2 ends inside the third batch, so the
+    # seq of every batch after the first is checked, and the cut falls in a later batch.
+    model = tiny_model("mixtral")
+    sequences = _sequences()
+    db = tmp_path / "store.duckdb"
+    docs = Documents(domain="d", source="inline", token_ids=sequences)
+    settings = CaptureSettings(max_tokens=1000, seq_len=64, batch_size=2, trace_tokens=40)
+    [run_id] = capture_model(model, None, "tiny", [docs], settings, store_path=db)
+    expected, order = reference_trace(model, sequences, 2, 40)
+    with duckdb.connect(str(db), read_only=True) as con:
+        got = con.execute("""SELECT seq, pos, token_id, layer, slot, expert, gate FROM token_routes WHERE run_id = ?
+                             ORDER BY layer, seq, pos, slot""", [run_id]).df()
+        tokens = con.execute("SELECT seq, pos, token_id FROM run_tokens WHERE run_id = ? ORDER BY seq, pos",
+                             [run_id]).df()
+    expected = expected.sort_values(["layer", "seq", "pos", "slot"]).reset_index(drop=True)
+    assert order[-1] == (4, 1) and len(order) == 40
+    assert tokens.values.tolist() == [[s, p, sequences[s][p]] for s, p in order]
+    for column in ["seq", "pos", "token_id", "layer", "slot", "expert"]:
+        np.testing.assert_array_equal(got[column].to_numpy(), expected[column].to_numpy(), err_msg=column)
+    np.testing.assert_array_equal(got.gate.to_numpy(np.float32), expected.gate.to_numpy(np.float32))
+
+
+def test_trace_text_numbers_the_sequences_of_every_batch():
+    # 45 tokens in chunks of 8, batches of 2: (8, 8), (8, 8), (8, 5). Pasted text has no batch starts of its
+    # own, so every batch after the first must continue the sequence numbering.
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
+    text = "class Point:\n    x: int\n" * 10
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:45]
+    assert len(ids) == 45
+    frames = trace_text(model, tokenizer, text, max_tokens=45, seq_len=8, batch_size=2)
+    tokens = frames["run_tokens"]
+    assert tokens.seq.tolist() == [i // 8 for i in range(45)]
+    assert tokens.pos.tolist() == [i % 8 for i in range(45)]
+    assert tokens.token_id.tolist() == ids
+    routes = frames["token_routes"].sort_values(["layer", "seq", "pos", "slot"])
+    for layer in (0, 1):
+        here = routes[routes.layer == layer]
+        assert here[["seq", "pos", "token_id"]].values.tolist() == [[i // 8, i % 8, ids[i]] for i in range(45) for _ in range(2)]
