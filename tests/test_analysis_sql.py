@@ -328,3 +328,12 @@ def test_heatmap_page_plots_sql_values_in_every_view(synthetic, monkeypatch):
             limit = np.abs(expected).max()
             assert scale["domainMid"] == 0 and scale["domain"] == pytest.approx([-limit, limit], rel=1e-12)
             assert spec["encoding"]["color"]["title"] == [f"{metric}, A − B", f"({units[metric]})"]
+
+
+def test_coactivation_partners_ties_go_to_the_lower_partner():
+    """Expert 2 (routed 8 times) shares 3 tokens with each of 0, 4 and 5 and 1 with 1: ties in tokens to the lower id."""
+    pairs = pd.DataFrame({"expert_a": [2, 0, 1, 2, 1, 3], "expert_b": [5, 2, 2, 4, 3, 4], "tokens": [3, 3, 1, 3, 9, 2]})
+    out = tables.coactivation_partners(pairs, 8, 2)
+    assert out.partner.tolist() == [0, 4, 5, 1]
+    assert out.tokens.tolist() == [3, 3, 3, 1]
+    assert out.p_given_expert.tolist() == [3 / 8, 3 / 8, 3 / 8, 1 / 8]

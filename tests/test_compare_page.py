@@ -263,3 +263,78 @@ def test_quality_curves_offer_their_data_as_csv_and_save_svg(swept, monkeypatch,
     _, _, _, store_path = swept
     at = _app(store_path, monkeypatch, "compare")
     assert set(check_plotly_downloads(at, downloads, "compare")) == {"cp_kl", "cp_nll_delta", "cp_cut"}
+
+
+# -- the page's table functions on small inline frames ----------------------------------------------------------
+
+def _evals(*rows):
+    """plan_evals-like rows of one setting (code:1, uniform, seed 0, model top-k); each row a dict of overrides."""
+    import pandas as pd
+
+    base = {"domains": json.dumps({"code": 1.0}), "scope": "uniform", "seed": 0, "plan_top_k": -1,
+            "tokens": 100, "nll_original": 2.0, "nll_pruned": 2.5, "kl": 0.1, "top1_agreement": 0.9,
+            **{f"{m}_ci_{end}": 0.0 for m in ("kl", "nll_delta", "top1_agreement") for end in ("low", "high")}}
+    return pd.DataFrame([{**base, **row} for row in rows])
+
+
+GROUP = {"domains": json.dumps({"code": 1.0}), "scope": "uniform", "seed": 0, "plan_top_k": -1}
+
+
+def test_panel_sets_take_the_evaluation_set_most_plans_used_newest_on_a_tie():
+    from moe_viz.analysis.compare import panel_sets
+
+    evals = _evals(
+        *[{"plan_key": p, "criterion": "reap", "sparsity": s, "eval_domain": "code", "eval_set": "A", "created_at": 1}
+          for p, s in (("p1", 0.25), ("p2", 0.5), ("p3", 0.75))],
+        {"plan_key": "p1", "criterion": "reap", "sparsity": 0.25, "eval_domain": "code", "eval_set": "B", "created_at": 9},
+        *[{"plan_key": p, "criterion": "reap", "sparsity": s, "eval_domain": "prose", "eval_set": es, "created_at": t}
+          for p, s, es, t in (("p1", 0.25, "C", 2), ("p2", 0.5, "C", 2), ("p1", 0.25, "D", 5), ("p3", 0.75, "D", 5))],
+    )
+    assert panel_sets(evals, GROUP) == {"code": "A", "prose": "D"}
+
+
+def test_curves_use_the_newest_evaluation_of_a_point():
+    from moe_viz.analysis.compare import curves
+
+    evals = _evals(
+        {"plan_key": "p1", "criterion": "reap", "sparsity": 0.5, "eval_domain": "code", "eval_set": "A",
+         "created_at": 1, "kl": 0.125, "nll_pruned": 2.25},
+        {"plan_key": "p1", "criterion": "reap", "sparsity": 0.5, "eval_domain": "code", "eval_set": "A",
+         "created_at": 7, "kl": 0.375, "nll_pruned": 2.75},
+        {"plan_key": "p2", "criterion": "frequency", "sparsity": 0.5, "eval_domain": "code", "eval_set": "A",
+         "created_at": 3, "kl": 0.5, "nll_pruned": 3.0},
+    )
+    table = curves(evals, GROUP, ["reap", "frequency"])
+    assert table[["criterion", "kl", "nll_delta", "created_at"]].values.tolist() == [
+        ["frequency", 0.5, 1.0, 3], ["reap", 0.375, 0.75, 7]]
+    # a criterion without rows of its own, drawn from the (newest) row of the plan it shares
+    shared = curves(evals, GROUP, ["soft_count"], shared={("soft_count", 0.5): "p1"})
+    assert shared[["criterion", "kl", "shared_with", "created_at"]].values.tolist() == [["soft_count", 0.375, "reap", 7]]
+
+
+def test_tradeoff_keeps_spread_over_the_valid_counts_most_kept_first():
+    from moe_viz.analysis.compare import tradeoff_keeps
+
+    # 14 counts below 16 (15 .. 2); positions round(linspace(0, 13, 4)) = 0, 4, 9, 13
+    assert tradeoff_keeps(list(range(2, 17)), 16, points=4) == [15, 11, 6, 2]
+    assert tradeoff_keeps([4, 6, 8], 8) == [6, 4]  # keeping every expert drops nothing: left out
+
+
+def test_mix_label_names_domains_in_sorted_order():
+    from moe_viz.analysis.compare import mix_label
+
+    assert mix_label({"prose": 0.5, "code": 1.0}) == "code:1 + prose:0.5"
+    assert mix_label(json.dumps({"zeta": 2, "alpha": 0.25})) == "alpha:0.25 + zeta:2"
+
+
+def test_shared_plan_keys_leave_out_sparsities_the_router_cannot_reach(swept):
+    """0.3 of 8 experts keeps 6 (sparsity 0.25): that plan is not the 0.3 point, so it gets no key."""
+    from moe_viz.analysis.compare import evaluation_groups, shared_plan_keys
+    from moe_viz.prune.sweep import stored_sweeps
+
+    _, model_dir, _, store_path = swept
+    model_id = str(Path(model_dir).resolve())
+    (group,) = evaluation_groups(stored_sweeps(store_path, model_id)).to_dict("records")
+    config = AutoConfig.from_pretrained(model_dir)
+    keys = shared_plan_keys(store_path, model_id, group, [("ean_sum", 0.3), ("ean_sum", 0.25)], config)
+    assert keys == {("ean_sum", 0.25): plan_key(_plan(store_path, model_dir, "ean_sum", sparsity=0.25), 0)}

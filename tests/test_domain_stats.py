@@ -187,3 +187,21 @@ def test_topk_jaccard_ties_go_to_the_lower_expert_index():
     table = topk_jaccard(pd.DataFrame(rows), 2).set_index(["domain_a", "domain_b"]).jaccard
     assert table[("code", "math")] == pytest.approx(1 / 3) and table[("math", "prose")] == pytest.approx(1 / 3)
     assert table[("code", "prose")] == pytest.approx(1 / 3)  # {6, 0} vs {6, 1}
+
+
+def test_specific_experts_ties_below_the_top_go_to_the_lower_index():
+    # b's lift: [0, -0.25, 0.5, -0.25]; the third pick is a tie between experts 1 and 3 at -0.25
+    stats = _stats({"a": [5, 5, 0, 0], "b": [5, 0, 5, 0], "c": [5, 0, 0, 5]})
+    assert specific_experts(stats, "b", 3) == {0: [0, 1, 2]}
+
+
+def test_topk_jaccard_ignores_experts_a_layer_does_not_have():
+    """Layer 0 has 3 experts, layer 1 has 5; negative scores (log-scale) in layer 0 must not lose to the
+    experts layer 0 lacks. Layer 0 top-2: a {2, 1}, b {0, 1} -> 1/3. Layer 1 top-2: a {3, 4}, b {4, 0} -> 1/3."""
+    rows = [("a", 0, [-3.0, -2.0, -1.0]), ("b", 0, [-0.5, -0.7, -2.0]),
+            ("a", 1, [1.0, 0.5, 2.0, 5.0, 4.0]), ("b", 1, [3.0, 0.5, 2.0, 1.0, 6.0])]
+    frame = pd.DataFrame([{"domain": d, "layer": layer, "expert": e, "score": s}
+                          for d, layer, values in rows for e, s in enumerate(values)])
+    table = topk_jaccard(frame, 2)
+    assert table.layer.tolist() == [0, 1]
+    assert table.jaccard.tolist() == pytest.approx([1 / 3, 1 / 3], rel=1e-15)

@@ -153,3 +153,20 @@ def test_a_deleted_run_takes_its_knockout_rows_along(measured):
     store.delete_runs(store_path, [run_id])
     with duckdb.connect(str(store_path), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM expert_knockout").fetchone()[0] == 0
+
+
+def test_agreement_gives_tied_values_their_mean_rank(store_path):
+    """Spearman with ties: reconstruction errors tie at 0.3 and routed counts at 4; ordinal ranks would differ."""
+    import pandas as pd
+
+    from test_criteria_plan import _write_stats
+
+    routed, recon = [4, 4, 1, 2, 4], [0.3, 0.1, 0.0, 0.2, 0.3]
+    run_id = _write_stats(store_path, "code", {2: {"routed_tokens": routed}})
+    store.set_reconstruction(store_path, run_id, pd.DataFrame({"layer": 2, "expert": range(5), "recon_error": recon}))
+    table = causal_agreement(store_path, run_id).set_index(["causal", "layer", "criterion"]).spearman
+    # mean ranks: recon [4.5, 2, 1, 3, 4.5], routed [4, 4, 1, 2, 4]
+    assert _average_ranks(np.array(recon)).tolist() == [4.5, 2, 1, 3, 4.5]
+    expected = np.corrcoef([4.5, 2, 1, 3, 4.5], [4, 4, 1, 2, 4])[0, 1]
+    assert table[("reconstruction", 2, "frequency")] == pytest.approx(expected, rel=1e-12)
+    assert set(table.index.get_level_values("causal")) == {"reconstruction"}

@@ -280,3 +280,36 @@ def test_search_cli_nonuniform_table_and_bad_input(captured, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [f"moe-viz: error: give one of --keep K or --sparsity X {store}"]
     assert main(_search_cli(captured, "--keep", "4", "--criteria", "reap,nope")) == 2
     assert "unknown criterion 'nope'" in capsys.readouterr().err
+
+
+# -- the keep-set searches on a known error function (no model needed) ---------------------------------------
+
+def _removal_cost(weights):
+    """error(kept) = Σ weights of the removed experts (additive, so the optimum is known by hand)."""
+    return lambda kept: sum(w for e, w in enumerate(weights) if e not in kept)
+
+
+def test_exact_search_breaks_ties_to_the_lexicographically_smallest_set():
+    from moe_viz.analysis.reconstruction import _exact
+
+    best, count = _exact(lambda kept: 1.0, [[0, 1, 2, 3]], 2)  # every set equally good
+    assert best == (0, 1) and count == 6
+    # per group: keep 2 of each group of 3; costs make (1, 2) and (3, 5) the cheapest removals to avoid
+    best, count = _exact(_removal_cost([1, 5, 4, 9, 2, 7]), [[0, 1, 2], [3, 4, 5]], 4)
+    assert best == (1, 2, 3, 5) and count == 9
+
+
+def test_greedy_search_keeps_each_group_at_its_quota():
+    from moe_viz.analysis.reconstruction import _greedy
+
+    # group 0's experts are the cheapest to remove, but only one may go: keep 4 = 2 per group of 3
+    best, count = _greedy(_removal_cost([0.1, 0.2, 0.3, 5, 6, 7]), [[0, 1, 2], [3, 4, 5]], 4)
+    assert best == (1, 2, 4, 5)
+    assert count == 6 + 3  # first round: all six candidates; second: only group 1's three
+
+
+def test_greedy_search_ties_remove_the_lower_expert_first():
+    from moe_viz.analysis.reconstruction import _greedy
+
+    best, count = _greedy(lambda kept: 0.0, [[0, 1, 2, 3, 4]], 2)
+    assert best == (3, 4) and count == 5 + 4 + 3
