@@ -35,7 +35,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import duckdb
 import numpy as np
@@ -362,49 +362,57 @@ class _Attachments:
         self._pid: int | None = None
         self._base: duckdb.DuckDBPyConnection | None = None
         self._attached: dict[str, list] = {}  # file -> [alias, read_only, open connections]
+        self._holds: dict[int, bool] = {}  # id(connection) -> whether its open holds SIGINT (_SigintHold)
         self._aliases = 0
 
     def _instance(self) -> duckdb.DuckDBPyConnection:
         if self._pid != os.getpid():  # a forked child must not touch its parent's instance
-            self._base, self._attached, self._pid = None, {}, os.getpid()
+            self._base, self._attached, self._holds, self._pid = None, {}, {}, os.getpid()
         if self._base is None:
             self._base = duckdb.connect(":memory:", config={"threads": duckdb_threads()})
         return self._base
 
     def open(self, path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """A connection whose default database is the store at `path`; give it back with `close`."""
+        """A connection whose default database is the store at `path`; give it back with `close`.
+
+        From here until `close` has released it, SIGINT is held (`_sigint`): the connection is
+        always given back whole, and the Ctrl-C is delivered then.
+        """
         key = os.path.realpath(path)  # DuckDB allows one attachment per file, however it is spelled
-        with _sigint_held() as deliver, self._lock:
-            base = self._instance()
-            entry = self._attached.get(key)
-            if entry is not None and entry[1] and not read_only:
-                raise duckdb.IOException(f"Could not set lock on file {key}: this process has it attached read-only")
-            if entry is None:
-                self._aliases += 1
-                alias = f"moe_viz_store_{self._aliases}"
-                quoted = key.replace("'", "''")
-                base.execute(f"ATTACH '{quoted}' AS {alias}" + (" (READ_ONLY)" if read_only else ""))
-                entry = self._attached[key] = [alias, read_only, 0]
-            entry[2] += 1
-            try:
-                con = base.cursor()
-                con.execute(f"USE {entry[0]}")
-            except BaseException:
-                self._release(key)
-                raise
+        held = _sigint.hold()
         try:
-            deliver()  # a Ctrl-C that came while attaching, now that the connection is whole
+            with self._lock:
+                base = self._instance()
+                entry = self._attached.get(key)
+                if entry is not None and entry[1] and not read_only:
+                    raise duckdb.IOException(f"Could not set lock on file {key}: this process has it attached read-only")
+                if entry is None:
+                    self._aliases += 1
+                    alias = f"moe_viz_store_{self._aliases}"
+                    quoted = key.replace("'", "''")
+                    base.execute(f"ATTACH '{quoted}' AS {alias}" + (" (READ_ONLY)" if read_only else ""))
+                    entry = self._attached[key] = [alias, read_only, 0]
+                entry[2] += 1
+                try:
+                    con = base.cursor()
+                    con.execute(f"USE {entry[0]}")
+                except BaseException:
+                    self._release(key)
+                    raise
+                self._holds[id(con)] = held
         except BaseException:
-            self.close(path, con)
+            _sigint.release(held)
             raise
         return con
 
     def close(self, path: Path, con: duckdb.DuckDBPyConnection) -> None:
-        with _sigint_held() as deliver:
+        held = self._holds.pop(id(con), False)
+        try:
             con.close()
             with self._lock:
                 self._release(os.path.realpath(path))
-        deliver()
+        finally:
+            _sigint.release(held)
 
     def _release(self, key: str) -> None:
         entry = self._attached[key]
@@ -414,38 +422,67 @@ class _Attachments:
             del self._attached[key]  # only once detached: if DETACH fails, the next open reuses the attachment
 
 
-@contextmanager
-def _sigint_held() -> Iterator[Callable[[], None]]:
-    """Hold SIGINT while the body runs; yields `deliver`, which runs the held signal's handler afterwards.
+class _SigintHold:
+    """SIGINT held in the main thread while any of its store connections is open; delivered after.
 
-    A KeyboardInterrupt between an ATTACH and its bookkeeping (or inside DuckDB, which checks for
-    signals while it works) would leave the file attached with no one to detach it: in a notebook
-    that survives the Ctrl-C, the store would stay locked for every other process and unopenable
-    here. Python runs signal handlers in the main thread only, so other threads need nothing.
+    A KeyboardInterrupt between an ATTACH and its bookkeeping, or between a connection's last query
+    and its DETACH, would leave the file attached with no one to detach it: in a notebook that
+    survives the Ctrl-C, the store would stay locked for every other process. One raised inside
+    DuckDB's conversion of a result to pandas surfaces as `RuntimeError: std::bad_cast`. So from just
+    before a connection attaches until it is released, a Ctrl-C is only noted, and the previous
+    handler runs for it once the last connection is released. Store calls are short (the longest,
+    writing a 94-layer run, takes seconds); waiting for a lock is not held. Python runs signal
+    handlers in the main thread only, so other threads hold nothing.
     """
-    held: list[int] = []
-    installed, previous = False, None
-    if threading.current_thread() is threading.main_thread():
-        try:
-            previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-            installed = True
-        except ValueError:  # not the main interpreter
-            pass
 
-    def deliver() -> None:
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+        self.previous = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """In a forked child: its parent's connections are not its own, so nothing is held."""
+        if self.depth:
+            try:
+                signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
+            except ValueError:  # forked from another thread: that thread's child cannot set handlers
+                pass
+        self.depth, self.pending = 0, False
+
+    def _note(self, signum, frame) -> None:
+        self.pending = True
+
+    def hold(self) -> bool:
+        """Start holding (holds nest); False where nothing is held (another thread or interpreter)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        if self.depth == 0:
+            try:
+                self.previous = signal.signal(signal.SIGINT, self._note)
+            except ValueError:  # not the main interpreter
+                return False
+        self.depth += 1
+        return True
+
+    def release(self, held: bool) -> None:
+        """End a hold; the outermost restores the handler and runs it for a Ctrl-C that came meanwhile."""
         if not held:
             return
-        held.clear()
-        if callable(previous):
-            previous(signal.SIGINT, None)
-        elif previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGINT)  # the default action, now that it is restored
+        self.depth -= 1
+        if self.depth:
+            return
+        previous = self.previous if self.previous is not None else signal.SIG_DFL
+        signal.signal(signal.SIGINT, previous)
+        if self.pending:
+            self.pending = False
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)  # the default action, now that it is restored
 
-    try:
-        yield deliver
-    finally:
-        if installed:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+_sigint = _SigintHold()
 
 
 _attachments = _Attachments()

@@ -141,3 +141,17 @@ def test_moe_viz_copy_forces_a_primitive_and_rejects_unknown_names(tmp_path, mon
     with open(source, "rb") as src, open(tmp_path / "out.bin", "wb") as dst:
         with pytest.raises(MoeVizError, match="MOE_VIZ_COPY='teleport'"):
             copy_ranges.copier_for(src.fileno(), dst.fileno())
+
+
+def test_partial_bytes_of_a_refused_primitive_are_cut_on_an_append_only_destination(tmp_path):
+    """Seeking back is not enough where every write appends (O_APPEND): the bytes a refused primitive wrote
+    before failing must be cut off (ftruncate), or they stay in the middle of the output."""
+    source, data = _source(tmp_path)
+
+    def writes_then_refuses(src, dst, offset, count):
+        os.write(dst, b"garbage")
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    copier = Copier({"refuses": writes_then_refuses, "pread_write": available_primitives()["pread_write"]})
+    assert _copy(tmp_path, source, copier, chunk=8_192, flags=os.O_APPEND) == _expected(data)
+    assert list(copier.primitives) == ["pread_write"]

@@ -15,8 +15,9 @@ from moe_viz.cli import main
 from moe_viz.atomic import fsync_file
 from moe_viz.prune import export as export_module
 from moe_viz.prune.export import PRUNE_MANIFEST, export_pruned
+from moe_viz.models.discovery import find_moe_layers
 from moe_viz.prune.masking import masked_experts
-from moe_viz.prune.plan import build_plan
+from moe_viz.prune.plan import PrunePlan, build_plan
 from moe_viz.capture.sources import Documents
 from moe_viz.prune.verify import verify_export
 from tiny_models import FAMILIES, SAMPLE_TEXT, VOCAB, save_tiny_model, tiny_model
@@ -207,3 +208,25 @@ def test_prune_into_existing_or_unwritable_out(tmp_path, captured, capsys):
 def test_verify_refuses_a_directory_that_is_not_an_export(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     assert "not a moe_viz export" in capsys.readouterr().err
+
+
+def test_dropped_experts_lose_to_kept_experts_with_negative_correction_biases(tmp_path):
+    """DeepSeek-V3 picks experts by sigmoid(logit) + correction bias. With every bias at -2 the kept experts'
+    selection scores are all below 0, so a dropped expert must be masked with a -inf bias (not 0), or the
+    masked reference routes tokens to it and differs from the pruned export."""
+    model = tiny_model("deepseek_v3")
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.fill_(-2.0)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    layers = {layer.layer: layer.num_experts for layer in find_moe_layers(model)}
+    assert layers == {1: 8, 2: 8}
+    kept = {1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}  # two of each router group of four
+    plan = PrunePlan(str(model_dir), "fp", "random", "uniform", 0.5, {}, {}, layers, kept)
+    pruned = AutoModelForCausalLM.from_pretrained(export_pruned(plan, model_dir, tmp_path / "out", streaming=True))
+    ids = torch.tensor(SEQUENCES[:3])
+    with torch.no_grad(), masked_experts(model, plan.dropped):
+        reference = model(ids).logits
+    with torch.no_grad():
+        assert torch.equal(pruned.eval()(ids).logits, reference)

@@ -7,6 +7,7 @@ Layout used by most tests (all under one tmp dir, so even a regression only dama
     home/proj/cache/exports/    where exports go
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -401,3 +402,59 @@ def test_prune_page_refuses_bad_names_and_never_replaces_the_exports_dir(ui_capt
     assert _snapshot(exports) == exports_before
     assert {p: sorted(x.name for x in p.iterdir()) for p in names_before} == names_before
     assert not Path("/abs").exists()
+
+
+# -- what the export replaces is checked again when it publishes, and restored if publishing fails ----------
+
+def test_a_directory_that_appears_during_the_export_is_never_replaced(layout, tmp_path):
+    """`out` is checked again just before publishing: a user's directory made there while the export ran
+    (no --force) is refused then, and left as it is."""
+    _, model_dir, store, plan = layout
+    out = tmp_path / "export"
+
+    def user_makes_out(done, total):
+        out.mkdir()
+        (out / "thesis.tex").write_text("years of work")
+
+    with pytest.raises(MoeVizError, match="already exists"):
+        export_pruned(plan, model_dir, out, streaming=True, protect=[store], progress=user_makes_out)
+    assert _snapshot(out) == {".": "dir", "thesis.tex": b"years of work"}
+    assert _hidden_temp(tmp_path) == []
+
+
+def test_a_symlinked_manifest_is_no_proof_of_a_previous_export(layout, tmp_path):
+    """--force replaces only a directory holding a real manifest file: a manifest that is a link to another
+    export's (a user's folder with a shortcut in it) does not make the folder moe_viz's."""
+    _, model_dir, store, plan = layout
+    export = export_pruned(plan, model_dir, tmp_path / "export", streaming=True, protect=[store])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / PRUNE_MANIFEST).symlink_to(export / PRUNE_MANIFEST)
+    before = _snapshot(tmp_path)
+    with pytest.raises(MoeVizError, match=f"is not a moe_viz export \\(no {PRUNE_MANIFEST}\\)") as exc_info:
+        export_pruned(plan, model_dir, mine, streaming=True, force=True, protect=[store])
+    _one_line(exc_info)
+    assert _snapshot(tmp_path) == before
+    assert _hidden_temp(tmp_path) == []
+
+
+def test_a_failed_publishing_rename_puts_the_previous_export_back(layout, tmp_path, monkeypatch):
+    """--force moves the previous export aside, then renames the new one into place: if that rename fails,
+    the previous export is back under its name and nothing else is left."""
+    _, model_dir, store, plan = layout
+    out = export_pruned(plan, model_dir, tmp_path / "export", streaming=True, protect=[store])
+    before = _snapshot(out)
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if ".partial-" in os.fspath(src) and os.fspath(dst) == str(out):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_pruned(plan, model_dir, out, streaming=True, force=True, protect=[store])
+    monkeypatch.undo()
+    assert _snapshot(out) == before
+    assert _hidden_temp(tmp_path) == []

@@ -444,12 +444,14 @@ import os, random, signal, subprocess, sys, threading
 from moe_viz import store
 
 path = sys.argv[1]
-# A Ctrl-C while the helper holds signals arrives once the section is over, never inside it.
-with store._sigint_held() as deliver:
-    os.kill(os.getpid(), signal.SIGINT)
-    inside = "no interrupt inside"
+# A Ctrl-C while signals are held (nested holds) arrives once the outermost hold ends, never inside.
+outer = store._sigint.hold()
+inner = store._sigint.hold()
+os.kill(os.getpid(), signal.SIGINT)
+store._sigint.release(inner)
+inside = "no interrupt inside"
 try:
-    deliver()
+    store._sigint.release(outer)
     print("not delivered")
 except KeyboardInterrupt:
     print(inside + ", delivered after")
@@ -466,11 +468,7 @@ for i in range(300):
             store.list_runs(path)
         else:
             store.heartbeat(path, "no-such-run")
-    except KeyboardInterrupt:
-        interrupted += 1
-    except (store.MoeVizError, RuntimeError) as exc:  # DuckDB may report the interrupt as its own error
-        if "interrupt" not in str(exc).lower():
-            raise
+    except KeyboardInterrupt:  # never DuckDB's own report of it (InterruptException, `std::bad_cast` from .df())
         interrupted += 1
     while True:  # until the timer fired and its signal was handled (it may land here, after the call)
         try:
@@ -497,3 +495,72 @@ def test_ctrl_c_never_leaves_the_store_attached(store_path):
     assert lines[1] == "True {} [('memory',)]"
     opened = subprocess.run([sys.executable, "-c", OPEN_READ_WRITE, str(store_path)], capture_output=True, text=True)
     assert opened.stdout.strip() == "opened", opened.stderr
+
+
+# -- what a completed run replaces, and runs saved to files ------------------------------------------
+
+EXPERTS = pd.DataFrame({
+    "layer": [0, 0, 1], "expert": [0, 1, 0], "routed_tokens": [5, 3, 8], "top1_tokens": [2, 1, 4],
+    "top1_prob_sum": [0.5, 0.25, 1.0], "gate_sum": [1.5, 0.75, 2.0], "prob_sum": [2.0, 1.0, 3.0],
+    "ean_sum": [4.0, 2.0, 6.0], "ean_sq_sum": [9.0, 3.0, 12.0], "ean_max": [2.0, 1.0, 3.0],
+    "reap_sum": [1.0, 0.5, 2.0], "contribution_sum": [0.1, 0.2, 0.3]})
+LAYERS = pd.DataFrame({"layer": [0, 1], "module": ["a", "b"], "tokens": [8, 8], "num_experts": [2, 1],
+                       "top_k": [1, 1], "router_score": ["softmax", "sigmoid"], "entropy_mean": [0.3, 0.0]})
+PAIRS = pd.DataFrame({"layer": [0], "expert_a": [0], "expert_b": [1], "tokens": [3]})
+
+
+def _begin(path, settings):
+    return store.begin_run(path, model_id="m", model_fingerprint="f", model_type="qwen3_moe", domain="code",
+                           source="inline", settings=settings, tool_version="test")
+
+
+def _frames():
+    return {"expert_stats": EXPERTS, "layer_stats": LAYERS, "coactivation": PAIRS}
+
+
+def test_a_completed_run_replaces_a_failed_run_with_the_same_settings_and_takes_the_final_settings(store_path):
+    failed = _begin(store_path, {"seq_len": 8, "phase": "pending"})
+    store.fail_run(store_path, failed, "RuntimeError: out of memory")
+    other = _begin(store_path, {"seq_len": 16, "phase": "pending"})  # other settings: kept
+    store.fail_run(store_path, other, "RuntimeError: out of memory")
+    new = _begin(store_path, {"seq_len": 8, "phase": "pending"})
+    store.complete_run(store_path, new, **_frames(), tokens=8, sequences=2, settings_update={"phase": "done"})
+    runs = store.list_runs(store_path).set_index("run_id")
+    assert sorted(runs.index) == sorted([new, other])
+    assert (runs.loc[new, "status"], runs.loc[other, "status"]) == ("complete", "failed")
+    assert json.loads(runs.loc[new, "settings"]) == {"seq_len": 8, "phase": "done"}  # the update wins
+
+
+def test_a_saved_run_whose_import_fails_keeps_its_files(store_path, tmp_path):
+    run_id = _begin(store_path, {"seq_len": 8})
+    saved = store.save_run_file(store_path, run_id, _frames(), tokens=8, sequences=2)
+    not_a_store = tmp_path / "notes.duckdb"
+    not_a_store.write_text("my notes, not a store")
+    with pytest.raises(MoeVizError):
+        store.import_run_file(saved, not_a_store)
+    assert not_a_store.read_text() == "my notes, not a store"
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "coactivation.parquet", "expert_stats.parquet", "layer_stats.parquet", "run.json"]
+    assert store.import_run_file(saved, store_path) == run_id  # still importable where it belongs
+    got = store.expert_stats(store_path, [run_id]).drop(columns=["domain", "run_id", "recon_error"])
+    pd.testing.assert_frame_equal(got, EXPERTS, check_dtype=False)
+    assert not saved.exists()
+
+
+SAVE_KILLED = """
+import os, sys
+import pandas as pd
+from moe_viz import store
+store._fsync = lambda path: os._exit(9)  # killed after the files are written, before they are published
+frames = {"expert_stats": pd.DataFrame({"layer": [0], "expert": [0], "routed_tokens": [1]})}
+store.save_run_file(sys.argv[1], "abc123def456", frames, tokens=1, sequences=1)
+"""
+
+
+def test_a_run_file_save_killed_midway_publishes_nothing_importable(store_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", SAVE_KILLED, str(store_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 9, done.stderr
+    names = sorted(p.name for p in store.pending_dir(store_path).iterdir())
+    assert len(names) == 1 and names[0].startswith(".abc123def456.partial-"), names

@@ -79,3 +79,51 @@ def test_bad_sparsities_fail_before_the_model_loads(captured, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["moe-viz: error: --sparsities '0.5,x' must be numbers separated by commas, e.g. 0.25,0.5 "
                    f"[store: {store_path}]"]
+
+
+def test_a_stored_result_is_reused_only_for_the_same_top_k_seed_and_evaluation_domains(tmp_path):
+    """The store key holds the lowered top-k and the bootstrap seed, and a result is served only when every
+    evaluation domain was evaluated: anything else is computed, and equals `evaluate_plan` run directly."""
+    import torch
+
+    from moe_viz import store
+    from moe_viz.models.discovery import find_moe_layers
+    from moe_viz.prune.evaluate import evaluate_plan, reference_batches
+    from moe_viz.prune.plan import PrunePlan
+    from moe_viz.prune.sweep import run_sweep
+    from tiny_models import VOCAB, tiny_model
+
+    model = tiny_model("qwen3_moe")
+    layers = {layer.layer: layer.num_experts for layer in find_moe_layers(model)}
+    plan = PrunePlan("tiny", "fp", "random", "uniform", 0.25, {}, {}, layers, {l: [0, 1, 2, 4, 5, 7] for l in layers})
+    lowered = PrunePlan(**{**vars(plan), "top_k": 1})
+    gen = torch.Generator().manual_seed(4)
+    text = {d: [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (12, 9, 15, 7, 11, 14, 10, 13)]
+            for d in ("a", "b")}
+    store_path = tmp_path / "store.duckdb"
+    with store.connect(store_path):
+        pass
+
+    def direct(p, domains, seed):
+        references = {d: reference_batches(model, text[d]) for d in domains}
+        return evaluate_plan(model, p.dropped, references, seed=seed, top_k=p.top_k)
+
+    def results(rows):
+        return [{k: v for k, v in r.items() if k not in ("criterion", "sparsity", "scope", "top_k", "cached")}
+                for r in rows]
+
+    def sweep(plans, domains, seed):
+        return run_sweep(model, store_path, plans, {d: text[d] for d in domains}, seed=seed)
+
+    first = sweep([plan, lowered], ["a"], 0)
+    assert [(r["top_k"], r["cached"]) for r in first] == [(None, False), (1, False)]
+    assert results(first[1:]) == direct(lowered, ["a"], 0) != direct(plan, ["a"], 0) == results(first[:1])
+
+    other_seed = sweep([plan], ["a"], 1)
+    assert [r["cached"] for r in other_seed] == [False]
+    assert results(other_seed) == direct(plan, ["a"], 1) and other_seed[0]["kl_ci"] != first[0]["kl_ci"]
+
+    more_domains = sweep([plan], ["a", "b"], 0)
+    assert [(r["domain"], r["cached"]) for r in more_domains] == [("a", False), ("b", False)]
+    assert results(more_domains) == direct(plan, ["a", "b"], 0)
+    assert [r["cached"] for r in sweep([plan, lowered], ["a"], 0)] == [True, True]

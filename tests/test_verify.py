@@ -219,6 +219,15 @@ BROKEN = {
                                                 "end to end in float32"),
     "embedding changed": ("qwen3_moe", lambda root, d, p, b: _perturb(b, "model.embed_tokens.weight", 1e-3),
                           "outside the pruned experts differ from the source"),
+    # a NaN in a block's output fails the float64 check itself (max() would skip a NaN difference)
+    "kept expert weight NaN": ("qwen3_moe", lambda root, d, p, b: _perturb(
+        b, "model.layers.1.mlp.experts.2.up_proj.weight", math.nan), "differ from the masked original in float64"),
+    # the shared expert sits in the MoE block but is not pruned: compared bit for bit, named as such
+    "shared expert changed": ("qwen2_moe", lambda root, d, p, b: _perturb(
+        b, "model.layers.1.mlp.shared_expert.up_proj.weight", 1e-3), "outside the pruned experts differ from the source"),
+    # a second expert-count key the model does not read still has to hold the kept count
+    "stale extra expert-count key": ("qwen2_moe", lambda root, d, p, b: _set_config(b, num_local_experts=8),
+                                     "config num_local_experts = 8, the plan keeps 3"),
 }
 
 
@@ -370,3 +379,40 @@ def test_prune_cli_lowers_top_k_and_verifies(tmp_path, broken_setup, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"moe-viz: error: --top-k 3 must be between 1 and the model's top-k 2 [store: {store_path}]"]
     assert not (tmp_path / "more").exists()
+
+
+# -- the float64 bound itself -----------------------------------------------------------------------
+
+def test_float64_bound_is_2_to_the_minus_40_of_each_blocks_output_scale(tmp_path, saved):
+    """The per-layer bound is 2^-40 · max(1, max |masked original block output|), not a looser one: the
+    scale is read here from the block outputs of the masked original's own forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_viz.prune.masking import masked_experts
+
+    model_dir = saved("qwen3_moe")
+    plan = _plan("qwen3_moe", model_dir, 4, seed=4)
+    out = export_pruned(plan, model_dir, tmp_path / "out", streaming=True)
+    sequences = {"a": SEQUENCES["a"]}  # equal lengths: one batch, no padding
+    result = verify_export(out, sequences)
+    assert result["verdict"] == PASS, result["reason"]
+
+    original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    scale = {}
+
+    def record(index):
+        def hook(module, args, output):
+            output = output[0] if isinstance(output, tuple) else output
+            scale[index] = max(scale.get(index, 1.0), output.abs().max().item())
+        return hook
+
+    handles = [layer.block.register_forward_hook(record(layer.layer)) for layer in find_moe_layers(original)]
+    with torch.no_grad(), masked_experts(original, plan.dropped):
+        original(torch.tensor(sequences["a"]))
+    for handle in handles:
+        handle.remove()
+    layers = result["float64_blocks"]["layers"]
+    assert sorted(layers) == sorted(scale) == sorted(plan.kept)
+    for index, value in scale.items():  # float32 forward vs the float64 replay: the same scale to ~1e-7
+        assert layers[index]["bound"] == pytest.approx(2**-40 * value, rel=1e-5), index
+    assert result["float64_blocks"]["bound"] == max(v["bound"] for v in layers.values())
