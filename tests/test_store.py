@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -437,6 +438,24 @@ def test_a_forked_child_opens_the_store_with_an_instance_of_its_own(store_path):
 
 def _runs_in_child(path: str) -> list[str]:
     return store.list_runs(path).run_id.tolist()
+
+
+def _sigint_in_child() -> tuple[int, bool]:
+    return store._sigint.depth, signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_forked_child_does_not_inherit_its_parents_held_ctrl_c(store_path):
+    """The parent holds SIGINT while its connection is open; a child forked then has no connection, so its
+    Ctrl-C must not be held (it would be, for good, with the parent's hold count)."""
+    import multiprocessing
+
+    _write_one_run(store_path)
+    default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with store.connect(store_path, read_only=True):
+        assert store._sigint.depth == 1
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply(_sigint_in_child) == (0, default)
+    assert store._sigint.depth == 0 and (signal.getsignal(signal.SIGINT) is signal.default_int_handler) == default
 
 
 SIGINT_CHILD = r"""
