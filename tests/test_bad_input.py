@@ -288,6 +288,24 @@ def test_random_bytes_jsonl(tmp_path, pristine, capsys):
     assert "not UTF-8" in line or "not valid JSON" in line
 
 
+def test_negative_token_ids_name_file_and_line(tmp_path, pristine, capsys):
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"input_ids": [5, 6, 7]}\n{"input_ids": [8, -1, 9]}\n')
+    line = _capture_fails(capsys, str(pristine), f"d={ids}", tmp_path / "store.duckdb",
+                          "line 2: 'input_ids' must be a non-empty list of token ids (ints ≥ 0)")
+    assert str(ids) in line
+
+
+def test_a_domain_name_given_twice_is_refused(tmp_path, pristine, text_domain, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text(SAMPLE_TEXT)
+    store_path = tmp_path / "store.duckdb"
+    code = main(["capture", "--model", str(pristine), "--domain", f"code={text_domain}", "--domain", f"code={other}",
+                 "--store", str(store_path), "--seq-len", "32", "--max-tokens", "128"])
+    _error_line(code, capsys, "domain names must be unique; repeated: code")
+    assert not store_path.exists()
+
+
 # -- 6. --threads <= 0 ---------------------------------------------------------------
 
 @pytest.mark.parametrize("threads", ["0", "-2"])
@@ -345,6 +363,38 @@ def test_capture_records_the_checkpoint_digest(captured):
     assert settings["checkpoint_digest"] == checkpoint_digest(model_dir)
     manifest = json.loads((export / "moe_viz_prune.json").read_text())
     assert manifest["plan"]["checkpoint_digest"] == settings["checkpoint_digest"]
+
+
+def test_capture_refuses_bytes_after_the_last_tensor(tmp_path, pristine, text_domain, capsys):
+    model_dir = shutil.copytree(pristine, tmp_path / "model")
+    shard = _shards(model_dir)[2]
+    shard.write_bytes(shard.read_bytes() + bytes(16))
+    line = _capture_fails(capsys, str(model_dir), f"code={text_domain}", tmp_path / "store.duckdb",
+                          "16 bytes after the last tensor")
+    assert shard.name in line
+
+
+@pytest.mark.parametrize("edit", ["config", "last byte"])
+def test_the_checkpoint_digest_sees_the_config_and_the_end_of_each_shard(tmp_path, pristine, edit):
+    """A config edited after capture, or a shard's last byte changed in place (same size), is a changed checkpoint."""
+    from moe_viz.checkpoint import check_unchanged, checkpoint_digest
+    from moe_viz.errors import MoeVizError
+
+    model_dir = shutil.copytree(pristine, tmp_path / "model")
+    before = checkpoint_digest(model_dir)
+    if edit == "config":
+        config = json.loads((model_dir / "config.json").read_text())
+        config["rms_norm_eps"] = config["rms_norm_eps"] * 10
+        (model_dir / "config.json").write_text(json.dumps(config))
+    else:
+        shard = max(_shards(model_dir), key=lambda p: p.stat().st_size)
+        data = bytearray(shard.read_bytes())
+        assert len(data) > 3 * 4096  # digested in sampled 4 KiB blocks, the last ending at the file's end
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    assert checkpoint_digest(model_dir) != before
+    with pytest.raises(MoeVizError, match="changed since it was captured"):
+        check_unchanged(model_dir, before, "tiny")
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])

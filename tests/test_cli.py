@@ -61,6 +61,46 @@ def test_pretokenised_jsonl_is_used_exactly(model_dir, tmp_path):
         assert con.execute("SELECT tokens, sequences FROM runs").fetchone() == (7, 2)  # 4 (truncated) + 3
 
 
+def test_pretokenised_sequences_are_cut_at_the_token_budget_and_the_vocabulary_is_checked():
+    from moe_viz.capture.sources import Documents, pack_sequences
+    from moe_viz.errors import MoeVizError
+
+    docs = Documents("ids", "inline", token_ids=[[1, 2, 3], [4, 5, 6], [7, 8]])
+    # the budget (5) ends inside the second line: it is cut there, the third line is not used
+    assert pack_sequences(docs, None, seq_len=64, max_tokens=5, seed=0, vocab_size=9) == [[1, 2, 3], [4, 5]]
+    assert pack_sequences(docs, None, seq_len=2, max_tokens=100, seed=0, vocab_size=9) == [[1, 2], [4, 5], [7, 8]]
+    # the largest id the model has (vocab_size - 1 = 8) is fine; one more is outside its vocabulary
+    with pytest.raises(MoeVizError, match=r"token id 8 is outside the model's vocabulary \(8\)"):
+        pack_sequences(docs, None, seq_len=64, max_tokens=100, seed=0, vocab_size=8)
+
+
+def test_text_documents_are_shuffled_by_the_seed_and_each_ends_with_eos():
+    """The packed stream is the documents in `random.Random(seed)` order, each tokenised and followed by EOS,
+    cut at max_tokens and chunked into seq_len pieces (docs: capture.sources.pack_sequences)."""
+    import random
+
+    from moe_viz.capture.sources import Documents, pack_sequences
+
+    tokenizer = tiny_tokenizer()
+    texts = [f"{word} " * (i + 2) for i, word in enumerate(["add", "class", "fox", "solve", "return", "lazy"])]
+    docs = Documents("code", "inline", texts=texts)
+    eos = tokenizer.eos_token_id
+    assert eos is not None
+    orders = {}
+    for seed in (0, 1):
+        order = list(range(len(texts)))
+        random.Random(seed).shuffle(order)
+        orders[seed] = order
+        stream = []
+        for i in order:
+            stream += tokenizer(texts[i], add_special_tokens=False)["input_ids"] + [eos]
+        assert len(stream) > 40
+        expected = [stream[:40][i:i + 7] for i in range(0, 40, 7)]  # 5 of 7 tokens and one of 5
+        packed = pack_sequences(docs, tokenizer, seq_len=7, max_tokens=40, seed=seed, vocab_size=len(tokenizer))
+        assert packed == expected, seed
+    assert orders[0] != orders[1] and orders[0] != list(range(len(texts)))  # the inputs tell the variants apart
+
+
 @pytest.fixture(scope="module")
 def dense_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("dense")

@@ -41,6 +41,17 @@ def test_builtin_sources_resolve_through_the_source_parser():
     assert docs.texts == corpora.documents("math", "heldout")
     with pytest.raises(Exception, match="unknown built-in domain 'poetry'"):
         read_documents("p", "builtin:poetry")
+    # no split: the calibration (train) split
+    assert read_documents("m", "builtin:math").texts == corpora.documents("math", "train")
+
+
+def test_evaluation_reads_the_heldout_split_of_a_builtin_domain_and_the_same_file_otherwise():
+    from moe_viz.capture.sources import evaluation_source
+
+    assert evaluation_source("builtin:math") == "builtin:math:heldout"
+    assert evaluation_source("builtin:code:train") == "builtin:code:heldout"
+    assert evaluation_source("/data/calib/code.jsonl") == "/data/calib/code.jsonl"
+    assert evaluation_source("hf:org/set:cfg:train") == "hf:org/set:cfg:train"
 
 
 def _documented():

@@ -169,6 +169,14 @@ def test_ranks_come_from_the_launcher_environment():
         from_env({"RANK": "2", "WORLD_SIZE": "2"})
 
 
+def test_a_launcher_without_local_variables_means_one_machine():
+    """Without LOCAL_RANK / LOCAL_WORLD_SIZE every rank is on one machine: local world = WORLD_SIZE."""
+    from moe_viz.capture.distributed import Ranks, from_env
+
+    assert from_env({"RANK": "1", "WORLD_SIZE": "2"}) == Ranks(1, 2, 0, 2)
+    assert from_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}) == Ranks(2, 4, 2, 4)
+
+
 # Rank 1 raises on its first batch of the second decoder layer (it runs 2 batches per layer of the `domains` fixture).
 FAIL_ON_RANK_1_IN_LAYER_2 = """
 import os

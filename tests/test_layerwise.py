@@ -114,9 +114,17 @@ def test_resume_continues_from_the_last_completed_layer(tmp_path, domains):
     assert (tmp_path / "lw.duckdb.layerwise").is_dir()  # kept for --resume
 
     seen.clear()
+    counts = []
+
+    def record(p):
+        seen.append(p.detail)
+        counts.append((p.tokens_done, p.tokens_total))
+
     ids = capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", resume=True,
-                  max_host_memory=0, progress=lambda p: seen.append(p.detail))  # hidden states read from disk
+                  max_host_memory=0, progress=record)  # hidden states read from disk
     assert sorted(set(seen)) == ["layer 3/4, resumed at layer 3", "layer 4/4, resumed at layer 3"]
+    tokens = (16 + 11 + 16 + 5 + 9) + (7 + 16 + 13)  # both domains (capture_compare.domains)
+    assert counts[-1] == (tokens, tokens)  # the two layers left make the whole pass: the bar ends full
     assert_same_statistics(tmp_path / "mem.duckdb", ref_ids, path, ids)
     assert_same_trace(tmp_path / "mem.duckdb", ref_ids, path, ids)  # layers 1-2's trace came from the state
     assert store.list_runs(path).status.tolist() == ["complete", "complete"]  # the failed run was replaced
@@ -128,6 +136,38 @@ def test_resume_without_an_interrupted_capture_says_so(tmp_path, domains):
     with pytest.raises(MoeVizError, match="no interrupted layer-wise capture"):
         capture(model_dir, domains, store_path=tmp_path / "lw.duckdb", settings=SETTINGS, device="cpu",
                 resume=True, progress=lambda p: None)
+    with pytest.raises(MoeVizError, match="--resume continues an interrupted layer-wise capture: it cannot be "
+                                          "used without --layerwise"):
+        capture(model_dir, domains, store_path=tmp_path / "lw.duckdb", settings=SETTINGS, device="cpu",
+                resume=True, layerwise=False, progress=lambda p: None)
+
+
+def test_resume_only_continues_the_capture_of_the_same_tokens_and_batching(tmp_path, domains):
+    """Interrupted in layer 2: --resume with another batch size, or other tokens of the same lengths, finds
+    nothing to continue (its hidden states are of other batches); the same inputs continue it."""
+    from dataclasses import replace
+
+    from capture_compare import write_domain
+
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    path = tmp_path / "lw.duckdb"
+
+    def interrupt_in_layer_2(p):
+        if p.detail.startswith("layer 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", layerwise=True,
+                progress=interrupt_in_layer_2)
+    other_tokens = [f"code={write_domain(tmp_path / 'other.jsonl', 7, (16, 11, 16, 5, 9))}", domains[1]]
+    for changed, settings in ((domains, replace(SETTINGS, batch_size=3)), (other_tokens, SETTINGS)):
+        with pytest.raises(MoeVizError, match="no interrupted layer-wise capture"):
+            capture(model_dir, changed, store_path=path, settings=settings, device="cpu", resume=True,
+                    progress=lambda p: None)
+    seen = []
+    capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", resume=True,
+            progress=lambda p: seen.append(p.detail))
+    assert set(seen) == {"layer 2/2, resumed at layer 2"}
 
 
 def test_a_layer_missing_from_the_checkpoint_fails_the_run_with_no_rows(tmp_path, domains):
@@ -203,3 +243,4 @@ def test_resume_under_another_number_of_ranks_is_refused(tmp_path, domains):
     ids = capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", resume=True,
                   progress=lambda p: None)
     assert store.list_runs(path).set_index("run_id").status[ids].tolist() == ["complete", "complete"]
+
