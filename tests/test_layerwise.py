@@ -142,13 +142,8 @@ def test_resume_without_an_interrupted_capture_says_so(tmp_path, domains):
                 resume=True, layerwise=False, progress=lambda p: None)
 
 
-def test_resume_only_continues_the_capture_of_the_same_tokens_and_batching(tmp_path, domains):
-    """Interrupted in layer 2: --resume with another batch size, or other tokens of the same lengths, finds
-    nothing to continue (its hidden states are of other batches); the same inputs continue it."""
-    from dataclasses import replace
-
-    from capture_compare import write_domain
-
+def _interrupted_in_layer_2(tmp_path, domains):
+    """A qwen2_moe checkpoint and a layer-wise capture of `domains` into lw.duckdb, interrupted in layer 2."""
     model_dir = save_model(tmp_path / "model", "qwen2_moe")
     path = tmp_path / "lw.duckdb"
 
@@ -159,6 +154,17 @@ def test_resume_only_continues_the_capture_of_the_same_tokens_and_batching(tmp_p
     with pytest.raises(KeyboardInterrupt):
         capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", layerwise=True,
                 progress=interrupt_in_layer_2)
+    return model_dir, path
+
+
+def test_resume_only_continues_the_capture_of_the_same_tokens_and_batching(tmp_path, domains):
+    """Interrupted in layer 2: --resume with another batch size, or other tokens of the same lengths, finds
+    nothing to continue (its hidden states are of other batches); the same inputs continue it."""
+    from dataclasses import replace
+
+    from capture_compare import write_domain
+
+    model_dir, path = _interrupted_in_layer_2(tmp_path, domains)
     other_tokens = [f"code={write_domain(tmp_path / 'other.jsonl', 7, (16, 11, 16, 5, 9))}", domains[1]]
     for changed, settings in ((domains, replace(SETTINGS, batch_size=3)), (other_tokens, SETTINGS)):
         with pytest.raises(MoeVizError, match="no interrupted layer-wise capture"):
@@ -222,16 +228,7 @@ def test_resume_under_another_number_of_ranks_is_refused(tmp_path, domains):
     """A capture interrupted with 1 process, resumed with 2 ranks: refused in one line (state kept)."""
     from test_distributed_capture import capture_args, torchrun
 
-    model_dir = save_model(tmp_path / "model", "qwen2_moe")
-    path = tmp_path / "lw.duckdb"
-
-    def interrupt_in_layer_2(p):
-        if p.detail.startswith("layer 2/"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", layerwise=True,
-                progress=interrupt_in_layer_2)
+    model_dir, path = _interrupted_in_layer_2(tmp_path, domains)
     state = tmp_path / "lw.duckdb.layerwise"
     kept = sorted(p.relative_to(state) for p in state.rglob("*"))
     done = torchrun(capture_args(model_dir, domains, path, "--resume"))
@@ -243,4 +240,3 @@ def test_resume_under_another_number_of_ranks_is_refused(tmp_path, domains):
     ids = capture(model_dir, domains, store_path=path, settings=SETTINGS, device="cpu", resume=True,
                   progress=lambda p: None)
     assert store.list_runs(path).set_index("run_id").status[ids].tolist() == ["complete", "complete"]
-
