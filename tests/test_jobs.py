@@ -1,6 +1,11 @@
 """Background capture jobs (what the Runs page starts): progress, completion, cancellation."""
 
+import json
+import subprocess
+import sys
 import time
+
+import psutil
 
 from moe_viz import jobs, store
 from tiny_models import SAMPLE_TEXT, save_tiny_model
@@ -57,3 +62,104 @@ def test_jobs_record_threads_explicit_or_from_the_dashboard_setting(tmp_path, mo
     assert commands["torch"][0] == "capture"
     for job in started.values():
         assert _wait(lambda: jobs.job_status(db, job)["state"] != "running")
+
+
+# -- job files read back: states, errors, listing (hand-made job folders, real processes) ---------------
+
+def _ended_process():
+    """(pid, start time) of a process of ours that has ended and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    started = psutil.Process(proc.pid).create_time()
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    return proc.pid, started
+
+
+def _job_folder(db, job_id, pid_line, kind="capture", progress=None, stderr=""):
+    """A job folder as `_new_job`/`_launch` and the command leave it (kind None: recorded before kinds were kept)."""
+    folder = jobs.jobs_dir(db) / job_id
+    folder.mkdir(parents=True)
+    if kind is not None:
+        (folder / "kind").write_text(kind)
+    if pid_line is not None:
+        (folder / "pid").write_text(pid_line)
+    if progress is not None:
+        (folder / "progress.json").write_text(json.dumps(progress))
+    (folder / "stderr.log").write_text(stderr)
+    return folder
+
+
+def test_a_job_that_ended_unfinished_reads_failed_and_names_its_error(tmp_path):
+    db = tmp_path / "store.duckdb"
+    pid, started = _ended_process()
+    line = f"{pid} {started!r}\n"
+    unfinished = {"domain": "code", "tokens_done": 500, "tokens_total": 500, "elapsed_s": 1.0, "detail": "",
+                  "finished": False}  # the last domain's last report: the run was still to be stored
+    cases = {
+        "20250101-000000-aaaaaa": _job_folder(db, "20250101-000000-aaaaaa", line, progress=unfinished, stderr=(
+            "capture code: 100%|#####| 500/500\nmoe-viz: error: the store is locked by another process\n"
+            "resource_tracker: There appear to be 1 leaked semaphore objects\n")),
+        "20250101-000000-bbbbbb": _job_folder(db, "20250101-000000-bbbbbb", line, progress=unfinished,
+                                              stderr="Traceback (most recent call last):\nMemoryError\n"),
+        "20250101-000000-cccccc": _job_folder(db, "20250101-000000-cccccc", line, kind="sweep"),
+        "20250101-000000-dddddd": _job_folder(db, "20250101-000000-dddddd", line,
+                                              progress={"finished": True, "run_ids": ["r1"]}),
+    }
+    got = [(jobs.job_status(db, job)["state"], jobs.job_status(db, job)["error"]) for job in cases]
+    assert got == [("failed", "the store is locked by another process"), ("failed", "MemoryError"),
+                   ("failed", "the sweep process exited"), ("done", "")]
+
+
+def test_only_started_jobs_are_listed_and_jobs_without_a_kind_are_captures(tmp_path):
+    db = tmp_path / "store.duckdb"
+    pid, started = _ended_process()
+    line = f"{pid} {started!r}\n"
+    _job_folder(db, "20250101-000000-aaaaaa", line)
+    _job_folder(db, "20250101-000001-bbbbbb", line, kind=None)  # recorded before kinds were kept
+    _job_folder(db, "20250101-000002-cccccc", None)  # being started: no pid yet, nothing to report on
+    _job_folder(db, "20250101-000003-dddddd", line, kind="sweep")
+    assert jobs.list_jobs(db) == ["20250101-000001-bbbbbb", "20250101-000000-aaaaaa"]
+    assert jobs.list_jobs(db, kind=None) == ["20250101-000003-dddddd", "20250101-000001-bbbbbb",
+                                             "20250101-000000-aaaaaa"]
+    assert jobs.job_kind(db, "20250101-000001-bbbbbb") == "capture"
+    assert jobs.job_status(db, "20250101-000001-bbbbbb")["kind"] == "capture"
+
+
+IGNORES_SIGTERM = ("import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+                   "sys.stdin.read()")
+
+
+def test_a_cancelled_job_reads_cancelled_while_its_process_is_still_winding_down(tmp_path):
+    """A capture takes a while to mark its run failed after SIGTERM: the page must not offer Cancel again."""
+    db = tmp_path / "store.duckdb"
+    slow = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert slow.stdout.readline().strip() == "ready"
+        job = "20250101-000000-aaaaaa"
+        _job_folder(db, job, f"{slow.pid} {psutil.Process(slow.pid).create_time()!r}\n")
+        assert jobs.job_status(db, job)["state"] == "running"
+        jobs.cancel(db, job)
+        assert slow.poll() is None  # it ignores SIGTERM: still alive
+        assert jobs.job_status(db, job) == {"job_id": job, "kind": "capture", "state": "cancelled", "progress": {},
+                                            "error": ""}
+        slow.stdin.close()
+        assert slow.wait(timeout=60) == 0
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+
+
+def test_progress_file_says_finished_only_when_the_command_has_completed(tmp_path):
+    """Each report mirrors the progress; `finished` stays false (the command itself writes it after storing)."""
+    from moe_viz.capture.run import Progress
+    from moe_viz.cli import _file_progress
+
+    seen = []
+    report = _file_progress(tmp_path / "progress.json", seen.append)
+    last = Progress("code", 500, 500, 12.3456, "layer 2/2")  # every token of the domain done
+    report(last)
+    assert seen == [last]
+    assert json.loads((tmp_path / "progress.json").read_text()) == {
+        "domain": "code", "tokens_done": 500, "tokens_total": 500, "elapsed_s": 12.35, "detail": "layer 2/2",
+        "finished": False}

@@ -133,6 +133,31 @@ def test_force_refuses_a_plain_directory_and_a_regular_file(layout, tmp_path):
     assert _hidden_temp(tmp_path) == []
 
 
+NOT_A_MANIFEST = {
+    "not JSON": lambda d, elsewhere: (d / PRUNE_MANIFEST).write_text("my notes, not JSON"),
+    "a JSON list": lambda d, elsewhere: (d / PRUNE_MANIFEST).write_text("[1, 2]"),
+    "a directory": lambda d, elsewhere: (d / PRUNE_MANIFEST).mkdir(),
+    "a symlink to a real manifest": lambda d, elsewhere: (d / PRUNE_MANIFEST).symlink_to(elsewhere / PRUNE_MANIFEST),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_A_MANIFEST))
+def test_force_needs_a_readable_manifest_that_is_a_real_file(layout, tmp_path, case):
+    """A file merely named like the manifest is no proof: the folder is someone else's."""
+    _, model_dir, store, plan = layout
+    previous = export_pruned(plan, model_dir, tmp_path / "previous", streaming=True, protect=[store])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    NOT_A_MANIFEST[case](mine, previous)
+    before = _snapshot(tmp_path)
+    with pytest.raises(MoeVizError, match=f"is not a moe_viz export \\(no {PRUNE_MANIFEST}\\)") as exc_info:
+        export_pruned(plan, model_dir, mine, streaming=True, force=True, protect=[store])
+    _one_line(exc_info)
+    assert _snapshot(tmp_path) == before
+    assert _hidden_temp(tmp_path) == []
+
+
 def test_force_refuses_a_symlink_even_to_a_previous_export(layout, tmp_path):
     _, model_dir, store, plan = layout
     export = export_pruned(plan, model_dir, tmp_path / "export", streaming=True)
@@ -153,6 +178,25 @@ def test_out_inside_the_source_model_is_refused(layout):
             export_pruned(plan, model_dir, model_dir / "pruned", streaming=True, force=force, protect=[store])
         _one_line(exc_info)
     assert _snapshot(home) == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_out_that_appears_while_the_export_runs_is_never_replaced(layout, tmp_path, force):
+    """`out` is checked again just before publishing: a folder made meanwhile is the user's, kept as it is."""
+    _, model_dir, store, plan = layout
+    out = tmp_path / "export"
+
+    def user_makes_out(done, total):
+        if not out.exists():
+            out.mkdir()
+            (out / "thesis.tex").write_text("years of work")
+
+    expected = "already exists: choose another --out" if force is False else "is not a moe_viz export"
+    with pytest.raises(MoeVizError, match=expected) as exc_info:
+        export_pruned(plan, model_dir, out, streaming=True, force=force, protect=[store], progress=user_makes_out)
+    _one_line(exc_info)
+    assert _snapshot(out) == {".": "dir", "thesis.tex": b"years of work"}
+    assert _hidden_temp(tmp_path) == []
 
 
 def test_force_replaces_a_previous_export(layout, tmp_path):
@@ -257,6 +301,40 @@ def test_stale_temp_dirs_of_killed_exports_are_cleaned_and_nothing_else(layout, 
     assert (parent / ".z.partial-44444444").is_symlink()
 
 
+def test_stale_looking_dirs_without_a_real_marker_file_are_kept(layout, tmp_path):
+    """The partial marker proves ownership only as a regular file: not as a symlink to one, nor as a directory."""
+    _, model_dir, store, plan = layout
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    real_marker = tmp_path / "elsewhere" / PARTIAL_MARKER
+    real_marker.parent.mkdir()
+    real_marker.write_text("moe_viz export in progress\n")
+    linked = _dir_with(parent / ".x.partial-66666666")
+    (linked / PARTIAL_MARKER).symlink_to(real_marker)
+    as_dir = _dir_with(parent / ".x.partial-77777777")
+    (as_dir / PARTIAL_MARKER).mkdir()
+    before = _snapshot(tmp_path)
+    export_pruned(plan, model_dir, parent / "x", streaming=True, protect=[store])
+    shutil.rmtree(parent / "x")
+    assert _snapshot(tmp_path) == before
+
+
+def test_stale_cleanup_never_removes_a_protected_path(layout, tmp_path):
+    """A store kept in a folder named like a leftover (with the proof inside) is still never removed."""
+    _, model_dir, store, plan = layout
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    old = _dir_with(parent / ".x.old-89abcdef", **{PRUNE_MANIFEST: json.dumps({"method": "streaming"})})
+    shutil.copyfile(store, old / "store.duckdb")
+    partial = _dir_with(parent / ".x.partial-0123abcd", **{PARTIAL_MARKER: "moe_viz export in progress\n"})
+    shutil.copyfile(store, partial / "store.duckdb")
+    before = _snapshot(parent)
+    export_pruned(plan, model_dir, parent / "x", streaming=True,
+                  protect=[store, old / "store.duckdb", partial / "store.duckdb"])
+    shutil.rmtree(parent / "x")
+    assert _snapshot(parent) == before
+
+
 KILLED = """
 import os, sys
 from pathlib import Path
@@ -324,6 +402,54 @@ def test_write_text_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypa
         atomic.write_text_atomic(path, '{"new": true}\n')
     assert path.read_text() == '{"old": true}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe_viz_verify.json"]
+
+
+def _record_fsyncs(monkeypatch, events):
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.fspath(src), os.fspath(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_write_text_atomic_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name fsynced descriptors")
+    tmp_path = tmp_path.resolve()
+    events = []
+    _record_fsyncs(monkeypatch, events)
+    path = tmp_path / "progress.json"
+    atomic.write_text_atomic(path, '{"finished": true}')
+    (tmp,) = [e[1] for e in events if e[0] == "replace"]
+    assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".progress.json.tmp-")
+    assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]
+    assert path.read_text() == '{"finished": true}'
+
+
+def test_fsync_tree_syncs_every_regular_file_then_every_directory_deepest_first(tmp_path, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name fsynced descriptors")
+    root = tmp_path.resolve() / "tree"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.bin").write_bytes(b"a")
+    (root / "sub" / "b.bin").write_bytes(b"b")
+    (root / "sub" / "deeper" / "c.bin").write_bytes(b"c")
+    outside = tmp_path.resolve() / "outside.bin"
+    outside.write_bytes(b"not in the tree")
+    (root / "sub" / "link.bin").symlink_to(outside)  # a link is not a file of the tree: not synced
+    events = []
+    _record_fsyncs(monkeypatch, events)
+    atomic.fsync_tree(root)
+    assert events == [("fsync", str(root / "a.bin")), ("fsync", str(root / "sub" / "b.bin")),
+                      ("fsync", str(root / "sub" / "deeper" / "c.bin")),
+                      ("fsync", str(root / "sub" / "deeper")), ("fsync", str(root / "sub")), ("fsync", str(root))]
 
 
 def test_manifest_and_progress_writes_are_atomic(layout, tmp_path, monkeypatch):
@@ -404,40 +530,7 @@ def test_prune_page_refuses_bad_names_and_never_replaces_the_exports_dir(ui_capt
     assert not Path("/abs").exists()
 
 
-# -- what the export replaces is checked again when it publishes, and restored if publishing fails ----------
-
-def test_a_directory_that_appears_during_the_export_is_never_replaced(layout, tmp_path):
-    """`out` is checked again just before publishing: a user's directory made there while the export ran
-    (no --force) is refused then, and left as it is."""
-    _, model_dir, store, plan = layout
-    out = tmp_path / "export"
-
-    def user_makes_out(done, total):
-        out.mkdir()
-        (out / "thesis.tex").write_text("years of work")
-
-    with pytest.raises(MoeVizError, match="already exists"):
-        export_pruned(plan, model_dir, out, streaming=True, protect=[store], progress=user_makes_out)
-    assert _snapshot(out) == {".": "dir", "thesis.tex": b"years of work"}
-    assert _hidden_temp(tmp_path) == []
-
-
-def test_a_symlinked_manifest_is_no_proof_of_a_previous_export(layout, tmp_path):
-    """--force replaces only a directory holding a real manifest file: a manifest that is a link to another
-    export's (a user's folder with a shortcut in it) does not make the folder moe_viz's."""
-    _, model_dir, store, plan = layout
-    export = export_pruned(plan, model_dir, tmp_path / "export", streaming=True, protect=[store])
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("years of work")
-    (mine / PRUNE_MANIFEST).symlink_to(export / PRUNE_MANIFEST)
-    before = _snapshot(tmp_path)
-    with pytest.raises(MoeVizError, match=f"is not a moe_viz export \\(no {PRUNE_MANIFEST}\\)") as exc_info:
-        export_pruned(plan, model_dir, mine, streaming=True, force=True, protect=[store])
-    _one_line(exc_info)
-    assert _snapshot(tmp_path) == before
-    assert _hidden_temp(tmp_path) == []
-
+# -- a failed publish restores what the export replaced ------------------------------------------------------
 
 def test_a_failed_publishing_rename_puts_the_previous_export_back(layout, tmp_path, monkeypatch):
     """--force moves the previous export aside, then renames the new one into place: if that rename fails,

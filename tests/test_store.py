@@ -376,6 +376,63 @@ def test_read_only_directory_is_refused_for_a_user_who_cannot_write_there():
         shutil.rmtree(top)
 
 
+UNPRIVILEGED_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from moe_viz.store_location import location_problem
+for path in sys.argv[2:]:
+    for write in (True, False):
+        print(repr(location_problem(path, write)))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to switch to an unprivileged user), setpriv and a system python3")
+def test_own_store_in_a_read_only_directory_and_an_unreadable_store_are_refused():
+    """Run as `nobody`: a store nobody may write, in a directory it may not (no room for the .wal); a store it cannot read."""
+    top = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        ro = top / "ro"
+        ro.mkdir()
+        mine, secret = ro / "mine.duckdb", ro / "secret.duckdb"
+        for path in (mine, secret):
+            with duckdb.connect(str(path)) as con:
+                con.execute("CREATE TABLE t (x INTEGER)")
+        os.chown(mine, 65534, 65534)
+        mine.chmod(0o644)
+        secret.chmod(0o600)
+        ro.chmod(0o555)
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+             UNPRIVILEGED_PROBE, str(root), str(mine), str(secret)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == [
+            repr(f"store {mine}: directory {ro} is not writable (DuckDB writes mine.duckdb.wal there)"),
+            repr(None),  # reading needs no .wal
+            repr(f"store {secret} is not readable"),
+            repr(f"store {secret} is not readable"),
+        ]
+    finally:
+        (top / "ro").chmod(0o755) if (top / "ro").exists() else None
+        shutil.rmtree(top)
+
+
+def test_location_checks_read_the_header_where_duckdb_writes_it_and_never_follow_a_dangling_link(tmp_path):
+    from moe_viz.store_location import location_problem
+
+    shifted = tmp_path / "shifted.duckdb"
+    shifted.write_bytes(b"DUCK" + bytes(60))  # the magic bytes, but not at DuckDB's offset 8
+    dangling = tmp_path / "dangling.duckdb"
+    dangling.symlink_to(tmp_path / "gone" / "target.duckdb")  # writing would create a file elsewhere
+    for write in (True, False):
+        assert location_problem(shifted, write) == (f"store {shifted} is not a DuckDB database (no DuckDB header): "
+                                                    "choose another --store")
+        assert location_problem(dangling, write) == f"store {dangling} is not a regular file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.duckdb", "shifted.duckdb"]
+
+
 # -- connections: one DuckDB instance per process, the file attached while in use --------------
 
 OPEN_READ_WRITE = "import duckdb, sys; duckdb.connect(sys.argv[1]).close(); print('opened')"

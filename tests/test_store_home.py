@@ -89,6 +89,18 @@ def test_commands_use_moe_viz_home_and_print_the_store(home_store, tmp_path, mon
                                         "capture` or `moe-viz demo` first"]  # one line, naming the store once
 
 
+def test_an_error_naming_the_store_as_given_does_not_name_it_again(tmp_path, monkeypatch, capsys):
+    import duckdb
+
+    monkeypatch.chdir(tmp_path)
+    with duckdb.connect("foreign.duckdb") as con:  # someone else's DuckDB file
+        con.execute("CREATE TABLE people (name VARCHAR)")
+    assert main(["import-run", str(tmp_path / "no-run"), "--store", "foreign.duckdb"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "moe-viz: error: foreign.duckdb is a DuckDB database but not a moe_viz store (tables people, no schema_version): "
+        "choose another --store"]
+
+
 def test_ui_says_which_store_it_serves(tmp_path, monkeypatch, capsys):
     import subprocess
 

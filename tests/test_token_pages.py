@@ -192,3 +192,12 @@ def test_token_routes_page_cancels_a_running_trace(traced, monkeypatch):
     except psutil.NoSuchProcess:
         pass  # already reaped
     assert not psutil.pid_exists(pid)
+
+
+def test_example_contexts_are_escaped_html_with_whitespace_made_visible():
+    """Token text is data: in the expert page's HTML it can never open a tag (markdown renders it as HTML)."""
+    from moe_viz.ui.common import KEPT_COLOR, context_html, visible
+
+    assert context_html('say "<b>', "&x", "</div>\ny") == (
+        f"<code>say &quot;&lt;b&gt;<mark style='background:{KEPT_COLOR};color:white'>&amp;x</mark>&lt;/div&gt;⏎y</code>")
+    assert visible(" a\n\tb") == "·a⏎→b"

@@ -7,6 +7,7 @@ values computed here straight from the store with SQL.
 import base64
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -397,6 +398,52 @@ def test_missing_and_corrupted_stores_get_one_line_messages(tmp_path, monkeypatc
     assert "cannot open store" in at.info[0].value and "\n" not in at.info[0].value
 
 
+def test_runs_page_shows_a_running_jobs_progress(tmp_path, monkeypatch):
+    """The progress bar is tokens done over tokens total, with the rate; a running job can be cancelled."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from moe_viz import jobs
+
+    store_path = tmp_path / "store.duckdb"
+    job = "20250101-000000-aaaaaa"
+    folder = jobs.jobs_dir(store_path) / job
+    folder.mkdir(parents=True)
+    (folder / "kind").write_text("capture")
+    (folder / "stderr.log").write_text("")
+    (folder / "progress.json").write_text(json.dumps({"domain": "code", "tokens_done": 150, "tokens_total": 600,
+                                                      "elapsed_s": 3.0, "detail": "", "finished": False}))
+    stand_in = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:  # stands in for the capture's process: its real pid and start time
+        (folder / "pid").write_text(f"{stand_in.pid} {psutil.Process(stand_in.pid).create_time()!r}\n")
+        at = _app(store_path, monkeypatch, "runs")
+        (bar,) = at.get("progress")
+        assert (bar.proto.value, bar.proto.text) == (25, f"`{job}` — running: code 150/600 tokens (50 tok/s)")
+        assert at.button(key=f"cancel_{job}").label == "Cancel"
+    finally:
+        stand_in.stdin.close()
+        assert stand_in.wait(timeout=60) == 0
+
+
+def test_pages_offer_only_models_with_complete_runs_and_name_the_store_absolutely(captured, tmp_path, monkeypatch):
+    """A run still capturing (or interrupted) has no statistics: no page offers it. A relative --store is shown absolute."""
+    from moe_viz import store
+
+    _, model_dir, captured_store = captured
+    copy = tmp_path / "store.duckdb"
+    shutil.copyfile(captured_store, copy)
+    store.begin_run(copy, model_id="other/model", model_fingerprint="f", model_type="qwen3_moe", domain="code",
+                    source="inline", settings={"seq_len": 8}, tool_version="test")  # `running`: this process lives
+    runs = store.list_runs(copy)
+    assert runs[runs.model_id == "other/model"].status.tolist() == ["running"]
+    monkeypatch.chdir(tmp_path)
+    at = _app("store.duckdb", monkeypatch)
+    assert at.sidebar.selectbox(key="model").options == [f"{model_dir.parent.name}/{model_dir.name} (qwen3_moe)"]
+    assert f"store: `{copy}`" in [c.value for c in at.sidebar.caption]
+
+
 def test_rankings_bars_in_rank_order_and_never_below_top_k(captured, monkeypatch):
     _, _, store_path = captured
     at = _app(store_path, monkeypatch, "rankings")
@@ -555,3 +602,25 @@ def test_prune_page_cli_command_exports_the_same_plan(captured, tmp_path, monkey
     at.radio(key="pr_scope").set_value("global").run()
     (command,) = [c.value for c in at.code]
     assert shlex.split(command)[:2] == ["moe-viz", "evaluate"] and command.endswith("--scope global")
+
+
+def test_prune_command_is_shell_quoted_and_keeps_the_replace_choice():
+    """The copied command must run as shown: paths with spaces quoted, --force when "replace" is ticked."""
+    import shlex
+
+    from moe_viz.errors import MoeVizError
+    from moe_viz.prune.command import prune_command
+    from moe_viz.prune.plan import PrunePlan
+
+    plan = PrunePlan(model_id="/models/my model", model_fingerprint="f", criterion="frequency", scope="uniform",
+                     sparsity=0.5, domains={"code": 1.0, "prose": 0.3}, run_ids={"code": "a", "prose": "b"},
+                     num_experts={0: 8, 1: 8}, kept={0: [0, 1, 2, 3], 1: [1, 2, 3, 4]}, protected={1: [4]})
+    expected = ("moe-viz prune --model '/models/my model' --store '/data/my store.duckdb' --criterion frequency "
+                "--keep 4 --domain code:1.0 --domain prose:0.3 --protect 1:4 --out '/data/exports/keep 4'")
+    assert prune_command(plan, "/data/my store.duckdb", "/data/exports/keep 4") == expected
+    forced = prune_command(plan, "/data/my store.duckdb", "/data/exports/keep 4", force=True)
+    assert forced == expected + " --force"
+    assert shlex.split(forced)[shlex.split(forced).index("--out") + 1] == "/data/exports/keep 4"
+    plan.domains = {"code:v2": 1.0}  # NAME:WEIGHT could not be parsed back
+    with pytest.raises(MoeVizError, match="domain 'code:v2' has a ':' that the command line cannot pass"):
+        prune_command(plan, "/data/my store.duckdb", "/data/exports/keep 4")
