@@ -360,23 +360,28 @@ def test_the_next_export_cleans_up_after_a_killed_one(layout, tmp_path):
 
 # -- durability ---------------------------------------------------------------------
 
-def test_every_file_is_fsynced_before_the_rename_that_publishes_it(layout, tmp_path, monkeypatch):
-    if not Path("/proc/self/fd").is_dir():
-        pytest.skip("needs /proc to name fsynced descriptors")
-    _, model_dir, store, plan = layout
-    events = []
-    real_fsync, real_rename = os.fsync, os.rename
+def _record_fsyncs(monkeypatch, events, move="replace"):
+    """Append ("fsync", path) for every os.fsync and (move, src, dst) for every os.<move> (rename or replace)."""
+    real_fsync, real_move = os.fsync, getattr(os, move)
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         return real_fsync(fd)
 
-    def rename(src, dst, *args, **kwargs):
-        events.append(("rename", os.fspath(src), os.fspath(dst)))
-        return real_rename(src, dst, *args, **kwargs)
+    def moved(src, dst, *args, **kwargs):
+        events.append((move, os.fspath(src), os.fspath(dst)))
+        return real_move(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, move, moved)
+
+
+def test_every_file_is_fsynced_before_the_rename_that_publishes_it(layout, tmp_path, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name fsynced descriptors")
+    _, model_dir, store, plan = layout
+    events = []
+    _record_fsyncs(monkeypatch, events, move="rename")
     out = tmp_path / "export"
     export_pruned(plan, model_dir, out, streaming=True, protect=[store])
     publish = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(out))
@@ -402,21 +407,6 @@ def test_write_text_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypa
         atomic.write_text_atomic(path, '{"new": true}\n')
     assert path.read_text() == '{"old": true}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe_viz_verify.json"]
-
-
-def _record_fsyncs(monkeypatch, events):
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    def replace(src, dst, *args, **kwargs):
-        events.append(("replace", os.fspath(src), os.fspath(dst)))
-        return real_replace(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
 
 
 def test_write_text_atomic_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
