@@ -4,6 +4,7 @@ import json
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -12,6 +13,7 @@ from moe_viz import store
 from moe_viz.cli import main
 from moe_viz.prune.evaluate import evaluate_plan, heldout_text, reference_batches
 from moe_viz.analysis.importance import calibration_sequences, causal_agreement
+from test_criteria_plan import _write_stats
 from moe_viz.prune.masking import masked_experts
 from moe_viz.models.discovery import find_moe_layers
 from moe_viz.prune.plan import build_plan
@@ -146,21 +148,22 @@ def test_rankings_page_sets_reconstruction_against_the_routing_criteria(measured
     assert _frame(at, "causal", "layer", "frequency").equals(causal)
 
 
-def test_a_deleted_run_takes_its_knockout_rows_along(measured):
-    _, _, store_path, run_id, _, _ = measured
+def test_a_deleted_run_takes_its_knockout_rows_along(store_path):
+    """Knockout rows of two runs: deleting one run deletes its rows (both evaluation sets) and only those."""
+    runs = [_write_stats(store_path, domain, {1: {"routed_tokens": [3, 1, 2]}}) for domain in ("code", "prose")]
+    rows = pd.DataFrame({"layer": 1, "expert": [0, 1, 2], "tokens": 50, "kl": [0.5, 0.25, 0.125],
+                         "kl_ci_low": 0.0, "kl_ci_high": 1.0})
+    for run_id in runs:
+        for eval_set in ("set-a", "set-b"):
+            store.save_knockout(store_path, run_id, eval_set, rows)
+    store.delete_runs(store_path, [runs[0]])
     with duckdb.connect(str(store_path), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM expert_knockout WHERE run_id = ?", [run_id]).fetchone()[0] == 8
-    store.delete_runs(store_path, [run_id])
-    with duckdb.connect(str(store_path), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM expert_knockout").fetchone()[0] == 0
+        left = con.execute("SELECT run_id, count(*) FROM expert_knockout GROUP BY run_id").fetchall()
+    assert left == [(runs[1], 6)]
 
 
 def test_agreement_gives_tied_values_their_mean_rank(store_path):
     """Spearman with ties: reconstruction errors tie at 0.3 and routed counts at 4; ordinal ranks would differ."""
-    import pandas as pd
-
-    from test_criteria_plan import _write_stats
-
     routed, recon = [4, 4, 1, 2, 4], [0.3, 0.1, 0.0, 0.2, 0.3]
     run_id = _write_stats(store_path, "code", {2: {"routed_tokens": routed}})
     store.set_reconstruction(store_path, run_id, pd.DataFrame({"layer": 2, "expert": range(5), "recon_error": recon}))
