@@ -53,3 +53,30 @@ def test_timings_add_up_per_phase_and_print_in_capture_order():
     text = format_timings([timings.seconds, {"peak RSS": 812.4, "forward": 2.5}])
     assert text.splitlines() == ["moe-viz: timing rank 0 of 2: forward 3.00 s, store 0.50 s",
                                  "moe-viz: timing rank 1 of 2: forward 2.50 s, peak RSS 812 MiB"]
+
+
+def test_phases_print_in_capture_order_not_alphabetically():
+    text = format_timings([{"store": 0.25, "start-up": 1.0, "load model": 2.0, "zz extra": 0.5, "forward": 3.0}])
+    assert text == ("moe-viz: timing rank 0 of 1: start-up 1.00 s, load model 2.00 s, forward 3.00 s, "
+                    "store 0.25 s, zz extra 0.50 s")
+
+
+def test_phase_times_wall_and_cpu_seconds_and_counts_a_body_that_raises(monkeypatch):
+    """Fixed clocks (the time module's, not torch's): wall seconds from perf_counter, "NAME CPU" from
+    process_time, added up per phase, and recorded when the body raises."""
+    import itertools
+
+    from moe_viz.capture import timing
+
+    wall, cpu = itertools.count(10.0, 1.5), itertools.count(100.0, 0.25)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(wall))
+    monkeypatch.setattr(timing.time, "process_time", lambda: next(cpu))
+    timings = Timings()
+    with timings.phase("forward", cpu=True):
+        pass
+    with pytest.raises(ValueError):
+        with timings.phase("forward", cpu=True):
+            raise ValueError("a failing batch")
+    with timings.phase("store"):
+        pass
+    assert timings.seconds == {"forward": 3.0, "forward CPU": 0.5, "store": 1.5}

@@ -301,3 +301,14 @@ def test_jetmoe_layerwise_capture_equals_the_in_memory_one(tmp_path):
     assert sorted(set(memory.layer)) == [0, 1, 2, 3] and memory.routed_tokens.sum() > 0
     for column in ("layer", "expert", "routed_tokens", "gate_sum", "ean_sum"):
         assert memory[column].tolist() == pytest.approx(streamed[column].tolist(), rel=1e-6, abs=1e-9), column
+
+
+def test_text_runner_picks_the_child_holding_the_text_config_not_the_first_child_with_a_forward():
+    """Qwen3-Omni's talker and code2wav also have a forward and a config of their own: with the thinker
+    registered last, the text still runs through the thinker (the child whose config is the text config)."""
+    model = tiny_family_model("qwen3_omni_moe")
+    model._modules["thinker"] = model._modules.pop("thinker")  # registered last
+    assert list(model._modules)[0] == "talker"
+    assert text_runner(model) is model.thinker
+    names = [layer.name for layer in find_moe_layers(model)]
+    assert names == [f"thinker.model.language_model.layers.{i}.mlp" for i in range(len(names))] and names

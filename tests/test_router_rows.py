@@ -276,3 +276,64 @@ def test_token_trace_marks_slots_routed_elsewhere_as_expert_minus_one(family):
     for layer, slots in expected.items():
         got = routes[routes.layer == layer].sort_values(["seq", "pos", "slot"]).expert.to_numpy()
         np.testing.assert_array_equal(got.reshape(tokens, -1), slots, err_msg=f"layer {layer}")
+
+
+# What the probe through the real router finds on its own (before any capture batch could settle it):
+# Zaya's router needs (1, T, H) hidden states, Gemma-4's returns probabilities before its linear's logits,
+# Llama4's returns (scores scattered at its top-k, logits); DBRX's returns only logits (no top-k): None.
+PROBED = {"zaya": "softmax", "gemma4_text": "softmax", "llama4_text": "sigmoid", "deepseek_v3": "sigmoid",
+          "longcat_flash": "softmax", "dbrx": None}
+
+
+@pytest.mark.parametrize("family", sorted(PROBED))
+def test_probe_through_the_router_alone(family):
+    from moe_viz.models.score_fn import probe_score_fn
+
+    torch.set_num_threads(1)
+    layers = find_moe_layers(tiny_family_model(family))
+    assert [probe_score_fn(layer) for layer in layers] == [PROBED[family]] * len(layers)
+
+
+def test_classify_cannot_tell_from_one_top1_token():
+    # one token, top-1, weight 1: every function fits with one offset (per token and across): no answer
+    logits = torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
+    assert classify_score_fn(logits, torch.ones(1, 1), logits.argmax(-1, keepdim=True)) is None
+
+
+@pytest.mark.parametrize("family", ["zaya", "deepseek_v3", "lfm2_moe"])
+def test_masked_experts_are_never_routed_even_with_the_largest_selection_bias(family):
+    """Masking sets a dropped expert's selection bias (Zaya `balancing_biases`, DeepSeek-V3
+    `e_score_correction_bias`, LFM2-MoE `expert_bias`) to -inf as well as its logit: with a bias far above
+    every other, the expert is picked by the unmasked router and never by the masked one."""
+    from moe_viz.models.routing import routing_tensors
+
+    torch.set_num_threads(1)
+    model = tiny_family_model(family)
+    layer = find_moe_layers(model)[-1]
+    bias = next(r for r in routing_tensors(layer) if r.is_selection_bias)
+    with torch.no_grad():
+        bias.tensor.index_fill_(bias.axis, torch.tensor([3]), 5.0)
+    picked = []
+    block_in = layer.experts.register_forward_pre_hook(lambda m, args, kwargs: picked.append(
+        (args[1] if len(args) > 1 else kwargs["top_k_index"]).reshape(-1)), with_kwargs=True)
+    ids, mask = _padded(SEQUENCES[:2])
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            assert (picked[-1] == 3).any(), "unmasked, the biased expert is picked"
+            picked.clear()
+            with masked_layer(layer, [3]):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        block_in.remove()
+    assert not (picked[-1] == 3).any()
+    assert bias.tensor.reshape(-1)[3] == 5.0  # restored afterwards
+
+
+def test_expert_axis_only_of_known_layouts():
+    from moe_viz.models.routing import expert_axis
+
+    assert expert_axis((8, 32), 8) == 0
+    assert expert_axis((1, 8), 8) == 1 and expert_axis((1, 1, 8), 8) == 2  # Ernie's moe_statics (1, E)
+    assert expert_axis((4, 8), 8) is None  # E last behind a dim that is not 1: not a known layout
+    assert expert_axis((), 8) is None and expert_axis((32,), 8) is None
