@@ -298,8 +298,13 @@ def test_expert_page_profile_matches_the_store(captured, monkeypatch):
         for name in shown.columns:  # each criterion's rank of expert 2 in layer 1, by the ranking rule
             ranked = ranks(metric_table(store_path, name, [run_ids[domain]]))
             assert shown.loc[domain, name] == ranked[(ranked.layer == 1) & (ranked.expert == 2)]["rank"].item(), (domain, name)
-    coact = sql_partners(store_path, run_ids["code"], 1, 2).head(10)
-    assert not coact.empty  # expert 2 of layer 1 has partners on code in this capture
+    _assert_partners_shown(at, store_path, run_ids["code"])  # expert 2 of layer 1 has partners on code here
+
+
+def _assert_partners_shown(at, store_path, run_id):
+    """The expert page's partner table for layer 1, expert 2 equals SQL co-activation over that run's routed tokens."""
+    coact = sql_partners(store_path, run_id, 1, 2).head(10)
+    assert not coact.empty
     partners = _frame(at, "partner", "tokens")
     assert partners.partner.tolist() == coact.partner.tolist() and partners.tokens.tolist() == coact.tokens.tolist()
     np.testing.assert_allclose(partners.p_given_expert, coact.p, rtol=1e-12)
@@ -624,3 +629,138 @@ def test_prune_command_is_shell_quoted_and_keeps_the_replace_choice():
     plan.domains = {"code:v2": 1.0}  # NAME:WEIGHT could not be parsed back
     with pytest.raises(MoeVizError, match="domain 'code:v2' has a ':' that the command line cannot pass"):
         prune_command(plan, "/data/my store.duckdb", "/data/exports/keep 4")
+
+
+# -- defaults, drill-down values and per-domain numbers of each page -------------------------------------------
+
+def test_heatmap_difference_defaults_to_two_different_domains(captured, monkeypatch):
+    """Switching to A − B without touching the pickers: B is the second domain, never A minus itself (all zeros)."""
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch)
+    first, second = sorted(_sql(store_path, "SELECT DISTINCT domain FROM runs WHERE status = 'complete'").domain)[:2]
+    at.radio(key="hm_mode").set_value("Difference A − B").run()
+    assert at.selectbox(key="hm_domain").value == first and at.selectbox(key="hm_domain_b").value == second
+    _, frame = _heatmap(at)
+    np.testing.assert_allclose(_grid(frame, "value"),
+                               _frequency_share(store_path, first) - _frequency_share(store_path, second), **SIX_DIGITS)
+
+
+def test_heatmap_cell_metric_shows_the_picked_cells_value_not_its_log(captured, monkeypatch):
+    _, _, store_path = captured
+    reap = _sql(store_path, """SELECT s.layer, s.expert, coalesce(s.reap_sum / nullif(s.routed_tokens, 0), 0) AS v
+        FROM expert_stats s JOIN runs r USING (run_id) WHERE r.domain = 'prose' ORDER BY 1, 2""")
+    reap = reap.set_index(["layer", "expert"]).v
+    layer, expert = reap[reap > 0].index[-1]  # a routed expert of the last layer: its log10 differs from it
+    at = _app(store_path, monkeypatch)
+    at.selectbox(key="hm_metric").set_value("reap").run()
+    at.selectbox(key="hm_domain").set_value("prose").run()
+    at.radio(key="hm_scale").set_value("log").run()
+    at.selectbox(key="hm_layer").set_value(int(layer)).run()
+    at.selectbox(key="hm_expert").set_value(int(expert)).run()
+    (metric,) = [m for m in at.metric if m.label.startswith("reap at layer")]
+    assert metric.label == f"reap at layer {layer}, expert {expert}"
+    assert float(metric.value) == pytest.approx(reap[(layer, expert)], rel=1e-5)
+
+
+def test_overlap_matrix_of_the_first_layer_is_that_layers_jaccard(captured, monkeypatch):
+    """The domain x domain matrix at layer 0 (the default layer), not another layer's overlap."""
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch, "overlap")
+    at.selectbox(key="ov_criterion").set_value("frequency").run()
+    at.slider(key="ov_k").set_value(3).run()
+    assert at.selectbox(key="ov_layer").value == 0
+    freq = _sql(store_path, """SELECT r.domain, s.layer, s.expert, s.routed_tokens FROM expert_stats s
+        JOIN runs r USING (run_id) ORDER BY r.domain, s.layer, s.routed_tokens DESC, s.expert""")
+    top = {(d, l): set(g.expert.head(3)) for (d, l), g in freq.groupby(["domain", "layer"])}
+    domains = sorted(freq.domain.unique())  # other tests may have captured more domains into this store
+    expected = [[len(top[(a, 0)] & top[(b, 0)]) / len(top[(a, 0)] | top[(b, 0)]) for b in domains] for a in domains]
+    heat = _charts(at)[0]
+    np.testing.assert_allclose(_array(heat.data[0].z), expected, rtol=1e-12)
+    assert heat.layout.title.text.startswith("Top-3 Jaccard overlap at layer 0")
+
+
+def test_overlap_default_k_is_the_routers_top_k(captured, monkeypatch):
+    _, _, store_path = captured
+    top_k = int(_sql(store_path, "SELECT max(top_k) AS k FROM layer_stats").k[0])
+    at = _app(store_path, monkeypatch, "overlap")
+    assert at.slider(key="ov_k").value == min(max(top_k, 2), 8)
+
+
+def test_expert_partners_on_another_domain_divide_by_that_domains_routed_tokens(captured, monkeypatch):
+    _, _, store_path = captured
+    run_ids = dict(_sql(store_path, "SELECT domain, run_id FROM runs WHERE status = 'complete'").values.tolist())
+    at = _app(store_path, monkeypatch, "expert")
+    at.selectbox(key="ex_layer").set_value(1).run()
+    at.selectbox(key="ex_expert").set_value(2).run()
+    at.selectbox(key="ex_domain").set_value("prose").run()
+    _assert_partners_shown(at, store_path, run_ids["prose"])
+
+
+def test_health_charts_draw_the_normalised_entropy_and_imbalance(captured, monkeypatch):
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch, "health")
+    health = sql_router_health(store_path).set_index(["domain", "layer"])
+    imbalance, entropy, never = _charts(at)
+    for chart, column in [(imbalance, "imbalance"), (entropy, "entropy"), (never, "never")]:
+        assert {t.name for t in chart.data} == set(health.index.get_level_values("domain"))
+        for trace in chart.data:
+            for layer, value in zip(_array(trace.x), _array(trace.y)):
+                assert value == pytest.approx(health.loc[(trace.name, int(layer)), column], rel=1e-12), (column, trace.name)
+
+
+def test_rankings_agreement_table_follows_the_picked_layer_and_default_k(captured, monkeypatch):
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch, "rankings")
+    assert at.slider(key="rk_sparsity").value == 0.5
+    assert at.slider(key="rk_agree_k").value == 4  # starts at the experts the plan keeps (4 of 8 at sparsity 0.5)
+    at.selectbox(key="rk_criterion").set_value("frequency").run()
+    at.selectbox(key="rk_layer").set_value(1).run()
+    at.slider(key="rk_agree_k").set_value(6).run()
+    agreement = _frame(at, "criterion_a", "spearman")
+    code_run = _sql(store_path, "SELECT run_id FROM runs WHERE domain = 'code' AND status = 'complete'").run_id[0]
+    ranked = {name: ranks(metric_table(store_path, name, [code_run])) for name in ("frequency", "reap")}
+    a, b = (ranked[n][ranked[n].layer == 1]["rank"].to_numpy() for n in ("frequency", "reap"))
+    (row,) = [r for r in agreement.itertuples() if {r.criterion_a, r.criterion_b} == {"frequency", "reap"}]
+    assert row.spearman == pytest.approx(spearman(a, b), abs=1e-12)
+    assert row.topk_overlap == pytest.approx(len(set(np.flatnonzero(a < 6)) & set(np.flatnonzero(b < 6))) / 6)
+
+
+def test_prune_page_names_the_sparsity_of_the_keep_it_offers(captured, monkeypatch):
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch, "prune")
+    at.select_slider(key="pr_keep").set_value(6).run()
+    assert at.select_slider(key="pr_keep").format_func(6) == "6 (sparsity 0.25)"
+    removed = {m.label: m.value for m in at.metric}["Routed experts removed"]
+    assert removed == "25%"
+
+
+def test_pages_use_the_newest_complete_run_of_a_domain(captured, tmp_path, monkeypatch):
+    """A domain captured again: the pages show the new run's statistics, not the older one's."""
+    _, model_dir, captured_store = captured
+    copy = tmp_path / "store.duckdb"
+    shutil.copyfile(captured_store, copy)
+    (tmp_path / "code.txt").write_text(PROSE)  # "code" captured again, now from other text
+    assert main(["capture", "--model", str(model_dir), "--domain", f"code={tmp_path / 'code.txt'}", "--store", str(copy),
+                 "--seq-len", "64", "--max-tokens", "300"]) == 0
+    newest = _sql(copy, """SELECT run_id FROM runs WHERE domain = 'code' AND status = 'complete'
+                           ORDER BY started_at DESC LIMIT 1""").run_id[0]
+    assert len(_sql(copy, "SELECT run_id FROM runs WHERE domain = 'code' AND status = 'complete'")) >= 2
+    share = _sql(copy, """SELECT s.layer, s.expert, s.routed_tokens / (l.top_k * l.tokens) AS share
+        FROM expert_stats s JOIN layer_stats l USING (run_id, layer) WHERE s.run_id = ? ORDER BY 1, 2""", newest)
+    share = share.pivot(index="layer", columns="expert", values="share").to_numpy()
+    assert not np.allclose(share, _frequency_share(captured_store, "code"))  # the two runs differ
+    at = _app(copy, monkeypatch)
+    assert at.selectbox(key="hm_domain").value == "code"
+    np.testing.assert_allclose(_grid(_heatmap(at)[1], "value"), share, **SIX_DIGITS)
+
+
+def test_prune_page_with_an_unmeasured_criterion_says_how_to_measure_it(captured, monkeypatch):
+    """reconstruction is causal and not measured in this store: a one-line message, never a traceback."""
+    _, model_dir, store_path = captured
+    at = _app(store_path, monkeypatch, "prune")
+    at.selectbox(key="pr_criterion").set_value("reconstruction").run()
+    assert not at.exception, [e.value for e in at.exception]
+    (error,) = at.error
+    assert error.value == (f"criterion reconstruction has no scores for domain(s) code: run `moe-viz importance "
+                           f"--model {model_dir} --domain code` first")
+    assert not at.get("plotly_chart")  # the page stops: no plan drawn
