@@ -135,6 +135,28 @@ def test_picked_points_table_shows_their_numbers_per_domain(swept, monkeypatch):
         assert row.nll_delta == pytest.approx(expected.nll_pruned - expected.nll_original, rel=1e-12)
     picked = [t for t in _charts(at)[0].data if t.name == "picked points"]
     assert sorted((t.meta, tuple(_array(t.x))) for t in picked) == [("code", (0.25, 0.75)), ("prose", (0.25, 0.75))]
+    # each chart rings the picked points at that chart's metric: KL on the first, ΔNLL on the second
+    for figure, metric in zip(_charts(at)[:2], ("kl", "nll_delta")):
+        for trace in (t for t in figure.data if t.name == "picked points"):
+            mine = table[table.domain == trace.meta]
+            expected = dict(zip(mine.sparsity, mine[metric]))
+            np.testing.assert_allclose(_array(trace.y), [expected[x] for x in _array(trace.x)], rtol=1e-12)
+
+
+def test_default_picks_are_the_best_criterion_and_random_at_the_middle_sparsity(swept, monkeypatch):
+    _, _, _, store_path = swept
+    at = _app(store_path, monkeypatch, "compare")
+    lines = _lines(_charts(at)[0])  # KL per (criterion, evaluation domain), at SPARSITIES
+    middle = SPARSITIES[len(SPARSITIES) // 2]
+    mean_kl = {c: np.mean([_array(line.y)[SPARSITIES.index(middle)] for (name, _), (line, _) in lines.items()
+                           if name == c]) for c in {c for c, _ in lines}}
+    picks = at.multiselect(key="cp_points").value
+    assert f"random @ {middle:.3f}" in picks and len(picks) == 2
+    (best,) = [p for p in picks if not p.startswith("random")]
+    criterion, sparsity = best.split(" @ ")
+    assert float(sparsity) == middle
+    others = [kl for c, kl in mean_kl.items() if c != "random"]
+    assert mean_kl[criterion] == min(others) and min(others) < max(others)  # the lowest, and not a tie of all
 
 
 def test_cut_tradeoff_equals_plan_preview(swept, monkeypatch):
@@ -142,6 +164,8 @@ def test_cut_tradeoff_equals_plan_preview(swept, monkeypatch):
     at = _app(store_path, monkeypatch, "compare")
     mix = json.dumps(MIX, sort_keys=True)
     assert at.selectbox(key="cp_cut_mix").value == mix  # the swept mix by default
+    # the sweep form scores experts on the first captured domain by default
+    assert at.multiselect(key="cp_sw_domains").value == ["code"]
     at.multiselect(key="cp_cut_criteria").set_value(["ean_sum", "reap", "random"]).run()
     cut = {t.name: t for t in _charts(at)[-1].data}
     assert set(cut) == {"ean_sum", "reap", "random"}
@@ -247,6 +271,11 @@ def test_background_sweep_from_the_page_stores_its_plans(swept, monkeypatch, tmp
     # random keeps the same experts whatever the mix, and the fixture's sweep already evaluated that plan
     # on the same text: served from the store, so the only new row is ean_sum's
     assert rows.values.tolist() == [["ean_sum", 0.5, "code"]]
+    # a fresh visit opens on the newest setting: the sweep just run
+    fresh = _app(store_path, monkeypatch, "compare")
+    assert fresh.selectbox(key="cp_group").value == 0
+    assert fresh.selectbox(key="cp_group").options[0].startswith("code:1 · uniform · seed 0 (1 plan stored)")
+    assert {d for _, d in _lines(_charts(fresh)[0])} == {"code"}
     labels = at.selectbox(key="cp_group").options
     new = next(i for i, label in enumerate(labels) if label.startswith("code:1 · uniform · seed 0 (1 plan stored)"))
     at.selectbox(key="cp_group").set_value(new).run()

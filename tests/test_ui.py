@@ -403,8 +403,9 @@ def test_missing_and_corrupted_stores_get_one_line_messages(tmp_path, monkeypatc
     assert "cannot open store" in at.info[0].value and "\n" not in at.info[0].value
 
 
-def test_runs_page_shows_a_running_jobs_progress(tmp_path, monkeypatch):
-    """The progress bar is tokens done over tokens total, with the rate; a running job can be cancelled."""
+def _running_job(store_path, job, tokens_done, tokens_total):
+    """A capture job folder as the Runs page starts it, with a live process (its real pid and start time)
+    standing in for the capture; it ends when its stdin is closed."""
     import subprocess
     import sys
 
@@ -412,17 +413,24 @@ def test_runs_page_shows_a_running_jobs_progress(tmp_path, monkeypatch):
 
     from moe_viz import jobs
 
-    store_path = tmp_path / "store.duckdb"
-    job = "20250101-000000-aaaaaa"
     folder = jobs.jobs_dir(store_path) / job
     folder.mkdir(parents=True)
     (folder / "kind").write_text("capture")
     (folder / "stderr.log").write_text("")
-    (folder / "progress.json").write_text(json.dumps({"domain": "code", "tokens_done": 150, "tokens_total": 600,
-                                                      "elapsed_s": 3.0, "detail": "", "finished": False}))
+    (folder / "progress.json").write_text(json.dumps({"domain": "code", "tokens_done": tokens_done,
+                                                      "tokens_total": tokens_total, "elapsed_s": 3.0, "detail": "",
+                                                      "finished": False}))
     stand_in = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    try:  # stands in for the capture's process: its real pid and start time
-        (folder / "pid").write_text(f"{stand_in.pid} {psutil.Process(stand_in.pid).create_time()!r}\n")
+    (folder / "pid").write_text(f"{stand_in.pid} {psutil.Process(stand_in.pid).create_time()!r}\n")
+    return stand_in
+
+
+def test_runs_page_shows_a_running_jobs_progress(tmp_path, monkeypatch):
+    """The progress bar is tokens done over tokens total, with the rate; a running job can be cancelled."""
+    store_path = tmp_path / "store.duckdb"
+    job = "20250101-000000-aaaaaa"
+    stand_in = _running_job(store_path, job, tokens_done=150, tokens_total=600)
+    try:
         at = _app(store_path, monkeypatch, "runs")
         (bar,) = at.get("progress")
         assert (bar.proto.value, bar.proto.text) == (25, f"`{job}` — running: code 150/600 tokens (50 tok/s)")
@@ -430,6 +438,38 @@ def test_runs_page_shows_a_running_jobs_progress(tmp_path, monkeypatch):
     finally:
         stand_in.stdin.close()
         assert stand_in.wait(timeout=60) == 0
+
+
+def test_runs_page_lists_the_stores_runs_newest_first_with_their_status(captured, monkeypatch):
+    _, _, store_path = captured
+    at = _app(store_path, monkeypatch, "runs")
+    table = _frame(at, "run_id", "status", "started_at")
+    expected = _sql(store_path, "SELECT run_id, domain, status FROM runs ORDER BY started_at DESC")
+    assert len(set(_sql(store_path, "SELECT started_at FROM runs").started_at)) == len(expected)  # no ties
+    assert table.run_id.tolist() == expected.run_id.tolist()
+    assert table.status.tolist() == expected.status.tolist() and table.domain.tolist() == expected.domain.tolist()
+
+
+def test_runs_page_cancel_stops_the_job_it_sits_under(tmp_path, monkeypatch):
+    """Two running captures: Cancel under the older one cancels that one, and leaves the newer running."""
+    from moe_viz import jobs
+
+    store_path = tmp_path / "store.duckdb"
+    older, newer = "20250101-000000-aaaaaa", "20250102-000000-bbbbbb"
+    stand_ins = {}
+    try:
+        for job in (older, newer):
+            stand_ins[job] = _running_job(store_path, job, tokens_done=1, tokens_total=2)
+        at = _app(store_path, monkeypatch, "runs")
+        assert jobs.list_jobs(store_path) == [newer, older]
+        at.button(key=f"cancel_{older}").click().run()
+        assert not at.exception
+        assert jobs.job_status(store_path, older)["state"] == "cancelled"
+        assert jobs.job_status(store_path, newer)["state"] == "running"
+    finally:
+        for process in stand_ins.values():
+            process.stdin.close()
+            process.wait(timeout=60)
 
 
 def test_pages_offer_only_models_with_complete_runs_and_name_the_store_absolutely(captured, tmp_path, monkeypatch):
