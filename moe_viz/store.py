@@ -445,10 +445,16 @@ class _SigintHold:
         """In a forked child: its parent's connections are not its own, so nothing is held."""
         if self.depth:
             try:
-                signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
+                self._restore()
             except ValueError:  # forked from another thread: that thread's child cannot set handlers
                 pass
         self.depth, self.pending = 0, False
+
+    def _restore(self):
+        """Put back the handler the outermost hold replaced (SIG_DFL where none was set from Python); return it."""
+        previous = self.previous if self.previous is not None else signal.SIG_DFL
+        signal.signal(signal.SIGINT, previous)
+        return previous
 
     def _note(self, signum, frame) -> None:
         self.pending = True
@@ -472,8 +478,7 @@ class _SigintHold:
         self.depth -= 1
         if self.depth:
             return
-        previous = self.previous if self.previous is not None else signal.SIG_DFL
-        signal.signal(signal.SIGINT, previous)
+        previous = self._restore()
         if self.pending:
             self.pending = False
             if callable(previous):
