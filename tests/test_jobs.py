@@ -5,9 +5,8 @@ import subprocess
 import sys
 import time
 
-import psutil
-
 from moe_viz import jobs, store
+from run_rows import job_folder, pid_line, stand_in_process
 from tiny_models import SAMPLE_TEXT, save_tiny_model
 
 
@@ -45,8 +44,6 @@ def test_job_runs_to_completion_then_a_cancelled_job_leaves_a_failed_run(tmp_pat
 
 def test_jobs_record_threads_explicit_or_from_the_dashboard_setting(tmp_path, monkeypatch):
     """`moe-viz ui --threads N` sets MOE_VIZ_THREADS; jobs started without a count use it, 0 means torch's choice."""
-    import json
-
     db = tmp_path / "store.duckdb"
     missing = f"broken={tmp_path / 'missing.txt'}"  # fails before any model loads
     monkeypatch.setenv("MOE_VIZ_THREADS", "2")
@@ -66,43 +63,28 @@ def test_jobs_record_threads_explicit_or_from_the_dashboard_setting(tmp_path, mo
 
 # -- job files read back: states, errors, listing (hand-made job folders, real processes) ---------------
 
-def _ended_process():
-    """(pid, start time) of a process of ours that has ended and been reaped."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    started = psutil.Process(proc.pid).create_time()
+def _ended_process() -> str:
+    """The pid file of a process of ours that has ended and been reaped."""
+    proc = stand_in_process()
+    line = pid_line(proc.pid)
     proc.stdin.close()
     assert proc.wait(timeout=60) == 0
-    return proc.pid, started
-
-
-def _job_folder(db, job_id, pid_line, kind="capture", progress=None, stderr=""):
-    """A job folder as `_new_job`/`_launch` and the command leave it (kind None: recorded before kinds were kept)."""
-    folder = jobs.jobs_dir(db) / job_id
-    folder.mkdir(parents=True)
-    if kind is not None:
-        (folder / "kind").write_text(kind)
-    if pid_line is not None:
-        (folder / "pid").write_text(pid_line)
-    if progress is not None:
-        (folder / "progress.json").write_text(json.dumps(progress))
-    (folder / "stderr.log").write_text(stderr)
-    return folder
+    return line
 
 
 def test_a_job_that_ended_unfinished_reads_failed_and_names_its_error(tmp_path):
     db = tmp_path / "store.duckdb"
-    pid, started = _ended_process()
-    line = f"{pid} {started!r}\n"
+    line = _ended_process()
     unfinished = {"domain": "code", "tokens_done": 500, "tokens_total": 500, "elapsed_s": 1.0, "detail": "",
                   "finished": False}  # the last domain's last report: the run was still to be stored
     cases = {
-        "20250101-000000-aaaaaa": _job_folder(db, "20250101-000000-aaaaaa", line, progress=unfinished, stderr=(
+        "20250101-000000-aaaaaa": job_folder(db, "20250101-000000-aaaaaa", line, progress=unfinished, stderr=(
             "capture code: 100%|#####| 500/500\nmoe-viz: error: the store is locked by another process\n"
             "resource_tracker: There appear to be 1 leaked semaphore objects\n")),
-        "20250101-000000-bbbbbb": _job_folder(db, "20250101-000000-bbbbbb", line, progress=unfinished,
+        "20250101-000000-bbbbbb": job_folder(db, "20250101-000000-bbbbbb", line, progress=unfinished,
                                               stderr="Traceback (most recent call last):\nMemoryError\n"),
-        "20250101-000000-cccccc": _job_folder(db, "20250101-000000-cccccc", line, kind="sweep"),
-        "20250101-000000-dddddd": _job_folder(db, "20250101-000000-dddddd", line,
+        "20250101-000000-cccccc": job_folder(db, "20250101-000000-cccccc", line, kind="sweep"),
+        "20250101-000000-dddddd": job_folder(db, "20250101-000000-dddddd", line,
                                               progress={"finished": True, "run_ids": ["r1"]}),
     }
     got = [(jobs.job_status(db, job)["state"], jobs.job_status(db, job)["error"]) for job in cases]
@@ -112,12 +94,11 @@ def test_a_job_that_ended_unfinished_reads_failed_and_names_its_error(tmp_path):
 
 def test_only_started_jobs_are_listed_and_jobs_without_a_kind_are_captures(tmp_path):
     db = tmp_path / "store.duckdb"
-    pid, started = _ended_process()
-    line = f"{pid} {started!r}\n"
-    _job_folder(db, "20250101-000000-aaaaaa", line)
-    _job_folder(db, "20250101-000001-bbbbbb", line, kind=None)  # recorded before kinds were kept
-    _job_folder(db, "20250101-000002-cccccc", None)  # being started: no pid yet, nothing to report on
-    _job_folder(db, "20250101-000003-dddddd", line, kind="sweep")
+    line = _ended_process()
+    job_folder(db, "20250101-000000-aaaaaa", line)
+    job_folder(db, "20250101-000001-bbbbbb", line, kind=None)  # recorded before kinds were kept
+    job_folder(db, "20250101-000002-cccccc", None)  # being started: no pid yet, nothing to report on
+    job_folder(db, "20250101-000003-dddddd", line, kind="sweep")
     assert jobs.list_jobs(db) == ["20250101-000001-bbbbbb", "20250101-000000-aaaaaa"]
     assert jobs.list_jobs(db, kind=None) == ["20250101-000003-dddddd", "20250101-000001-bbbbbb",
                                              "20250101-000000-aaaaaa"]
@@ -137,7 +118,7 @@ def test_a_cancelled_job_reads_cancelled_while_its_process_is_still_winding_down
     try:
         assert slow.stdout.readline().strip() == "ready"
         job = "20250101-000000-aaaaaa"
-        _job_folder(db, job, f"{slow.pid} {psutil.Process(slow.pid).create_time()!r}\n")
+        job_folder(db, job, pid_line(slow.pid))
         assert jobs.job_status(db, job)["state"] == "running"
         jobs.cancel(db, job)
         assert slow.poll() is None  # it ignores SIGTERM: still alive

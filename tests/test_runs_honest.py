@@ -24,6 +24,7 @@ from moe_viz.capture.run import CaptureSettings, capture_model
 from moe_viz.cli import main
 from moe_viz.errors import MoeVizError
 from moe_viz.capture.sources import Documents
+from run_rows import pid_line, register_run, run_frames, stand_in_process
 from tiny_models import SAMPLE_TEXT, save_tiny_model, tiny_model, tiny_tokenizer
 
 TEXT = "def f(x):\n    return x + 1\n" * 40
@@ -45,11 +46,6 @@ def _sql(path, query, *params):
 def _update(path, query, *params):
     with store.connect(path) as con:
         con.execute(query, list(params))
-
-
-def _register(path, domain="code"):
-    return store.begin_run(path, model_id="m", model_fingerprint="f", model_type="qwen3_moe", domain=domain,
-                           source="inline", settings={"seq_len": 8}, tool_version="test")
 
 
 def _status(path, run_id):
@@ -90,7 +86,7 @@ def test_a_killed_capture_reads_interrupted(tmp_path):
 
 
 def test_a_reused_pid_does_not_keep_a_run_running(store_path):
-    run_id = _register(store_path)
+    run_id = register_run(store_path)
     assert _status(store_path, run_id) == "running"  # this very process, alive
     [(started,)] = _sql(store_path, "SELECT process_started FROM runs")
     # the same pid, but a process that started at another time: the run's process is gone
@@ -105,7 +101,7 @@ def test_a_reused_pid_does_not_keep_a_run_running(store_path):
 
 
 def test_a_run_on_another_host_is_judged_by_its_heartbeat(store_path):
-    run_id = _register(store_path)
+    run_id = register_run(store_path)
     now = store._now()
     _update(store_path, "UPDATE runs SET host = 'elsewhere', heartbeat_at = ?", now)
     assert _status(store_path, run_id) == "running"
@@ -143,7 +139,7 @@ def test_the_capture_heartbeat_advances_while_it_runs(store_path, monkeypatch):
 def test_runs_page_shows_interrupted(store_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    run_id = _register(store_path)
+    run_id = register_run(store_path)
     _update(store_path, "UPDATE runs SET process_started = process_started - 3600")
     monkeypatch.setattr("sys.argv", ["app.py", "--store", str(store_path)])
     root = Path(__file__).resolve().parent.parent
@@ -167,11 +163,6 @@ def _ended_job(tmp_path):
     return db, job
 
 
-def _stranger():
-    """An unrelated process that exits 0 when its stdin closes (and dies of SIGTERM if signalled)."""
-    return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-
-
 def _pid_file(db, job):
     return jobs.jobs_dir(db) / job / "pid"
 
@@ -180,7 +171,7 @@ def test_cancel_never_signals_a_process_that_reused_the_jobs_pid(tmp_path):
     db, job = _ended_job(tmp_path)
     pid, started = _pid_file(db, job).read_text().split()  # pid and start time, recorded at start
     int(pid), float(started)
-    stranger = _stranger()
+    stranger = stand_in_process()
     try:
         # the system gave the job's pid to another process: same pid, other start time
         _pid_file(db, job).write_text(f"{stranger.pid} {started}\n")
@@ -195,9 +186,9 @@ def test_cancel_never_signals_a_process_that_reused_the_jobs_pid(tmp_path):
 
 def test_cancel_signals_the_job_when_pid_and_start_time_match(tmp_path):
     db, job = _ended_job(tmp_path)
-    stranger = _stranger()  # stands in for the job's own process: its real pid and start time
+    stranger = stand_in_process()  # stands in for the job's own process: its real pid and start time
     try:
-        _pid_file(db, job).write_text(f"{stranger.pid} {psutil.Process(stranger.pid).create_time()!r}\n")
+        _pid_file(db, job).write_text(pid_line(stranger.pid))
         assert jobs.job_status(db, job)["state"] == "running"
         jobs.cancel(db, job)
         assert stranger.wait(timeout=60) == -signal.SIGTERM
@@ -209,7 +200,7 @@ def test_cancel_signals_the_job_when_pid_and_start_time_match(tmp_path):
 
 def test_a_job_recorded_without_a_start_time_is_never_signalled(tmp_path):
     db, job = _ended_job(tmp_path)
-    stranger = _stranger()
+    stranger = stand_in_process()
     try:
         _pid_file(db, job).write_text(str(stranger.pid))  # the format before start times were kept
         assert jobs.job_status(db, job)["state"] != "running"
@@ -297,15 +288,9 @@ def test_complete_run_saves_the_run_to_a_file_and_import_run_restores_it(tmp_pat
 
 def test_import_run_rows_equal_what_complete_run_was_given(tmp_path):
     db = tmp_path / "store.duckdb"
-    run_id = _register(db)
-    experts = pd.DataFrame({
-        "layer": [0, 0, 1], "expert": [0, 1, 0], "routed_tokens": [5, 3, 8], "top1_tokens": [2, 1, 4],
-        "top1_prob_sum": [0.5, 0.25, 1.0], "gate_sum": [1.5, 0.75, 2.0], "prob_sum": [2.0, 1.0, 3.0],
-        "ean_sum": [4.0, 2.0, 6.0], "ean_sq_sum": [9.0, 3.0, 12.0], "ean_max": [2.0, 1.0, 3.0],
-        "reap_sum": [1.0, 0.5, 2.0], "contribution_sum": [0.1, 0.2, 0.3]})
-    layers = pd.DataFrame({"layer": [0, 1], "module": ["a", "b"], "tokens": [8, 8], "num_experts": [2, 1],
-                           "top_k": [1, 1], "router_score": ["softmax", "sigmoid"], "entropy_mean": [0.3, 0.0]})
-    pairs = pd.DataFrame({"layer": [0], "expert_a": [0], "expert_b": [1], "tokens": [3]})
+    run_id = register_run(db)
+    frames = run_frames()
+    experts, layers, pairs = frames["expert_stats"], frames["layer_stats"], frames["coactivation"]
     holder = LockHolder(db)
     try:
         with pytest.raises(store.RunSavedToFile) as info:

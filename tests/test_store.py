@@ -17,6 +17,7 @@ from moe_viz import store
 from moe_viz.capture.run import CaptureSettings, capture_model
 from moe_viz.errors import MoeVizError
 from moe_viz.capture.sources import Documents
+from run_rows import register_run, run_frames
 from tiny_models import tiny_model, tiny_tokenizer
 
 SETTINGS = CaptureSettings(max_tokens=400, seq_len=32, batch_size=4)
@@ -575,32 +576,13 @@ def test_ctrl_c_never_leaves_the_store_attached(store_path):
 
 # -- what a completed run replaces, and runs saved to files ------------------------------------------
 
-EXPERTS = pd.DataFrame({
-    "layer": [0, 0, 1], "expert": [0, 1, 0], "routed_tokens": [5, 3, 8], "top1_tokens": [2, 1, 4],
-    "top1_prob_sum": [0.5, 0.25, 1.0], "gate_sum": [1.5, 0.75, 2.0], "prob_sum": [2.0, 1.0, 3.0],
-    "ean_sum": [4.0, 2.0, 6.0], "ean_sq_sum": [9.0, 3.0, 12.0], "ean_max": [2.0, 1.0, 3.0],
-    "reap_sum": [1.0, 0.5, 2.0], "contribution_sum": [0.1, 0.2, 0.3]})
-LAYERS = pd.DataFrame({"layer": [0, 1], "module": ["a", "b"], "tokens": [8, 8], "num_experts": [2, 1],
-                       "top_k": [1, 1], "router_score": ["softmax", "sigmoid"], "entropy_mean": [0.3, 0.0]})
-PAIRS = pd.DataFrame({"layer": [0], "expert_a": [0], "expert_b": [1], "tokens": [3]})
-
-
-def _begin(path, settings):
-    return store.begin_run(path, model_id="m", model_fingerprint="f", model_type="qwen3_moe", domain="code",
-                           source="inline", settings=settings, tool_version="test")
-
-
-def _frames():
-    return {"expert_stats": EXPERTS, "layer_stats": LAYERS, "coactivation": PAIRS}
-
-
 def test_a_completed_run_replaces_a_failed_run_with_the_same_settings_and_takes_the_final_settings(store_path):
-    failed = _begin(store_path, {"seq_len": 8, "phase": "pending"})
+    failed = register_run(store_path, settings={"seq_len": 8, "phase": "pending"})
     store.fail_run(store_path, failed, "RuntimeError: out of memory")
-    other = _begin(store_path, {"seq_len": 16, "phase": "pending"})  # other settings: kept
+    other = register_run(store_path, settings={"seq_len": 16, "phase": "pending"})  # other settings: kept
     store.fail_run(store_path, other, "RuntimeError: out of memory")
-    new = _begin(store_path, {"seq_len": 8, "phase": "pending"})
-    store.complete_run(store_path, new, **_frames(), tokens=8, sequences=2, settings_update={"phase": "done"})
+    new = register_run(store_path, settings={"seq_len": 8, "phase": "pending"})
+    store.complete_run(store_path, new, **run_frames(), tokens=8, sequences=2, settings_update={"phase": "done"})
     runs = store.list_runs(store_path).set_index("run_id")
     assert sorted(runs.index) == sorted([new, other])
     assert (runs.loc[new, "status"], runs.loc[other, "status"]) == ("complete", "failed")
@@ -608,8 +590,8 @@ def test_a_completed_run_replaces_a_failed_run_with_the_same_settings_and_takes_
 
 
 def test_a_saved_run_whose_import_fails_keeps_its_files(store_path, tmp_path):
-    run_id = _begin(store_path, {"seq_len": 8})
-    saved = store.save_run_file(store_path, run_id, _frames(), tokens=8, sequences=2)
+    run_id = register_run(store_path, settings={"seq_len": 8})
+    saved = store.save_run_file(store_path, run_id, run_frames(), tokens=8, sequences=2)
     not_a_store = tmp_path / "notes.duckdb"
     not_a_store.write_text("my notes, not a store")
     with pytest.raises(MoeVizError):
@@ -619,7 +601,7 @@ def test_a_saved_run_whose_import_fails_keeps_its_files(store_path, tmp_path):
         "coactivation.parquet", "expert_stats.parquet", "layer_stats.parquet", "run.json"]
     assert store.import_run_file(saved, store_path) == run_id  # still importable where it belongs
     got = store.expert_stats(store_path, [run_id]).drop(columns=["domain", "run_id", "recon_error"])
-    pd.testing.assert_frame_equal(got, EXPERTS, check_dtype=False)
+    pd.testing.assert_frame_equal(got, run_frames()["expert_stats"], check_dtype=False)
     assert not saved.exists()
 
 

@@ -406,22 +406,12 @@ def test_missing_and_corrupted_stores_get_one_line_messages(tmp_path, monkeypatc
 def _running_job(store_path, job, tokens_done, tokens_total):
     """A capture job folder as the Runs page starts it, with a live process (its real pid and start time)
     standing in for the capture; it ends when its stdin is closed."""
-    import subprocess
-    import sys
+    from run_rows import job_folder, pid_line, stand_in_process
 
-    import psutil
-
-    from moe_viz import jobs
-
-    folder = jobs.jobs_dir(store_path) / job
-    folder.mkdir(parents=True)
-    (folder / "kind").write_text("capture")
-    (folder / "stderr.log").write_text("")
-    (folder / "progress.json").write_text(json.dumps({"domain": "code", "tokens_done": tokens_done,
-                                                      "tokens_total": tokens_total, "elapsed_s": 3.0, "detail": "",
-                                                      "finished": False}))
-    stand_in = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    (folder / "pid").write_text(f"{stand_in.pid} {psutil.Process(stand_in.pid).create_time()!r}\n")
+    stand_in = stand_in_process()
+    job_folder(store_path, job, pid_line(stand_in.pid), progress={
+        "domain": "code", "tokens_done": tokens_done, "tokens_total": tokens_total, "elapsed_s": 3.0, "detail": "",
+        "finished": False})
     return stand_in
 
 
