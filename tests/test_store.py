@@ -456,6 +456,22 @@ def test_a_closed_connection_leaves_the_file_unlocked_and_checkpointed(store_pat
     assert "lock" in held.stderr.lower()  # while a connection is open, the file is really held
 
 
+def test_a_commit_is_checkpointed_into_the_file_at_once(store_path, tmp_path):
+    """A commit writes its rows into the database file itself, not first into the .wal (to be copied
+    again at DETACH): a copy of the file alone, taken while the connection is still open, has them."""
+    run_id = _write_one_run(store_path)
+    with store.connect(store_path) as con:
+        con.execute("UPDATE runs SET domain = 'changed' WHERE run_id = ?", [run_id])
+        wal = Path(str(store_path) + ".wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+        shutil.copyfile(store_path, tmp_path / "copy.duckdb")
+    copy = duckdb.connect(str(tmp_path / "copy.duckdb"), read_only=True)
+    try:
+        assert copy.execute("SELECT domain FROM runs").fetchall() == [("changed",)]
+    finally:
+        copy.close()
+
+
 def test_connections_of_one_process_share_the_attachment(store_path):
     """Nested connections (a read inside a write, as a thread beside a writer does) see the committed rows;
     a write while this process has the file read-only waits like for another process's lock."""
