@@ -83,9 +83,11 @@ def token_entropies(logits: torch.Tensor, p: torch.Tensor, score_fn: str, work: 
         p_log_p = torch.log(p, out=work).clamp_(min=torch.finfo(work.dtype).min).mul_(p).sum(dim=-1).double()
         total = p.sum(dim=-1).double()
         return total.log() - p_log_p / total
-    top, where = logits.max(dim=-1, keepdim=True)
+    # amax, not max: max also finds the argmax, 12x slower at (2048, 512) (0.63 vs 0.05 ms); softmax
+    # is monotonic, so the largest p is p at the argmax (up to the last bit of exp's rounding).
+    top = logits.amax(dim=-1, keepdim=True)
     gap_mass = torch.sub(top, logits, out=work).clamp_(max=LOGIT_GAP_CLAMP).mul_(p).sum(dim=-1).double()
-    return gap_mass - p.gather(1, where).squeeze(1).double().log()
+    return gap_mass - p.amax(dim=-1).double().log()
 
 
 def token_shift(block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
