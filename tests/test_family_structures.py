@@ -251,12 +251,62 @@ def _capture(model_dir, tmp_path, layerwise: bool, name: str):
 
 
 def test_qwen3_omni_layerwise_capture_equals_the_in_memory_one(tmp_path):
+    from moe_viz import store
+
     tiny_family_model("qwen3_omni_moe").save_pretrained(tmp_path / "model")
     memory = _capture(tmp_path / "model", tmp_path, False, "memory")
     streamed = _capture(tmp_path / "model", tmp_path, True, "layerwise")
     assert memory.routed_tokens.sum() > 0
     for column in ("routed_tokens", "gate_sum", "ean_sum"):
         assert memory[column].tolist() == pytest.approx(streamed[column].tolist(), rel=1e-6, abs=1e-9), column
+    # the talker, code2wav and towers were sampled unit by unit: the same model as the whole load
+    fingerprints = [store.list_runs(tmp_path / f"{name}.duckdb").model_fingerprint.tolist() for name in ("memory", "layerwise")]
+    assert fingerprints[0] == fingerprints[1] and len(fingerprints[0]) == 1
+
+
+def test_qwen3_omni_layerwise_loads_what_the_thinker_never_runs_one_unit_at_a_time(tmp_path, monkeypatch):
+    """The talker, code2wav and the thinker's LM head are read only to be sampled for the fingerprint: one
+    unit (a numbered layer or block) at a time, on the host, freed before the next; after load_outer only
+    the thinker's text model holds real tensors."""
+    from moe_viz.capture import layerwise
+
+    tiny_family_model("qwen3_omni_moe").save_pretrained(tmp_path / "model")
+    streamer = layerwise.LayerwiseCapture(tmp_path / "model", "cpu", "fp32")
+    outside = [n for n in streamer.model.state_dict() if not n.startswith("thinker.model.")]
+    real_outside = lambda: [n for n, t in streamer.model.state_dict(keep_vars=True).items()  # noqa: E731
+                            if n in outside and t.device.type != "meta"]
+    loads, load_tensors = [], layerwise.load_tensors
+
+    def recording(model, keys, group, device, dtype, what):
+        loads.append((group, device.type, real_outside()))
+        return load_tensors(model, keys, group, device, dtype, what)
+
+    monkeypatch.setattr(layerwise, "load_tensors", recording)
+    streamer.load_outer()
+    units = [group for group, _, _ in loads if isinstance(group, str)]
+    assert {"talker.model.layers.0", "talker.code_predictor.model.layers.1", "code2wav.decoder.0",
+            "thinker.lm_head"} <= set(units)
+    assert [(device, resident) for group, device, resident in loads if isinstance(group, str)] == [("cpu", [])] * len(units)
+    assert loads[-1][0] is None and loads[-1][2] == []  # the text model's own tensors come last, alone
+    assert real_outside() == []
+    assert set(outside) <= set(streamer.samples)
+
+
+def test_qwen3_omni_layerwise_names_a_talker_tensor_the_checkpoint_lacks(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from moe_viz import store
+
+    tiny_family_model("qwen3_omni_moe").save_pretrained(tmp_path / "model")
+    (shard,) = (tmp_path / "model").glob("*.safetensors")
+    tensors = load_file(shard)
+    (dropped,) = [k for k in tensors if k.startswith("talker.model.layers.1.") and k.endswith("input_layernorm.weight")]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, shard, metadata={"format": "pt"})
+    with pytest.raises(MoeVizError) as refused:
+        _capture(tmp_path / "model", tmp_path, True, "layerwise")
+    assert str(refused.value) == (f"the checkpoint lacks 1 tensor(s) of talker.model.layers.1 ({dropped}): "
+                                  "it is incomplete or for another architecture")
+    assert store.list_runs(tmp_path / "layerwise.duckdb").status.tolist() == ["failed"]
 
 
 def test_encoder_decoder_layerwise_capture_is_refused_in_one_line(tmp_path):

@@ -6,7 +6,6 @@ once reached, stays (never a sleep standing in for synchronisation).
 """
 
 import json
-import os
 import shlex
 import shutil
 import signal

@@ -5,11 +5,14 @@ Only one decoder layer's weights are ever materialised:
 1. A *skeleton* of the model is built from its config with every parameter on
    the meta device (no memory); non-persistent buffers such as rotary
    ``inv_freq`` are real, as in a normal load.
-2. The tensors outside the decoder layers (embeddings, final norm, ...) are
-   loaded from the safetensors shards with transformers' own key renaming and
-   weight conversion (`convert_and_load_state_dict_in_model`), read lazily
-   with ``safe_open`` slices, so the result is bit-identical to
-   ``from_pretrained``.
+2. The text model's tensors outside the decoder layers (embeddings, final
+   norm, ...) are loaded from the safetensors shards with transformers' own key
+   renaming and weight conversion (`convert_and_load_state_dict_in_model`), read
+   lazily with ``safe_open`` slices, so the result is bit-identical to
+   ``from_pretrained``. What the text forward never runs (an untied LM head,
+   Qwen3-Omni's speech talker, vision and audio towers) is only sampled for the
+   fingerprint: loaded to the host one unit (e.g. one talker layer) at a time
+   and freed before the next.
 3. For each batch the model's own forward runs once with every decoder layer
    replaced by a *recorder* that keeps the exact (args, kwargs) the layer would
    receive (per-layer-type attention masks of hybrid models, rotary
@@ -25,7 +28,8 @@ persisted in a state directory the capture owns (`LayerwiseState`), so
 ``--resume`` continues from the last completed layer; the directory is removed
 after success.
 
-Peak memory: one decoder layer (on the device) + hidden states of every
+Peak memory: one decoder layer (on the device; at the start, one unit of what
+the text forward never runs, on the host) + hidden states of every
 calibration token (host, or disk under ``max_host_memory``) + the recorded
 masks/rotary tables + imports.
 """
@@ -75,6 +79,7 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) 
                           "of decoder layers; capture it without --layerwise")
     with init_empty_weights(include_buffers=False):
         model = model_class_for(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # tied tensors are one object from here on, as after from_pretrained (`unrun_tensors`)
     return adopt_text_forward(model).eval()
 
 
@@ -98,14 +103,47 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 @dataclass
 class CheckpointKeys:
-    """Checkpoint tensor names grouped by the decoder layer they load into (None: outside the layers)."""
+    """Checkpoint tensor names grouped by where they load: a decoder layer (its index), the rest of the
+    text model (None), or a unit of what the text forward never runs (its module path, `_unit`)."""
 
     file_of: dict[str, Path]
-    groups: dict[int | None, list[str]]
+    groups: dict[int | str | None, list[str]]
     conversions: list
 
 
-def group_checkpoint_keys(model: nn.Module, model_dir: Path, layers_prefix: str) -> CheckpointKeys:
+def _unit(tensor_name: str) -> str:
+    """The load unit of a tensor the text forward never runs: its module path, cut after the first
+    numbered part ('talker.model.layers.3.mlp.gate.weight' -> 'talker.model.layers.3')."""
+    parts = tensor_name.split(".")[:-1]
+    numbered = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return ".".join(parts if numbered is None else parts[: numbered + 1])
+
+
+def text_model_prefix(layers_prefix: str) -> str:
+    """Module path of the model that holds the decoder layers ('thinker.model' for 'thinker.model.layers')."""
+    return layers_prefix.rpartition(".")[0]
+
+
+def unrun_tensors(model: nn.Module, layers_prefix: str) -> dict[str, list[list[str]]]:
+    """What the text forward never runs (outside the text model, not tied to it), by load unit (`_unit`):
+    per tensor, its names (more than one when tied), in state_dict order. Empty for layers at the top level."""
+    text = text_model_prefix(layers_prefix)
+    if not text:
+        return {}
+    state = model.state_dict(keep_vars=True)
+    own = {id(t) for name, t in state.items() if name.startswith(text + ".")}
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        if id(tensor) not in own:
+            names_of.setdefault(id(tensor), []).append(name)
+    units: dict[str, list[list[str]]] = {}
+    for names in names_of.values():
+        units.setdefault(_unit(names[0]), []).append(names)
+    return units
+
+
+def group_checkpoint_keys(model: nn.Module, model_dir: Path, layers_prefix: str,
+                          unrun: dict[str, list[list[str]]]) -> CheckpointKeys:
     from safetensors import safe_open
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -115,8 +153,9 @@ def group_checkpoint_keys(model: nn.Module, model_dir: Path, layers_prefix: str)
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     meta_state = model.state_dict()
     pattern = re.compile(rf"^{re.escape(layers_prefix)}\.(\d+)\.")
+    unit_of = {name: unit for unit, tensors in unrun.items() for names in tensors for name in names}
     file_of: dict[str, Path] = {}
-    groups: dict[int | None, list[str]] = {}
+    groups: dict[int | str | None, list[str]] = {}
     for path in shard_files(model_dir):
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
@@ -124,17 +163,26 @@ def group_checkpoint_keys(model: nn.Module, model_dir: Path, layers_prefix: str)
             target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
             found = pattern.match(target)
             file_of[key] = path
-            groups.setdefault(int(found.group(1)) if found else None, []).append(key)
+            group = int(found.group(1)) if found else unit_of.get(target)
+            groups.setdefault(group, []).append(key)
     return CheckpointKeys(file_of, groups, conversions)
 
 
-def load_tensors(model: nn.Module, keys: CheckpointKeys, group: int | None, device: torch.device,
-                 dtype: torch.dtype, into: nn.Module, into_name: str) -> None:
-    """Load one group of checkpoint tensors into the skeleton, as from_pretrained would.
+def tensors_under(module: nn.Module, path: str) -> list[str]:
+    """Full names of the parameters and persistent buffers of `module` (at module path `path`)."""
+    prefix = f"{path}." if path else ""
+    return [prefix + n for n in module.state_dict(keep_vars=True)]
 
-    Every parameter and persistent buffer of `into` (module path `into_name`)
-    must end up loaded; otherwise one line names what the checkpoint lacks.
-    """
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(module), leaf)
+
+
+def load_tensors(model: nn.Module, keys: CheckpointKeys, group: int | str | None, device: torch.device,
+                 dtype: torch.dtype, what: str):
+    """Load one group of checkpoint tensors into the skeleton, as from_pretrained would; returns
+    transformers' loading report for `check_loaded` (`what`: whose tensors they are, for errors)."""
     from safetensors import safe_open
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
@@ -154,18 +202,23 @@ def load_tensors(model: nn.Module, keys: CheckpointKeys, group: int | None, devi
         try:
             info, _ = convert_and_load_state_dict_in_model(model, lazy, config)
         except Exception as exc:  # safetensors/IO errors surface here as various types
-            where = "outside the decoder layers" if group is None else f"of decoder layer {group}"
+            where = f"of decoder layer {group}" if isinstance(group, int) else f"of {what}"
             raise MoeVizError(f"cannot read the tensors {where} from the checkpoint: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    prefix = f"{into_name}." if into_name else ""
-    missing = [prefix + n for n, t in list(into.named_parameters()) + list(into.named_buffers())
-               if t.device.type == "meta"]
-    mismatched = [str(k[0]) for k in info.mismatched_keys if str(k[0]).startswith(prefix)]
-    errors = [str(k) for k in info.conversion_errors if str(k).startswith(prefix)]
+    return info
+
+
+def check_loaded(model: nn.Module, info, expected: list[str], what: str) -> None:
+    """Every tensor named in `expected` (full names) is loaded, else one line names what the checkpoint lacks
+    or could not convert (`info`: the report of `load_tensors`)."""
+    mine = set(expected)
+    missing = [n for n in expected if _tensor(model, n).device.type == "meta"]
+    mismatched = [str(k[0]) for k in info.mismatched_keys if str(k[0]) in mine]
+    errors = [str(k) for k in info.conversion_errors if str(k) in mine]
     if missing or mismatched or errors:
         bad = missing or mismatched or errors
-        what = "lacks" if missing else "has wrongly shaped or unconvertible"
-        raise MoeVizError(f"the checkpoint {what} {len(bad)} tensor(s) of {into_name or 'the model'} "
+        lacks = "lacks" if missing else "has wrongly shaped or unconvertible"
+        raise MoeVizError(f"the checkpoint {lacks} {len(bad)} tensor(s) of {what} "
                           f"({', '.join(bad[:3])}): it is incomplete or for another architecture")
 
 
@@ -410,7 +463,8 @@ class LayerwiseCapture:
         self.model = build_skeleton(self.config, self.dtype, trust_remote_code)
         self.moe_layers = find_moe_layers(self.model)
         self.layers_prefix, self.layers = decoder_layers(self.model, self.moe_layers)
-        self.keys = group_checkpoint_keys(self.model, self.model_dir, self.layers_prefix)
+        self.unrun = unrun_tensors(self.model, self.layers_prefix)
+        self.keys = group_checkpoint_keys(self.model, self.model_dir, self.layers_prefix, self.unrun)
         self.meta_state = [(n, tuple(t.shape), t.dtype) for n, t in self.model.state_dict().items()]
         self.samples: dict[str, bytes] = {}
         self._outer_loaded = False
@@ -422,12 +476,18 @@ class LayerwiseCapture:
                 self.samples[full] = tensor_sample(tensor)
 
     def load_outer(self) -> None:
-        """Embeddings, final norm, LM head (sampled for the fingerprint, then dropped) and buffers."""
+        """Embeddings, final norm and buffers; what the text forward never runs (LM head, a speech talker,
+        vision and audio towers) is sampled for the fingerprint one unit at a time, on the host, and dropped."""
         if self._outer_loaded:
             return
-        load_tensors(self.model, self.keys, None, self.device, self.dtype, self.model.get_input_embeddings(),
-                     _module_path(self.model, self.model.get_input_embeddings()))
+        self._sample_unrun()
+        text = text_model_prefix(self.layers_prefix)
+        where = text or "the model"  # layers at the top level: all but them is this group
+        info = load_tensors(self.model, self.keys, None, self.device, self.dtype, where)
         self.model.tie_weights()
+        module = self.model.get_submodule(text)
+        check_loaded(self.model, info, [n for n in tensors_under(module, text)
+                                        if not n.startswith(self.layers_prefix + ".")], where)
         for module_name, module in self.model.named_modules():
             if module is self.layers or module_name.startswith(self.layers_prefix + "."):
                 continue
@@ -440,6 +500,26 @@ class LayerwiseCapture:
             head.weight = nn.Parameter(head.weight.to("meta"), requires_grad=False)  # never run: free it
         self._outer_loaded = True
 
+    def _sample_unrun(self) -> None:
+        """Load, sample and free each unit of `self.unrun` in turn, on the host: at most one of them (a
+        talker layer, not the whole talker) is in memory at a time. A tied tensor is loaded under whichever
+        of its names the checkpoint has, and its sample stands for all of them."""
+        for unit, tensors in self.unrun.items():
+            info = load_tensors(self.model, self.keys, unit, torch.device("cpu"), self.dtype, unit)
+            loaded = [next((n for n in names if _tensor(self.model, n).device.type != "meta"), names[0])
+                      for names in tensors]
+            check_loaded(self.model, info, loaded, unit)
+            for name, names in zip(loaded, tensors):
+                sample = tensor_sample(_tensor(self.model, name))
+                for alias in names:
+                    self.samples[alias] = sample
+                    module, _, leaf = alias.rpartition(".")
+                    owner = self.model.get_submodule(module)
+                    if leaf in owner._parameters:
+                        setattr(owner, leaf, nn.Parameter(owner._parameters[leaf].to("meta"), requires_grad=False))
+                    else:
+                        owner._buffers[leaf] = owner._buffers[leaf].to("meta")
+
     def drop_outer(self) -> None:
         """Free the embeddings and final norm once every batch's layer inputs are recorded (needed no more)."""
         for module_name, module in self.model.named_modules():
@@ -451,7 +531,9 @@ class LayerwiseCapture:
 
     def load_layer(self, index: int) -> nn.Module:
         layer = self.layers[index]
-        load_tensors(self.model, self.keys, index, self.device, self.dtype, layer, f"{self.layers_prefix}.{index}")
+        path = f"{self.layers_prefix}.{index}"
+        info = load_tensors(self.model, self.keys, index, self.device, self.dtype, path)
+        check_loaded(self.model, info, tensors_under(layer, path), path)
         layer.to(self.device)  # non-persistent buffers
         self._sample(layer, f"{self.layers_prefix}.{index}")
         return layer
@@ -493,13 +575,6 @@ class LayerwiseCapture:
     def moe_layers_in(self, index: int) -> list[MoeLayer]:
         prefix = f"{self.layers_prefix}.{index}."
         return [m for m in self.moe_layers if m.name.startswith(prefix)]
-
-
-def _module_path(root: nn.Module, target: nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    return ""
 
 
 @torch.no_grad()
