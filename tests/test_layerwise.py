@@ -20,7 +20,7 @@ import pytest
 
 from capture_compare import SETTINGS, assert_same_statistics, domains, reference, save_model  # noqa: F401 (fixture)
 from moe_viz import store
-from moe_viz.capture.layerwise import LayerwiseState, layerwise_reason
+from moe_viz.capture.layerwise import LayerwiseState, layerwise_reason, unrun_tensors
 from moe_viz.capture.run import capture
 from moe_viz.errors import MoeVizError
 
@@ -201,6 +201,35 @@ def test_a_state_directory_not_made_by_moe_viz_is_left_alone(tmp_path, domains):
     with pytest.raises(MoeVizError, match="was not made by a moe_viz layer-wise capture"):
         state.open(resume=False)
     assert (state.dir / "precious.txt").read_text() == "mine"
+
+
+def test_unrun_tensors_are_grouped_by_unit_with_tied_names_together():
+    """Outside the text model ('lm.model'): one unit per numbered block or other module; a tensor tied to the
+    text model's (the LM head) is not there at all; two names of one tensor are one entry, in the unit of the
+    first; a persistent buffer counts, a non-persistent one does not (it is never in a checkpoint)."""
+    import torch
+    from torch import nn
+
+    text = nn.Module()
+    text.embed = nn.Embedding(4, 2)
+    text.layers = nn.ModuleList([nn.Linear(2, 2)])
+    tower = nn.Module()
+    tower.blocks = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2, bias=False)])
+    tower.register_buffer("scale", torch.ones(1))
+    tower.register_buffer("cache", torch.ones(1), persistent=False)
+    tower.out = nn.Linear(2, 2, bias=False)
+    tower.out.weight = tower.blocks[1].weight  # tied within what the text forward never runs
+    head = nn.Linear(2, 4, bias=False)
+    head.weight = text.embed.weight  # tied to the text model
+    model = nn.Module()
+    model.lm = nn.Module()
+    model.lm.model, model.lm.head, model.tower = text, head, tower
+    assert unrun_tensors(model, "lm.model.layers") == {
+        "tower.blocks.0": [["tower.blocks.0.weight"], ["tower.blocks.0.bias"]],
+        "tower.blocks.1": [["tower.blocks.1.weight", "tower.out.weight"]],
+        "tower": [["tower.scale"]],
+    }
+    assert unrun_tensors(model.lm.model, "layers") == {}  # layers at the top level: nothing is left out
 
 
 @pytest.mark.parametrize("size,free,expected", [
