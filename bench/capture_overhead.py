@@ -5,6 +5,7 @@
     python bench/capture_overhead.py --config large --device cuda
     python bench/capture_overhead.py --fixed [--write]          # a short capture's cost beyond the forwards
     python bench/capture_overhead.py --paired [--write]         # observer per forward, paired, with a 95% CI
+    python bench/capture_overhead.py --paired-capture [--write] # capture end to end per token count, paired
 
 --sweep: random-init Qwen3-MoE models (hidden 512, 4 layers, top-8, expert width 128)
 with 16 ... 512 experts; for each token count, interleaved repetitions of
@@ -22,6 +23,9 @@ frames, complete_run), and begin_run + complete_run of the same rows without a t
 observed forwards of the same 2,048 tokens alternated in pairs; the median of the pairs' ratios
 with a bootstrap 95% interval. Pairs cancel the machine's drift that whole-capture repetitions
 of 16-70 s carry (their spread, several per cent, is larger than the overhead itself).
+
+--paired-capture: the same pairing for whole runs: `capture_model` end to end (every fixed
+cost of a run included) against the bare forwards over the same tokens, per token count.
 
 --config: one forward of a fixed config, variants bare / capture (observer) /
 recompute (observer forced onto the path for non-default experts implementations) /
@@ -336,6 +340,26 @@ def fixed_mode(args) -> None:
         write_section("capture-fixed", body)
 
 
+def paired_times(measured, reference, pairs: int) -> list[tuple[float, float]]:
+    """(measured(), reference()) seconds in adjacent pairs; which of the two goes first alternates."""
+    out = []
+    for i in range(pairs):
+        if i % 2 == 0:
+            a = measured()
+            b = reference()
+        else:
+            b = reference()
+            a = measured()
+        out.append((a, b))
+    return out
+
+
+def median_interval(values: list[float], rng: random.Random) -> str:
+    """95% interval of the median by bootstrap (2,000 resamples)."""
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(2000))
+    return f"{medians[49]:.3f}–{medians[1949]:.3f}"
+
+
 def paired_mode(args) -> None:
     """Observed / bare per forward, from adjacent pairs, with one observer kept across the forwards."""
     shape = SWEEP_SHAPE
@@ -345,20 +369,11 @@ def paired_mode(args) -> None:
         model = sweep_model(experts)
         ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0))
         observer = RoutingObserver(find_moe_layers(model))
-
-        def forward(observed: bool) -> float:
-            return timed_forward(model, ids, observer if observed else None)
-
-        forward(True), forward(False)  # warm-up: the observer's work buffers exist from here on
-        pairs = []
-        for i in range(args.pairs):
-            first = i % 2 == 0  # which of the two goes first alternates
-            a = forward(first)
-            b = forward(not first)
-            observed, bare = (a, b) if first else (b, a)
-            pairs.append(observed / bare)
-        medians = sorted(statistics.median(rng.choices(pairs, k=len(pairs))) for _ in range(2000))
-        rows.append([experts, f"{statistics.median(pairs):.3f}", f"{medians[49]:.3f}–{medians[1949]:.3f}",
+        observed = lambda: timed_forward(model, ids, observer)  # noqa: E731
+        bare = lambda: timed_forward(model, ids, None)  # noqa: E731
+        observed(), bare()  # warm-up: the observer's work buffers exist from here on
+        pairs = [a / b for a, b in paired_times(observed, bare, args.pairs)]
+        rows.append([experts, f"{statistics.median(pairs):.3f}", median_interval(pairs, rng),
                      f"{min(pairs):.3f}–{max(pairs):.3f}", len(pairs)])
         print(rows[-1], flush=True)
         del model, observer
@@ -373,12 +388,66 @@ def paired_mode(args) -> None:
         write_section("capture-paired", body)
 
 
+def paired_capture_mode(args) -> None:
+    """`capture_model` end to end / bare forwards over the same tokens, from adjacent pairs."""
+    shape = SWEEP_SHAPE
+    rng = random.Random(0)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moe_viz_capture_paired_") as work:
+        for experts in args.experts:
+            model = sweep_model(experts)
+            store_path = Path(work) / f"e{experts}.duckdb"
+            for tokens, pairs in zip(args.tokens, args.capture_pairs):
+                sequences = sweep_sequences(tokens)
+                docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
+                settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
+
+                @torch.no_grad()
+                def bare() -> float:
+                    start = time.process_time()
+                    for ids, mask in padded_batches(sequences, shape["batch"]):
+                        model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    return time.process_time() - start
+
+                def capture() -> float:
+                    start = time.process_time()
+                    capture_model(model, None, "bench", [docs], settings, store_path=store_path)
+                    return time.process_time() - start
+
+                capture(), bare()  # warm-up; from here on each capture replaces the last (same settings)
+                times = paired_times(capture, bare, pairs)
+                ratio = [a / b for a, b in times]
+                rows.append([experts, f"{tokens:,}", f"{statistics.median(b for _, b in times):.2f}",
+                             f"{statistics.median(ratio):.3f}", median_interval(ratio, rng),
+                             f"{min(ratio):.3f}–{max(ratio):.3f}", len(ratio)])
+                print(rows[-1], flush=True)
+            del model
+    header = (f"The sweep's models (hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
+              f"fp32, {shape['batch'] * shape['seq']} tokens per forward); `capture_model` end to end (begin_run, "
+              "observer construction, the observed forwards with the default token trace, to_frames, the DuckDB "
+              "write of the run, replacing the previous pair's run) and the bare forwards over the same tokens, in "
+              "adjacent pairs (which goes first alternates), after one warm-up pair; process CPU time; 95% "
+              "interval of the median ratio by bootstrap (2,000 resamples)")
+    body = "\n".join([header + ".", "", table(["experts", "tokens", "bare (s)", "capture / bare, median",
+                                                 "95% interval", "min–max", "pairs"], rows), "",
+                      f"Machine: {machine(args.threads)}."])
+    print(body)
+    if args.write:  # the default expert counts write the main table; others their own (e.g. a re-check of one)
+        default = args.experts == DEFAULT_EXPERTS
+        write_section("capture-paired-end-to-end" + ("" if default else "-" + "-".join(f"{e}e" for e in args.experts)),
+                      body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="experts x tokens sweep, end to end")
     parser.add_argument("--fixed", action="store_true", help="a one-forward capture's cost beyond the forwards")
     parser.add_argument("--paired", action="store_true", help="observer per forward, paired forwards, 95%% interval")
     parser.add_argument("--pairs", type=int, default=40, help="--paired: pairs of forwards per model")
+    parser.add_argument("--paired-capture", action="store_true",
+                        help="capture end to end / bare forwards, paired, 95%% interval, per --tokens")
+    parser.add_argument("--capture-pairs", type=int, nargs="+", default=[40, 16, 8],
+                        help="--paired-capture: pairs per token count, in --tokens order")
     parser.add_argument("--experts", type=int, nargs="+", default=DEFAULT_EXPERTS)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 32768, 131072])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
@@ -396,6 +465,10 @@ def main() -> None:
         fixed_mode(args)
     elif args.paired:
         paired_mode(args)
+    elif args.paired_capture:
+        if len(args.capture_pairs) != len(args.tokens):
+            parser.error("--capture-pairs needs one count per --tokens value")
+        paired_capture_mode(args)
     else:
         config_mode(args)
 
