@@ -503,7 +503,9 @@ class LayerwiseCapture:
     def _sample_unrun(self) -> None:
         """Load, sample and free each unit of `self.unrun` in turn, on the host: at most one of them (a
         talker layer, not the whole talker) is in memory at a time. A tied tensor is loaded under whichever
-        of its names the checkpoint has, and its sample stands for all of them."""
+        of its names the checkpoint has, and its sample stands for all of them. Buffers stay: the skeleton
+        starts with real ones (small), so a second call (`fingerprint_after_failure`) finds them as the
+        first did, whether or not the checkpoint has them."""
         for unit, tensors in self.unrun.items():
             info = load_tensors(self.model, self.keys, unit, torch.device("cpu"), self.dtype, unit)
             loaded = [next((n for n in names if _tensor(self.model, n).device.type != "meta"), names[0])
@@ -517,8 +519,6 @@ class LayerwiseCapture:
                     owner = self.model.get_submodule(module)
                     if leaf in owner._parameters:
                         setattr(owner, leaf, nn.Parameter(owner._parameters[leaf].to("meta"), requires_grad=False))
-                    else:
-                        owner._buffers[leaf] = owner._buffers[leaf].to("meta")
 
     def drop_outer(self) -> None:
         """Free the embeddings and final norm once every batch's layer inputs are recorded (needed no more)."""
