@@ -1060,14 +1060,14 @@ def coactivation(path: str | Path, run_id: str, layer: int) -> pd.DataFrame:
 # -- causal importance ---------------------------------------------------------
 
 def write_frame(path: str | Path, statements: list[tuple[str, list]], frame: pd.DataFrame) -> None:
-    """Run (statement, params) pairs in one transaction, with `frame` registered as the table `incoming`."""
+    """Run (statement, params) pairs in one transaction, reading `frame` as the table `incoming`
+    (a replacement scan, as in `_commit_run`)."""
+    incoming = frame  # noqa: F841 -- read by DuckDB's replacement scan of this frame's locals
     with connect(path) as con:
         con.execute("BEGIN TRANSACTION")
         try:
-            con.register("incoming", frame)
             for statement, params in statements:
                 con.execute(statement, params)
-            con.unregister("incoming")
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
