@@ -179,6 +179,11 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(module), leaf)
 
 
+def _free(module: nn.Module, name: str) -> None:
+    """Replace the parameter `name` of `module` (not its children) by a meta one: its memory is released."""
+    setattr(module, name, nn.Parameter(module._parameters[name].to("meta"), requires_grad=False))
+
+
 def load_tensors(model: nn.Module, keys: CheckpointKeys, group: int | str | None, device: torch.device,
                  dtype: torch.dtype, what: str):
     """Load one group of checkpoint tensors into the skeleton, as from_pretrained would; returns
@@ -497,7 +502,7 @@ class LayerwiseCapture:
         self._sample(self.model, "")
         head = self.model.get_output_embeddings()
         if head is not None and head.weight is not self.model.get_input_embeddings().weight:
-            head.weight = nn.Parameter(head.weight.to("meta"), requires_grad=False)  # never run: free it
+            _free(head, "weight")  # never run
         self._outer_loaded = True
 
     def _sample_unrun(self) -> None:
@@ -518,15 +523,15 @@ class LayerwiseCapture:
                     module, _, leaf = alias.rpartition(".")
                     owner = self.model.get_submodule(module)
                     if leaf in owner._parameters:
-                        setattr(owner, leaf, nn.Parameter(owner._parameters[leaf].to("meta"), requires_grad=False))
+                        _free(owner, leaf)
 
     def drop_outer(self) -> None:
         """Free the embeddings and final norm once every batch's layer inputs are recorded (needed no more)."""
         for module_name, module in self.model.named_modules():
             if module is self.layers or module_name.startswith(self.layers_prefix + "."):
                 continue
-            for name, param in list(module.named_parameters(recurse=False)):
-                setattr(module, name, nn.Parameter(param.to("meta"), requires_grad=False))
+            for name, _ in list(module.named_parameters(recurse=False)):
+                _free(module, name)
         self._outer_loaded = False
 
     def load_layer(self, index: int) -> nn.Module:
