@@ -5,7 +5,7 @@
     python bench/capture_overhead.py --config large --device cuda
     python bench/capture_overhead.py --fixed [--write]          # a short capture's cost beyond the forwards
     python bench/capture_overhead.py --paired [--write]         # observer per forward, paired, with a 95% CI
-    python bench/capture_overhead.py --paired-capture [--write] # capture end to end per token count, paired
+    python bench/capture_overhead.py --paired-capture --tokens 2048 8192 32768 [--write]  # whole captures, paired
 
 --sweep: random-init Qwen3-MoE models (hidden 512, 4 layers, top-8, expert width 128)
 with 16 ... 512 experts; for each token count, interleaved repetitions of
@@ -90,6 +90,18 @@ def sweep_sequences(tokens: int) -> list[list[int]]:
     shape = SWEEP_SHAPE
     return torch.randint(0, shape["vocab"], (tokens // shape["seq"], shape["seq"]),
                          generator=torch.Generator().manual_seed(tokens)).tolist()
+
+
+@torch.no_grad()
+def bare_forwards(model, sequences: list[list[int]]) -> None:
+    """The forwards a capture runs over `sequences` (sweep batches, padding masked), nothing attached."""
+    for ids, mask in padded_batches(sequences, SWEEP_SHAPE["batch"]):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+def experts_suffix(experts: list[int]) -> str:
+    """Section-name suffix: none for the default expert counts, "-16e" etc. for others (a re-check of one count)."""
+    return "" if experts == DEFAULT_EXPERTS else "-" + "-".join(f"{e}e" for e in experts)
 
 
 def build(name: str, device: str, dtype: torch.dtype):
@@ -190,18 +202,13 @@ def sweep_mode(args) -> None:
                 docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
                 settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
 
-                @torch.no_grad()
-                def bare():
-                    for ids, mask in padded_batches(sequences, shape["batch"]):
-                        model(input_ids=ids, attention_mask=mask, use_cache=False)
-
                 def capture():
                     timings = Timings()
                     capture_model(model, None, "bench", [docs], settings, store_path=store_path, timings=timings)
                     store_seconds.append(timings.seconds["frames"] + timings.seconds["store"])
 
                 return {
-                    "bare": bare,
+                    "bare": lambda: bare_forwards(model, sequences),
                     "observer": lambda: collect_routing_stats(model, sequences, shape["batch"]),
                     "capture": capture,
                 }
@@ -241,9 +248,8 @@ def sweep_mode(args) -> None:
                              "capture − observer (CPU s)", "frames + store write in the capture (s)",
                              "capture / bare, wall"], rows), "", f"Machine: {machine(args.threads)}."])
     print(body)
-    if args.write:  # the default expert counts write the main table; others their own (e.g. a re-check of one)
-        default = args.experts == DEFAULT_EXPERTS
-        write_section("capture-sweep" + ("" if default else "-" + "-".join(f"{e}e" for e in args.experts)), body)
+    if args.write:
+        write_section("capture-sweep" + experts_suffix(args.experts), body)
 
 
 def fixed_mode(args) -> None:
@@ -272,11 +278,9 @@ def fixed_mode(args) -> None:
                 store.complete_run(path, run_id, expert_stats=expert_df, layer_stats=layer_df, coactivation=coact_df,
                                    tokens=tokens, sequences=len(sequences), trace=trace)
 
-            @torch.no_grad()
             def bare() -> dict[str, float]:
                 start = time.process_time()
-                for ids, mask in padded_batches(sequences, shape["batch"]):
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+                bare_forwards(model, sequences)
                 return {"bare": time.process_time() - start}
 
             def end_to_end() -> dict[str, float]:
@@ -402,11 +406,9 @@ def paired_capture_mode(args) -> None:
                 docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
                 settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
 
-                @torch.no_grad()
                 def bare() -> float:
                     start = time.process_time()
-                    for ids, mask in padded_batches(sequences, shape["batch"]):
-                        model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    bare_forwards(model, sequences)
                     return time.process_time() - start
 
                 def capture() -> float:
@@ -432,10 +434,8 @@ def paired_capture_mode(args) -> None:
                                                  "95% interval", "min–max", "pairs"], rows), "",
                       f"Machine: {machine(args.threads)}."])
     print(body)
-    if args.write:  # the default expert counts write the main table; others their own (e.g. a re-check of one)
-        default = args.experts == DEFAULT_EXPERTS
-        write_section("capture-paired-end-to-end" + ("" if default else "-" + "-".join(f"{e}e" for e in args.experts)),
-                      body)
+    if args.write:
+        write_section("capture-paired-end-to-end" + experts_suffix(args.experts), body)
 
 
 def main() -> None:
