@@ -177,6 +177,29 @@ def test_capture_does_not_change_logits(family, fast):
     assert torch.equal(plain, after), "hooks must be removed on exit"
 
 
+def test_capture_projects_only_the_last_position_onto_the_vocabulary():
+    """Routing never depends on the logits, so a model that takes `logits_to_keep` runs its LM head on one
+    position per sequence during capture, and the statistics equal those of forwards with every logit."""
+    from moe_viz.capture.observe import RoutingObserver
+    from moe_viz.capture.run import accumulator_frames, padded_batches
+
+    model = tiny_model("qwen3_moe")
+    sequences = _sequences()
+    seen = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    captured = collect_routing_stats(model, sequences, batch_size=3)
+    assert seen == [(3, 1, model.config.hidden_size), (1, 1, model.config.hidden_size)]
+    seen.clear()
+    with torch.no_grad(), RoutingObserver(find_moe_layers(model)) as observer:
+        for ids, mask in padded_batches(sequences, 3):
+            observer.set_attention_mask(mask)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    handle.remove()
+    assert seen == [(3, 16, model.config.hidden_size), (1, 5, model.config.hidden_size)]
+    for got, expected in zip(captured, accumulator_frames(observer.accumulators)):
+        pd.testing.assert_frame_equal(got, expected)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text"])
 def test_padding_is_excluded(family):
     model = tiny_model(family)

@@ -7,6 +7,8 @@ the same for a model already in memory.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import threading
 import time
@@ -137,10 +139,24 @@ def _heartbeat(store_path: str | Path, run_id: str):
         thread.join()
 
 
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def text_inputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     """Keyword arguments of a calibration forward. An encoder-decoder's decoder reads the same text,
-    teacher-forced (shifted right by one behind its start token), so both stacks see every token."""
+    teacher-forced (shifted right by one behind its start token), so both stacks see every token.
+
+    Routing never depends on the output logits, so a model that takes `logits_to_keep` projects
+    only the last position onto the vocabulary: the LM head is ~19 % of the CPU bench model's
+    forward (vocabulary 8,192, hidden 512; bench/capture_overhead.py --paired-capture), and its
+    (tokens, vocabulary) logits are a calibration forward's largest activation on a
+    large-vocabulary model (152k × 4 B per token for Qwen3 in float32).
+    """
     inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    if _takes_logits_to_keep(type(model)):
+        inputs["logits_to_keep"] = 1
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         start = getattr(config, "decoder_start_token_id", None)
