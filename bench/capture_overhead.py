@@ -1,18 +1,21 @@
 """Capture overhead vs a bare forward pass, measured side by side.
 
-    python bench/capture_overhead.py --sweep [--write]          # E x tokens, end to end (CPU, 1 thread)
-    python bench/capture_overhead.py --config 100m [--write]    # observer variants on one forward
-    python bench/capture_overhead.py --config large --device cuda
+    python bench/capture_overhead.py --paired-capture --tokens 2048 8192 32768 --capture-pairs 30 12 8 [--write]
     python bench/capture_overhead.py --fixed [--write]          # a short capture's cost beyond the forwards
     python bench/capture_overhead.py --paired [--write]         # observer per forward, paired, with a 95% CI
-    python bench/capture_overhead.py --paired-capture --tokens 2048 8192 32768 [--write]  # whole captures, paired
+    python bench/capture_overhead.py --config 100m [--write]    # observer variants on one forward
+    python bench/capture_overhead.py --config large --device cuda
 
---sweep: random-init Qwen3-MoE models (hidden 512, 4 layers, top-8, expert width 128)
-with 16 ... 512 experts; for each token count, interleaved repetitions of
-- bare:     the forward passes over the packed sequences, nothing attached;
-- observer: `collect_routing_stats` (observer construction, the same forwards, to_frames);
-- capture:  `capture_model` end to end, i.e. what `moe-viz capture` pays after loading:
-            begin_run, the observed forwards, to_frames and the DuckDB write of the run.
+The sweep's models are random-init Qwen3-MoE (hidden 512, 4 layers, top-8, expert width 128,
+vocabulary 8,192) with 16 ... 512 experts. "Bare" is the forwards a capture runs with nothing
+attached (`text_inputs`: only the last position goes through the LM head, since routing never
+needs the logits); "plain" projects every position, as `model(input_ids, attention_mask)` does.
+
+--paired-capture (the sweep over experts and tokens): per token count, rounds of `capture_model`
+end to end (begin_run, observer construction, the observed forwards with the default token trace,
+to_frames, the DuckDB write), the same forwards bare and the plain forwards, interleaved so each
+goes first equally often; the median of the per-round ratios with a bootstrap 95% interval.
+Rounds cancel the machine's drift that repetitions of 16-70 s carry (several per cent here).
 
 --fixed: the sweep's models at one forward per run (2,048 tokens), the cost beyond the
 forwards taken apart: the steps `capture_model` takes, called one by one in its order
@@ -21,11 +24,7 @@ frames, complete_run), and begin_run + complete_run of the same rows without a t
 
 --paired: the sweep's models, one observer kept across forwards (as in a capture), bare and
 observed forwards of the same 2,048 tokens alternated in pairs; the median of the pairs' ratios
-with a bootstrap 95% interval. Pairs cancel the machine's drift that whole-capture repetitions
-of 16-70 s carry (their spread, several per cent, is larger than the overhead itself).
-
---paired-capture: the same pairing for whole runs: `capture_model` end to end (every fixed
-cost of a run included) against the bare forwards over the same tokens, per token count.
+with a bootstrap 95% interval. --paired and --config run the forward a capture runs, too.
 
 --config: one forward of a fixed config, variants bare / capture (observer) /
 recompute (observer forced onto the path for non-default experts implementations) /
@@ -42,6 +41,7 @@ import random
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -51,7 +51,7 @@ from benchlib import machine, ratios, spread, table, write_section
 from moe_viz import store
 from moe_viz.capture.observe import RoutingObserver, slot_outputs
 from moe_viz.capture.run import (CaptureSettings, accumulate_routing, accumulator_frames, capture_model,
-                                 collect_routing_stats, padded_batches)
+                                 padded_batches, text_inputs)
 from moe_viz.capture.sources import Documents
 from moe_viz.capture.timing import Timings
 from moe_viz.capture.trace import DEFAULT_TRACE_TOKENS, TokenTracer
@@ -93,10 +93,15 @@ def sweep_sequences(tokens: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def bare_forwards(model, sequences: list[list[int]]) -> None:
-    """The forwards a capture runs over `sequences` (sweep batches, padding masked), nothing attached."""
+def bare_forwards(model, sequences: list[list[int]], every_logit: bool = False) -> None:
+    """The forwards a capture runs over `sequences`, nothing attached: sweep batches, padding masked,
+    `text_inputs` (the LM head on the last position only). `every_logit`: plain forwards that project
+    every position onto the vocabulary, as `model(input_ids, attention_mask)` does."""
     for ids, mask in padded_batches(sequences, SWEEP_SHAPE["batch"]):
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        inputs = text_inputs(model, ids, mask)
+        if every_logit:
+            del inputs["logits_to_keep"]
+        model(**inputs)
 
 
 def experts_suffix(experts: list[int]) -> str:
@@ -140,16 +145,14 @@ def clock(device: str):
 
 
 def timed_forward(model, ids, context=None) -> float:
+    """Seconds of one forward as a capture runs it (`text_inputs`), inside `context` if given."""
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     now = clock(str(ids.device))
+    inputs = text_inputs(model, ids, torch.ones_like(ids))
     sync()
     start = now()
-    with torch.no_grad():
-        if context is None:
-            model(ids, use_cache=False)
-        else:
-            with context:
-                model(ids, use_cache=False)
+    with torch.no_grad(), context if context is not None else nullcontext():
+        model(**inputs)
     sync()
     return now() - start
 
@@ -175,8 +178,8 @@ def config_mode(args) -> None:
             times[name].append(timed_forward(model, ids, make()))
     device = torch.cuda.get_device_name(ids.device) if ids.is_cuda else f"CPU, {args.threads} thread(s)"
     header = (f"`{args.config}`: hidden {hidden}, {layers} layers, {experts} experts top-{top_k}, width {width}, "
-              f"{params / 1e6:.1f}M params, {ids.numel()} tokens per forward, {args.dtype}, {device}; "
-              f"{args.reps} interleaved repetitions after one warm-up")
+              f"{params / 1e6:.1f}M params, {ids.numel()} tokens per forward as a capture runs it (LM head on the "
+              f"last position only), {args.dtype}, {device}; {args.reps} interleaved repetitions after one warm-up")
     rows = [[name, spread(values, "{:.3f}"), spread(ratios(values, times["bare"]), "{:.2f}") if name != "bare" else ""]
             for name, values in times.items()]
     body = "\n".join([header + ".", "", table(["variant", "seconds (CPU time on CPU): median (min–max)", "ratio to bare"], rows), "",
@@ -184,72 +187,6 @@ def config_mode(args) -> None:
     print(body)
     if args.write:
         write_section(f"capture-config-{args.config}", body)
-
-
-def sweep_mode(args) -> None:
-    shape = SWEEP_SHAPE
-    tokens_per_forward = shape["batch"] * shape["seq"]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="moe_viz_capture_bench_") as work:
-        for experts in args.experts:
-            model = sweep_model(experts)
-            params = sum(p.numel() for p in model.parameters())
-            store_path = Path(work) / f"e{experts}.duckdb"
-            store_seconds: list[float] = []
-
-            def variants_for(tokens: int) -> dict:
-                sequences = sweep_sequences(tokens)
-                docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
-                settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
-
-                def capture():
-                    timings = Timings()
-                    capture_model(model, None, "bench", [docs], settings, store_path=store_path, timings=timings)
-                    store_seconds.append(timings.seconds["frames"] + timings.seconds["store"])
-
-                return {
-                    "bare": lambda: bare_forwards(model, sequences),
-                    "observer": lambda: collect_routing_stats(model, sequences, shape["batch"]),
-                    "capture": capture,
-                }
-
-            for run in variants_for(tokens_per_forward).values():  # warm-up, once per model (creates the store)
-                run()
-            for tokens in args.tokens:
-                store_seconds.clear()  # capture's own frames + store phases, this row's repetitions
-                variants = variants_for(tokens)
-                times = {name: [] for name in variants}
-                walls = {name: [] for name in variants}
-                for rep in range(args.reps):
-                    order = list(variants) if rep % 2 == 0 else list(variants)[::-1]  # cancels a drift in load
-                    for name in order:
-                        start, wall = time.process_time(), time.perf_counter()
-                        variants[name]()
-                        times[name].append(time.process_time() - start)
-                        walls[name].append(time.perf_counter() - wall)
-                obs = ratios(times["observer"], times["bare"])
-                cap = ratios(times["capture"], times["bare"])
-                fixed = [c - o for c, o in zip(times["capture"], times["observer"])]
-                rows.append([experts, f"{params / 1e6:.0f}M", f"{tokens:,}", f"{statistics.median(times['bare']):.2f}",
-                             spread(obs, "{:.3f}"), spread(cap, "{:.3f}"), spread(fixed, "{:.2f}"),
-                             spread(store_seconds, "{:.3f}"), spread(ratios(walls["capture"], walls["bare"]), "{:.3f}")])
-                print(rows[-1], flush=True)
-            del model
-    header = (f"Random-init Qwen3-MoE, hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
-              f"expert width {shape['width']}, vocab {shape['vocab']}, fp32, {tokens_per_forward} tokens per forward "
-              f"({shape['batch']} × {shape['seq']}); {args.reps} interleaved repetitions per row (order reversed every "
-              f"other one), after one warm-up round of {tokens_per_forward} tokens per model; process CPU time (wall "
-              "time in the last column); ratios are per-repetition ratios to bare, median (min–max); capture − observer = CPU seconds of the store write and the rest of `capture_model` "
-              "(begin_run, packing, fingerprint, complete_run), per repetition, so at many tokens it carries the "
-              "forwards' noise too; frames + store write = the capture's own `frames` and `store` phases (wall), "
-              "timed inside the same captures")
-    body = "\n".join([header + ".", "",
-                      table(["experts", "params", "tokens", "bare (s)", "observer / bare", "capture end to end / bare",
-                             "capture − observer (CPU s)", "frames + store write in the capture (s)",
-                             "capture / bare, wall"], rows), "", f"Machine: {machine(args.threads)}."])
-    print(body)
-    if args.write:
-        write_section("capture-sweep" + experts_suffix(args.experts), body)
 
 
 def fixed_mode(args) -> None:
@@ -344,17 +281,14 @@ def fixed_mode(args) -> None:
         write_section("capture-fixed", body)
 
 
-def paired_times(measured, reference, pairs: int) -> list[tuple[float, float]]:
-    """(measured(), reference()) seconds in adjacent pairs; which of the two goes first alternates."""
+def interleaved_times(variants: list, rounds: int) -> list[tuple[float, ...]]:
+    """Seconds of each of `variants` (callables returning seconds), one round after another; round i starts
+    at variant i mod n, so each goes first equally often (two variants: which goes first alternates)."""
     out = []
-    for i in range(pairs):
-        if i % 2 == 0:
-            a = measured()
-            b = reference()
-        else:
-            b = reference()
-            a = measured()
-        out.append((a, b))
+    for i in range(rounds):
+        start = i % len(variants)
+        seconds = {j: variants[j]() for j in [*range(start, len(variants)), *range(start)]}
+        out.append(tuple(seconds[j] for j in range(len(variants))))
     return out
 
 
@@ -376,13 +310,14 @@ def paired_mode(args) -> None:
         observed = lambda: timed_forward(model, ids, observer)  # noqa: E731
         bare = lambda: timed_forward(model, ids, None)  # noqa: E731
         observed(), bare()  # warm-up: the observer's work buffers exist from here on
-        pairs = [a / b for a, b in paired_times(observed, bare, args.pairs)]
+        pairs = [a / b for a, b in interleaved_times([observed, bare], args.pairs)]
         rows.append([experts, f"{statistics.median(pairs):.3f}", median_interval(pairs, rng),
                      f"{min(pairs):.3f}–{max(pairs):.3f}", len(pairs)])
         print(rows[-1], flush=True)
         del model, observer
     header = (f"The sweep's models (hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
-              f"fp32), one forward of {shape['batch'] * shape['seq']} tokens; bare and observed forwards in adjacent "
+              f"fp32), one forward of {shape['batch'] * shape['seq']} tokens as a capture runs it (LM head on the last "
+              "position only); bare and observed forwards in adjacent "
               "pairs (which goes first alternates), one observer accumulating across all of them as in a capture; "
               "process CPU time; 95% interval of the median ratio by bootstrap (2,000 resamples)")
     body = "\n".join([header + ".", "", table(["experts", "observed / bare, median", "95% interval", "min–max", "pairs"],
@@ -393,7 +328,7 @@ def paired_mode(args) -> None:
 
 
 def paired_capture_mode(args) -> None:
-    """`capture_model` end to end / bare forwards over the same tokens, from adjacent pairs."""
+    """`capture_model` end to end / the same forwards bare, and / plain forwards, interleaved, per token count."""
     shape = SWEEP_SHAPE
     rng = random.Random(0)
     rows = []
@@ -401,37 +336,43 @@ def paired_capture_mode(args) -> None:
         for experts in args.experts:
             model = sweep_model(experts)
             store_path = Path(work) / f"e{experts}.duckdb"
-            for tokens, pairs in zip(args.tokens, args.capture_pairs):
+            for tokens, rounds in zip(args.tokens, args.capture_pairs):
                 sequences = sweep_sequences(tokens)
                 docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
                 settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
 
-                def bare() -> float:
+                def timed(run) -> float:
                     start = time.process_time()
-                    bare_forwards(model, sequences)
+                    run()
                     return time.process_time() - start
 
-                def capture() -> float:
-                    start = time.process_time()
-                    capture_model(model, None, "bench", [docs], settings, store_path=store_path)
-                    return time.process_time() - start
-
-                capture(), bare()  # warm-up; from here on each capture replaces the last (same settings)
-                times = paired_times(capture, bare, pairs)
-                ratio = [a / b for a, b in times]
-                rows.append([experts, f"{tokens:,}", f"{statistics.median(b for _, b in times):.2f}",
-                             f"{statistics.median(ratio):.3f}", median_interval(ratio, rng),
-                             f"{min(ratio):.3f}–{max(ratio):.3f}", len(ratio)])
+                variants = [
+                    lambda: timed(lambda: capture_model(model, None, "bench", [docs], settings, store_path=store_path)),
+                    lambda: timed(lambda: bare_forwards(model, sequences)),
+                    lambda: timed(lambda: bare_forwards(model, sequences, every_logit=True)),
+                ]
+                for variant in variants:  # warm-up; from here on each capture replaces the last (same settings)
+                    variant()
+                times = interleaved_times(variants, rounds)
+                overhead = [c / b for c, b, _ in times]
+                against_plain = [c / p for c, _, p in times]
+                rows.append([experts, f"{tokens:,}", f"{statistics.median(b for _, b, _ in times):.2f}",
+                             f"{statistics.median(overhead):.3f}", median_interval(overhead, rng),
+                             f"{min(overhead):.3f}–{max(overhead):.3f}",
+                             f"{statistics.median(against_plain):.3f}", median_interval(against_plain, rng), len(times)])
                 print(rows[-1], flush=True)
             del model
     header = (f"The sweep's models (hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
-              f"fp32, {shape['batch'] * shape['seq']} tokens per forward); `capture_model` end to end (begin_run, "
-              "observer construction, the observed forwards with the default token trace, to_frames, the DuckDB "
-              "write of the run, replacing the previous pair's run) and the bare forwards over the same tokens, in "
-              "adjacent pairs (which goes first alternates), after one warm-up pair; process CPU time; 95% "
-              "interval of the median ratio by bootstrap (2,000 resamples)")
-    body = "\n".join([header + ".", "", table(["experts", "tokens", "bare (s)", "capture / bare, median",
-                                                 "95% interval", "min–max", "pairs"], rows), "",
+              f"expert width {shape['width']}, vocab {shape['vocab']}, fp32, {shape['batch'] * shape['seq']} tokens "
+              "per forward); `capture_model` end to end (begin_run, observer construction, the observed forwards "
+              "with the default token trace, to_frames, the DuckDB write of the run, replacing the previous round's "
+              "run) against the same forwards bare (`text_inputs`: the LM head on the last position only, as in a "
+              "capture) and against plain forwards that project every position onto the vocabulary, over the "
+              "same tokens; the three interleaved, each going first equally often, after one warm-up round; process "
+              "CPU time; 95% interval of the median ratio by bootstrap (2,000 resamples)")
+    body = "\n".join([header + ".", "", table(["experts", "tokens", "bare, same forwards (s)", "capture / bare, median",
+                                                 "95% interval", "min–max", "capture / plain, median",
+                                                 "95% interval, plain", "rounds"], rows), "",
                       f"Machine: {machine(args.threads)}."])
     print(body)
     if args.write:
@@ -440,16 +381,15 @@ def paired_capture_mode(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="experts x tokens sweep, end to end")
     parser.add_argument("--fixed", action="store_true", help="a one-forward capture's cost beyond the forwards")
     parser.add_argument("--paired", action="store_true", help="observer per forward, paired forwards, 95%% interval")
     parser.add_argument("--pairs", type=int, default=40, help="--paired: pairs of forwards per model")
     parser.add_argument("--paired-capture", action="store_true",
-                        help="capture end to end / bare forwards, paired, 95%% interval, per --tokens")
-    parser.add_argument("--capture-pairs", type=int, nargs="+", default=[40, 16, 8],
-                        help="--paired-capture: pairs per token count, in --tokens order")
+                        help="capture end to end / bare / plain forwards, interleaved, 95%% interval, per --tokens")
+    parser.add_argument("--capture-pairs", type=int, nargs="+", default=[30, 12, 8],
+                        help="--paired-capture: rounds per token count, in --tokens order")
     parser.add_argument("--experts", type=int, nargs="+", default=DEFAULT_EXPERTS)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 32768, 131072])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -459,9 +399,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update the marked section of docs/BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.sweep:
-        sweep_mode(args)
-    elif args.fixed:
+    if args.fixed:
         fixed_mode(args)
     elif args.paired:
         paired_mode(args)

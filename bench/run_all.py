@@ -23,19 +23,16 @@ SCALE_DIR = "/tmp/moe_viz_capture_scale"
 def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
     """name -> (script and arguments, the docs/BENCHMARKS.md sections it writes with --write)."""
     return {
-        "capture": (["capture_overhead.py", "--sweep", "--reps", "3"], ["capture-sweep"]),
-        # the 16-expert rows alone (~12 min), to re-check them on an idle machine without the 45-minute sweep
-        "capture-16e": (["capture_overhead.py", "--sweep", "--experts", "16", "--reps", "3"], ["capture-sweep-16e"]),
         # a one-forward capture's cost beyond the forwards, step by step (~2 min)
         "capture-fixed": (["capture_overhead.py", "--fixed", "--reps", "6"], ["capture-fixed"]),
         # the observer per forward from adjacent bare/observed pairs, with a 95% interval (~5 min)
         "capture-paired": (["capture_overhead.py", "--paired", "--pairs", "40"], ["capture-paired"]),
-        # whole captures against bare forwards of the same tokens, in pairs, per token count (~30 min)
+        # the sweep over experts and tokens: whole captures against the same forwards bare and plain (~30 min)
         "capture-paired-end-to-end": (["capture_overhead.py", "--paired-capture", "--tokens", "2048", "8192", "32768",
-                                       "--capture-pairs", "40", "16", "8"], ["capture-paired-end-to-end"]),
-        # the 512-expert rows again with twice the pairs at 32k tokens (~15 min)
+                                       "--capture-pairs", "30", "12", "8"], ["capture-paired-end-to-end"]),
+        # the 512-expert rows again with twice the rounds at 32k tokens (~16 min)
         "capture-paired-end-to-end-512e": (["capture_overhead.py", "--paired-capture", "--experts", "512", "--tokens",
-                                            "2048", "8192", "32768", "--capture-pairs", "40", "16", "16"],
+                                            "2048", "8192", "32768", "--capture-pairs", "30", "12", "16"],
                                            ["capture-paired-end-to-end-512e"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
