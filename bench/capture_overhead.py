@@ -13,8 +13,8 @@ needs the logits); "plain" projects every position, as `model(input_ids, attenti
 
 --paired-capture (the sweep over experts and tokens): per token count, rounds of `capture_model`
 end to end (begin_run, observer construction, the observed forwards with the default token trace,
-to_frames, the DuckDB write), the same forwards bare and the plain forwards, interleaved so each
-goes first equally often; the median of the per-round ratios with a bootstrap 95% interval.
+to_frames, the DuckDB write), the same forwards bare and the plain forwards, interleaved in each of their
+six orders in turn; the median of the per-round ratios with a bootstrap 95% interval.
 Rounds cancel the machine's drift that repetitions of 16-70 s carry (several per cent here).
 
 --fixed: the sweep's models at one forward per run (2,048 tokens), the cost beyond the
@@ -282,12 +282,13 @@ def fixed_mode(args) -> None:
 
 
 def interleaved_times(variants: list, rounds: int) -> list[tuple[float, ...]]:
-    """Seconds of each of `variants` (callables returning seconds), one round after another; round i starts
-    at variant i mod n, so each goes first equally often (two variants: which goes first alternates)."""
+    """Seconds of each of `variants` (callables returning seconds), round after round; round i runs them in
+    the i-th of all their orders, cycling, so over a multiple of n! rounds each goes first, and right after
+    each other, equally often (a run can leave the next one a warmer or colder heap)."""
+    orders = list(itertools.permutations(range(len(variants))))
     out = []
     for i in range(rounds):
-        start = i % len(variants)
-        seconds = {j: variants[j]() for j in [*range(start, len(variants)), *range(start)]}
+        seconds = {j: variants[j]() for j in orders[i % len(orders)]}
         out.append(tuple(seconds[j] for j in range(len(variants))))
     return out
 
@@ -368,7 +369,7 @@ def paired_capture_mode(args) -> None:
               "with the default token trace, to_frames, the DuckDB write of the run, replacing the previous round's "
               "run) against the same forwards bare (`text_inputs`: the LM head on the last position only, as in a "
               "capture) and against plain forwards that project every position onto the vocabulary, over the "
-              "same tokens; the three interleaved, each going first equally often, after one warm-up round; process "
+              "same tokens; the three interleaved, round i in the i-th of their six orders, after one warm-up round; process "
               "CPU time; 95% interval of the median ratio by bootstrap (2,000 resamples)")
     body = "\n".join([header + ".", "", table(["experts", "tokens", "bare, same forwards (s)", "capture / bare, median",
                                                  "95% interval", "min–max", "capture / plain, median",
@@ -386,7 +387,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=40, help="--paired: pairs of forwards per model")
     parser.add_argument("--paired-capture", action="store_true",
                         help="capture end to end / bare / plain forwards, interleaved, 95%% interval, per --tokens")
-    parser.add_argument("--capture-pairs", type=int, nargs="+", default=[30, 12, 8],
+    parser.add_argument("--capture-pairs", type=int, nargs="+", default=[30, 12, 6],
                         help="--paired-capture: rounds per token count, in --tokens order")
     parser.add_argument("--experts", type=int, nargs="+", default=DEFAULT_EXPERTS)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])

@@ -27,12 +27,12 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
         "capture-fixed": (["capture_overhead.py", "--fixed", "--reps", "6"], ["capture-fixed"]),
         # the observer per forward from adjacent bare/observed pairs, with a 95% interval (~5 min)
         "capture-paired": (["capture_overhead.py", "--paired", "--pairs", "40"], ["capture-paired"]),
-        # the sweep over experts and tokens: whole captures against the same forwards bare and plain (~30 min)
+        # the sweep over experts and tokens: whole captures against the same forwards bare and plain (~25 min)
         "capture-paired-end-to-end": (["capture_overhead.py", "--paired-capture", "--tokens", "2048", "8192", "32768",
-                                       "--capture-pairs", "30", "12", "8"], ["capture-paired-end-to-end"]),
-        # the 512-expert rows again with twice the rounds at 32k tokens (~16 min)
+                                       "--capture-pairs", "30", "12", "6"], ["capture-paired-end-to-end"]),
+        # the 512-expert rows again with twice the rounds at 32k tokens (~13 min)
         "capture-paired-end-to-end-512e": (["capture_overhead.py", "--paired-capture", "--experts", "512", "--tokens",
-                                            "2048", "8192", "32768", "--capture-pairs", "30", "12", "16"],
+                                            "2048", "8192", "32768", "--capture-pairs", "30", "12", "12"],
                                            ["capture-paired-end-to-end-512e"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
