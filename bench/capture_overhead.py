@@ -1,6 +1,6 @@
 """Capture overhead vs a bare forward pass, measured side by side.
 
-    python bench/capture_overhead.py --paired-capture --tokens 2048 8192 32768 --capture-pairs 30 12 8 [--write]
+    python bench/capture_overhead.py --paired-capture --tokens 2048 8192 32768 --capture-rounds 30 12 6 [--write]
     python bench/capture_overhead.py --fixed [--write]          # a short capture's cost beyond the forwards
     python bench/capture_overhead.py --paired [--write]         # observer per forward, paired, with a 95% CI
     python bench/capture_overhead.py --config 100m [--write]    # observer variants on one forward
@@ -100,7 +100,7 @@ def bare_forwards(model, sequences: list[list[int]], every_logit: bool = False) 
     for ids, mask in padded_batches(sequences, SWEEP_SHAPE["batch"]):
         inputs = text_inputs(model, ids, mask)
         if every_logit:
-            del inputs["logits_to_keep"]
+            inputs.pop("logits_to_keep", None)  # a model without it projects every position anyway
         model(**inputs)
 
 
@@ -337,7 +337,7 @@ def paired_capture_mode(args) -> None:
         for experts in args.experts:
             model = sweep_model(experts)
             store_path = Path(work) / f"e{experts}.duckdb"
-            for tokens, rounds in zip(args.tokens, args.capture_pairs):
+            for tokens, rounds in zip(args.tokens, args.capture_rounds):
                 sequences = sweep_sequences(tokens)
                 docs = Documents(domain="bench", source=f"random:{tokens}", token_ids=sequences)
                 settings = CaptureSettings(max_tokens=tokens, seq_len=shape["seq"], batch_size=shape["batch"])
@@ -387,8 +387,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=40, help="--paired: pairs of forwards per model")
     parser.add_argument("--paired-capture", action="store_true",
                         help="capture end to end / bare / plain forwards, interleaved, 95%% interval, per --tokens")
-    parser.add_argument("--capture-pairs", type=int, nargs="+", default=[30, 12, 6],
-                        help="--paired-capture: rounds per token count, in --tokens order")
+    parser.add_argument("--capture-rounds", type=int, nargs="+", default=[30, 12, 6],
+                        help="--paired-capture: rounds per token count, in --tokens order (multiples of 6 balance the orders)")
     parser.add_argument("--experts", type=int, nargs="+", default=DEFAULT_EXPERTS)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
@@ -405,8 +405,8 @@ def main() -> None:
     elif args.paired:
         paired_mode(args)
     elif args.paired_capture:
-        if len(args.capture_pairs) != len(args.tokens):
-            parser.error("--capture-pairs needs one count per --tokens value")
+        if len(args.capture_rounds) != len(args.tokens):
+            parser.error("--capture-rounds needs one count per --tokens value")
         paired_capture_mode(args)
     else:
         config_mode(args)

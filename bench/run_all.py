@@ -29,10 +29,10 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
         "capture-paired": (["capture_overhead.py", "--paired", "--pairs", "40"], ["capture-paired"]),
         # the sweep over experts and tokens: whole captures against the same forwards bare and plain (~25 min)
         "capture-paired-end-to-end": (["capture_overhead.py", "--paired-capture", "--tokens", "2048", "8192", "32768",
-                                       "--capture-pairs", "30", "12", "6"], ["capture-paired-end-to-end"]),
+                                       "--capture-rounds", "30", "12", "6"], ["capture-paired-end-to-end"]),
         # the 512-expert rows again with twice the rounds at 32k tokens (~13 min)
         "capture-paired-end-to-end-512e": (["capture_overhead.py", "--paired-capture", "--experts", "512", "--tokens",
-                                            "2048", "8192", "32768", "--capture-pairs", "30", "12", "12"],
+                                            "2048", "8192", "32768", "--capture-rounds", "30", "12", "12"],
                                            ["capture-paired-end-to-end-512e"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
