@@ -65,6 +65,7 @@ CONFIGS = {
     "large": (2048, 8, 64, 8, 768, 32000, 8, 1024),
 }
 DEFAULT_EXPERTS = [16, 128, 512]
+DEFAULT_TOKENS = [2048, 8192, 32768]
 SWEEP_SHAPE = dict(hidden=512, layers=4, top_k=8, width=128, vocab=8192, batch=4, seq=512)
 
 
@@ -107,6 +108,11 @@ def bare_forwards(model, sequences: list[list[int]], every_logit: bool = False) 
 def experts_suffix(experts: list[int]) -> str:
     """Section-name suffix: none for the default expert counts, "-16e" etc. for others (a re-check of one count)."""
     return "" if experts == DEFAULT_EXPERTS else "-" + "-".join(f"{e}e" for e in experts)
+
+
+def tokens_suffix(tokens: list[int]) -> str:
+    """Section-name suffix: none for the default token counts, "-128k" etc. for others."""
+    return "" if tokens == DEFAULT_TOKENS else "-" + "-".join(f"{t // 1024}k" for t in tokens)
 
 
 def build(name: str, device: str, dtype: torch.dtype):
@@ -350,17 +356,20 @@ def paired_capture_mode(args) -> None:
                 variants = [
                     lambda: timed(lambda: capture_model(model, None, "bench", [docs], settings, store_path=store_path)),
                     lambda: timed(lambda: bare_forwards(model, sequences)),
-                    lambda: timed(lambda: bare_forwards(model, sequences, every_logit=True)),
                 ]
+                if not args.without_plain:
+                    variants.append(lambda: timed(lambda: bare_forwards(model, sequences, every_logit=True)))
                 for variant in variants:  # warm-up; from here on each capture replaces the last (same settings)
                     variant()
                 times = interleaved_times(variants, rounds)
-                overhead = [c / b for c, b, _ in times]
-                against_plain = [c / p for c, _, p in times]
-                rows.append([experts, f"{tokens:,}", f"{statistics.median(b for _, b, _ in times):.2f}",
+                overhead = [t[0] / t[1] for t in times]
+                plain = ["—", "—"]
+                if not args.without_plain:
+                    against_plain = [t[0] / t[2] for t in times]
+                    plain = [f"{statistics.median(against_plain):.3f}", median_interval(against_plain, rng)]
+                rows.append([experts, f"{tokens:,}", f"{statistics.median(t[1] for t in times):.2f}",
                              f"{statistics.median(overhead):.3f}", median_interval(overhead, rng),
-                             f"{min(overhead):.3f}–{max(overhead):.3f}",
-                             f"{statistics.median(against_plain):.3f}", median_interval(against_plain, rng), len(times)])
+                             f"{min(overhead):.3f}–{max(overhead):.3f}", *plain, len(times)])
                 print(rows[-1], flush=True)
             del model
     header = (f"The sweep's models (hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
@@ -368,16 +377,18 @@ def paired_capture_mode(args) -> None:
               "per forward); `capture_model` end to end (begin_run, observer construction, the observed forwards "
               "with the default token trace, to_frames, the DuckDB write of the run, replacing the previous round's "
               "run) against the same forwards bare (`text_inputs`: the LM head on the last position only, as in a "
-              "capture) and against plain forwards that project every position onto the vocabulary, over the "
-              "same tokens; the three interleaved, round i in the i-th of their six orders, after one warm-up round; process "
-              "CPU time; 95% interval of the median ratio by bootstrap (2,000 resamples)")
+              "capture)" + ("" if args.without_plain else " and against plain forwards that project every position "
+                            "onto the vocabulary") + ", over the same tokens; "
+              + ("the two in adjacent runs, which goes first alternating" if args.without_plain
+                 else "the three interleaved, round i in the i-th of their six orders")
+              + ", after one warm-up round; process CPU time; 95% interval of the median ratio by bootstrap (2,000 resamples)")
     body = "\n".join([header + ".", "", table(["experts", "tokens", "bare, same forwards (s)", "capture / bare, median",
                                                  "95% interval", "min–max", "capture / plain, median",
                                                  "95% interval, plain", "rounds"], rows), "",
                       f"Machine: {machine(args.threads)}."])
     print(body)
     if args.write:
-        write_section("capture-paired-end-to-end" + experts_suffix(args.experts), body)
+        write_section("capture-paired-end-to-end" + experts_suffix(args.experts) + tokens_suffix(args.tokens), body)
 
 
 def main() -> None:
@@ -389,8 +400,10 @@ def main() -> None:
                         help="capture end to end / bare / plain forwards, interleaved, 95%% interval, per --tokens")
     parser.add_argument("--capture-rounds", type=int, nargs="+", default=[30, 12, 6],
                         help="--paired-capture: rounds per token count, in --tokens order (multiples of 6 balance the orders)")
+    parser.add_argument("--without-plain", action="store_true",
+                        help="--paired-capture: leave out the plain forwards (a third of the time at large --tokens)")
     parser.add_argument("--experts", type=int, nargs="+", default=DEFAULT_EXPERTS)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--tokens", type=int, nargs="+", default=DEFAULT_TOKENS)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="100m")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")

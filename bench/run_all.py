@@ -34,6 +34,10 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
         "capture-paired-end-to-end-512e": (["capture_overhead.py", "--paired-capture", "--experts", "512", "--tokens",
                                             "2048", "8192", "32768", "--capture-rounds", "30", "12", "12"],
                                            ["capture-paired-end-to-end-512e"]),
+        # a calibration-sized capture (the default is 200,000 tokens per domain) against its bare forwards (~40 min)
+        "capture-paired-end-to-end-128k": (["capture_overhead.py", "--paired-capture", "--tokens", "131072",
+                                            "--capture-rounds", "6", "--without-plain"],
+                                           ["capture-paired-end-to-end-128k"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
                                 ["capture-config-512e"]),
