@@ -399,7 +399,8 @@ def main() -> None:
     parser.add_argument("--paired-capture", action="store_true",
                         help="capture end to end / bare / plain forwards, interleaved, 95%% interval, per --tokens")
     parser.add_argument("--capture-rounds", type=int, nargs="+", default=[30, 12, 6],
-                        help="--paired-capture: rounds per token count, in --tokens order (multiples of 6 balance the orders)")
+                        help="--paired-capture: rounds per token count, in --tokens order (multiples of 6 balance "
+                             "the orders; of 2 with --without-plain)")
     parser.add_argument("--without-plain", action="store_true",
                         help="--paired-capture: leave out the plain forwards (a third of the time at large --tokens)")
     parser.add_argument("--experts", type=int, nargs="+", default=DEFAULT_EXPERTS)

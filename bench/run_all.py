@@ -38,6 +38,10 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
         "capture-paired-end-to-end-128k": (["capture_overhead.py", "--paired-capture", "--tokens", "131072",
                                             "--capture-rounds", "6", "--without-plain"],
                                            ["capture-paired-end-to-end-128k"]),
+        # its 128- and 512-expert rows again with twice the rounds (~55 min)
+        "capture-paired-end-to-end-128e-512e-128k": (["capture_overhead.py", "--paired-capture", "--experts", "128", "512",
+                                                      "--tokens", "131072", "--capture-rounds", "12", "--without-plain"],
+                                                     ["capture-paired-end-to-end-128e-512e-128k"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
                                 ["capture-config-512e"]),
