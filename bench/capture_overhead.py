@@ -111,8 +111,15 @@ def experts_suffix(experts: list[int]) -> str:
 
 
 def tokens_suffix(tokens: list[int]) -> str:
-    """Section-name suffix: none for the default token counts, "-128k" etc. for others."""
-    return "" if tokens == DEFAULT_TOKENS else "-" + "-".join(f"{t // 1024}k" for t in tokens)
+    """Section-name suffix: none for the default token counts, "-128k" etc. for others (a count that is not
+    a multiple of 1,024 as it is: "-1000")."""
+    return "" if tokens == DEFAULT_TOKENS else "-" + "-".join(f"{t // 1024}k" if t % 1024 == 0 else str(t)
+                                                             for t in tokens)
+
+
+def paired_capture_section(experts: list[int], tokens: list[int]) -> str:
+    """The docs/BENCHMARKS.md section `--paired-capture --write` replaces for these expert and token counts."""
+    return "capture-paired-end-to-end" + experts_suffix(experts) + tokens_suffix(tokens)
 
 
 def build(name: str, device: str, dtype: torch.dtype):
@@ -388,7 +395,7 @@ def paired_capture_mode(args) -> None:
                       f"Machine: {machine(args.threads)}."])
     print(body)
     if args.write:
-        write_section("capture-paired-end-to-end" + experts_suffix(args.experts) + tokens_suffix(args.tokens), body)
+        write_section(paired_capture_section(args.experts, args.tokens), body)
 
 
 def main() -> None:

@@ -33,6 +33,27 @@ def test_every_run_all_script_exists_and_writes_its_sections():
             assert any(section.startswith(p) and p for p in prefixes), f"{script} never writes {section}"
 
 
+def test_each_paired_capture_command_writes_the_section_run_all_declares_for_it():
+    # The section name comes from --experts and --tokens: a wrong suffix would fail only at the end of a 40-minute run.
+    overhead = bench_module("capture_overhead")
+    commands = [(args, sections)
+                for (script, *args), sections in bench_module("run_all").commands("python").values()
+                if script == "capture_overhead.py" and "--paired-capture" in args]
+    assert len(commands) == 4
+
+    def counts(args, flag, default):
+        if flag not in args:
+            return default
+        values = args[args.index(flag) + 1:]
+        return [int(v) for v in values[: next((i for i, v in enumerate(values) if v.startswith("--")), len(values))]]
+
+    for args, sections in commands:
+        experts = counts(args, "--experts", overhead.DEFAULT_EXPERTS)
+        tokens = counts(args, "--tokens", overhead.DEFAULT_TOKENS)
+        assert [overhead.paired_capture_section(experts, tokens)] == sections, args
+    assert overhead.paired_capture_section([512], [1000, 2048]) == "capture-paired-end-to-end-512e-1000-2k"
+
+
 def test_write_section_replaces_only_its_section(tmp_path):
     benchlib = bench_module("benchlib")
     doc = tmp_path / "doc.md"
