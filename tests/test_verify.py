@@ -284,8 +284,10 @@ def test_dashboard_shows_the_same_verdicts(tmp_path, broken_setup, monkeypatch):
         assert f"Verification {verdict}: {report['reason']}" in shown, shown
 
 
-def test_demo_model_passes_where_float32_is_not_bit_identical(tmp_path):
-    """The reported case: keep 3 and 6 of 8 on the shipped demo model differ by ~1e-5 in float32 and are correct."""
+def test_demo_model_passes_at_keeps_where_float32_can_differ(tmp_path):
+    """The reported case: keep 3 and 6 of 8 on the shipped demo model differ by ~1e-5 in float32 on an
+    8-lane (AVX2) CPU, where a softmax over fewer logits sums in another order; with 16 lanes (AVX-512)
+    8 logits fit one vector and the exports are bit-identical. Correct either way."""
     from transformers import AutoTokenizer
 
     from moe_viz.demo import shipped_model
@@ -302,7 +304,32 @@ def test_demo_model_passes_where_float32_is_not_bit_identical(tmp_path):
         plan = PrunePlan(str(source), "fp", "random", "uniform", 1 - keep / 8, {}, {}, {l: 8 for l in range(4)}, kept)
         result = verify_export(export_pruned(plan, source, tmp_path / f"keep{keep}", streaming=True), sequences)
         assert result["verdict"] == PASS, result["reason"]
+        assert result["float64_blocks"]["max_abs_delta"] <= result["float64_blocks"]["bound"]
+
+
+def test_correct_export_passes_where_float32_is_not_bit_identical(tmp_path):
+    """24 experts span several vectors at any lane width, so keeping 13 or 18 changes the softmax's summation
+    order on every CPU: the float32 end to end differs from the masked reference, and is still correct."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    experts = 24
+    config = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=experts, num_experts_per_tok=2, norm_topk_prob=True)
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    generator = torch.Generator().manual_seed(1)
+    sequences = {"a": [torch.randint(0, VOCAB, (64,), generator=generator).tolist() for _ in range(4)]}
+    rng = random.Random(0)
+    for keep in (13, 18):
+        kept = {layer: sorted(rng.sample(range(experts), keep)) for layer in range(2)}
+        plan = PrunePlan(str(source), "fp", "random", "uniform", 1 - keep / experts, {}, {},
+                         {layer: experts for layer in range(2)}, kept)
+        result = verify_export(export_pruned(plan, source, tmp_path / f"keep{keep}"), sequences)
+        assert result["verdict"] == PASS, result["reason"]
         assert result["end_to_end"]["max_abs_delta"] > 0  # not bit-identical, and still PASS
+        assert result["end_to_end"]["max_abs_delta"] <= result["end_to_end"]["tolerance"]
         assert result["float64_blocks"]["max_abs_delta"] <= result["float64_blocks"]["bound"]
 
 
