@@ -22,9 +22,12 @@ forwards taken apart: the steps `capture_model` takes, called one by one in its 
 (begin_run, the observed forward with the default token trace, to_frames, the trace's
 frames, complete_run), and begin_run + complete_run of the same rows without a trace.
 
---paired: the sweep's models, one observer kept across forwards (as in a capture), bare and
-observed forwards of the same 2,048 tokens alternated in pairs; the median of the pairs' ratios
-with a bootstrap 95% interval. --paired and --config run the forward a capture runs, too.
+--paired: the sweep's models, one observer kept across forwards (as in a capture), observed
+forwards of the same 2,048 tokens against bare ones and against ones with the observer's experts
+kernels but no statistics (which isolates what the statistics cost: on the CPU the observer's
+experts forward reuses its buffers, faster than transformers' own), interleaved in rounds of
+three; the median of the rounds' ratios with a bootstrap 95% interval. --paired and --config run
+the forward a capture runs, too.
 
 --config: one forward of a fixed config, variants bare / capture (observer) /
 recompute (observer forced onto the path for non-default experts implementations) /
@@ -36,6 +39,7 @@ Reports medians and the median (min-max) of per-repetition ratios to bare.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import random
 import statistics
@@ -49,7 +53,8 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from benchlib import machine, ratios, spread, table, write_section
 from moe_viz import store
-from moe_viz.capture.observe import RoutingObserver, slot_outputs
+from moe_viz.capture.observe import RoutingObserver, grouped_experts_forward, slot_outputs
+from moe_viz.capture.routing_stats import Scratch
 from moe_viz.capture.run import (CaptureSettings, accumulate_routing, accumulator_frames, capture_model,
                                  padded_batches, text_inputs)
 from moe_viz.capture.sources import Documents
@@ -312,8 +317,28 @@ def median_interval(values: list[float], rng: random.Random) -> str:
     return f"{medians[49]:.3f}–{medians[1949]:.3f}"
 
 
+class ObserverKernels:
+    """Context manager: each MoE layer's experts run the observer's grouped forward (its CPU buffers
+    reused, `observe.grouped_experts_forward`) with no statistics taken: the forward an observed one
+    differs from only by the statistics."""
+
+    def __init__(self, model):
+        self.experts = [layer.experts for layer in find_moe_layers(model)]
+        self.scratch = Scratch()
+
+    def __enter__(self):
+        for experts in self.experts:
+            experts.forward = functools.partial(grouped_experts_forward, experts, scratch=self.scratch)
+        return self
+
+    def __exit__(self, *exc):
+        for experts in self.experts:
+            del experts.forward
+
+
 def paired_mode(args) -> None:
-    """Observed / bare per forward, from adjacent pairs, with one observer kept across the forwards."""
+    """Observed forwards / bare ones and / ones with the observer's experts kernels, interleaved in rounds
+    of three, one observer kept across the forwards."""
     shape = SWEEP_SHAPE
     rng = random.Random(0)
     rows = []
@@ -321,21 +346,29 @@ def paired_mode(args) -> None:
         model = sweep_model(experts)
         ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0))
         observer = RoutingObserver(find_moe_layers(model))
-        observed = lambda: timed_forward(model, ids, observer)  # noqa: E731
-        bare = lambda: timed_forward(model, ids, None)  # noqa: E731
-        observed(), bare()  # warm-up: the observer's work buffers exist from here on
-        pairs = [a / b for a, b in interleaved_times([observed, bare], args.pairs)]
-        rows.append([experts, f"{statistics.median(pairs):.3f}", median_interval(pairs, rng),
-                     f"{min(pairs):.3f}–{max(pairs):.3f}", len(pairs)])
+        kernels = ObserverKernels(model)
+        variants = [lambda: timed_forward(model, ids, observer), lambda: timed_forward(model, ids, None),
+                    lambda: timed_forward(model, ids, kernels)]
+        for variant in variants:  # warm-up: the work buffers exist from here on
+            variant()
+        times = interleaved_times(variants, args.pairs)
+        to_bare = [observed / bare for observed, bare, _ in times]
+        to_kernels = [observed / same for observed, _, same in times]
+        rows.append([experts, f"{statistics.median(to_bare):.3f}", median_interval(to_bare, rng),
+                     f"{min(to_bare):.3f}–{max(to_bare):.3f}", f"{statistics.median(to_kernels):.3f}",
+                     median_interval(to_kernels, rng), f"{min(to_kernels):.3f}–{max(to_kernels):.3f}", len(times)])
         print(rows[-1], flush=True)
-        del model, observer
+        del model, observer, kernels
     header = (f"The sweep's models (hidden {shape['hidden']}, {shape['layers']} MoE layers, top-{shape['top_k']}, "
               f"fp32), one forward of {shape['batch'] * shape['seq']} tokens as a capture runs it (LM head on the last "
-              "position only); bare and observed forwards in adjacent "
-              "pairs (which goes first alternates), one observer accumulating across all of them as in a capture; "
-              "process CPU time; 95% interval of the median ratio by bootstrap (2,000 resamples)")
-    body = "\n".join([header + ".", "", table(["experts", "observed / bare, median", "95% interval", "min–max", "pairs"],
-                                                rows), "", f"Machine: {machine(args.threads)}."])
+              "position only); observed forwards (one observer accumulating across all of them, as in a capture), "
+              "bare forwards (transformers' grouped_mm experts) and forwards with the observer's experts kernels but "
+              "no statistics (`grouped_experts_forward`: the same values, its CPU buffers reused), interleaved in "
+              "rounds of three, round i in the i-th of their six orders; process CPU time; 95% interval of the "
+              "median ratio by bootstrap (2,000 resamples)")
+    columns = ["experts", "observed / bare, median", "95% interval", "min–max",
+               "observed / same kernels, median", "95% interval, same kernels", "min–max, same kernels", "rounds"]
+    body = "\n".join([header + ".", "", table(columns, rows), "", f"Machine: {machine(args.threads)}."])
     print(body)
     if args.write:
         write_section("capture-paired", body)
@@ -402,7 +435,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fixed", action="store_true", help="a one-forward capture's cost beyond the forwards")
     parser.add_argument("--paired", action="store_true", help="observer per forward, paired forwards, 95%% interval")
-    parser.add_argument("--pairs", type=int, default=40, help="--paired: pairs of forwards per model")
+    parser.add_argument("--pairs", type=int, default=36,
+                        help="--paired: rounds of three forwards per model (multiples of 6 balance the orders)")
     parser.add_argument("--paired-capture", action="store_true",
                         help="capture end to end / bare / plain forwards, interleaved, 95%% interval, per --tokens")
     parser.add_argument("--capture-rounds", type=int, nargs="+", default=[30, 12, 6],

@@ -25,8 +25,8 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
     return {
         # a one-forward capture's cost beyond the forwards, step by step (~2 min)
         "capture-fixed": (["capture_overhead.py", "--fixed", "--reps", "6"], ["capture-fixed"]),
-        # the observer per forward from adjacent bare/observed pairs, with a 95% interval (~5 min)
-        "capture-paired": (["capture_overhead.py", "--paired", "--pairs", "40"], ["capture-paired"]),
+        # the observer per forward against bare forwards and the same kernels, rounds of three, 95% interval (~7 min)
+        "capture-paired": (["capture_overhead.py", "--paired", "--pairs", "36"], ["capture-paired"]),
         # the sweep over experts and tokens: whole captures against the same forwards bare and plain (~25 min)
         "capture-paired-end-to-end": (["capture_overhead.py", "--paired-capture", "--tokens", "2048", "8192", "32768",
                                        "--capture-rounds", "30", "12", "6"], ["capture-paired-end-to-end"]),

@@ -177,6 +177,66 @@ def test_capture_does_not_change_logits(family, fast):
     assert torch.equal(plain, after), "hooks must be removed on exit"
 
 
+@pytest.mark.parametrize("family,dtype", [(f, torch.float32) for f in FAMILIES]
+                         + [(f, torch.bfloat16) for f in ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss")])
+def test_reused_buffers_keep_every_forward_exact(family, dtype):
+    """One observer across forwards of different lengths (its (T*k, H) buffers grow, then serve a shorter
+    forward from their first rows) and across layers (which share them): every forward's logits and its
+    per-slot norms ||f_e(x_t)|| are those of a plain forward and of a new observer, bit for bit."""
+    from moe_viz.capture.observe import RoutingObserver
+
+    model = tiny_model(family).to(dtype)
+    layers = find_moe_layers(model)
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, VOCAB, shape, generator=generator) for shape in [(2, 12), (1, 5), (3, 9)]]
+    with torch.no_grad():
+        fresh = []  # (logits, per-layer norms) of each forward alone, under an observer of its own
+        for ids in batches:
+            with RoutingObserver(layers) as alone:
+                norms = _record_norms(alone)
+                fresh.append((model(ids).logits, norms))
+            assert torch.equal(fresh[-1][0], model(ids).logits)  # and those of a plain forward
+        with RoutingObserver(layers) as observer:
+            norms = _record_norms(observer)
+            for ids, (logits, alone_norms) in zip(batches, fresh):
+                norms.clear()
+                assert torch.equal(model(ids).logits, logits)
+                assert len(norms) == len(layers)
+                for got, want in zip(norms, alone_norms):
+                    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32], ids=["bf16 gates", "fp32 gates"])
+def test_grouped_experts_forward_with_reused_buffers_is_the_experts_own_forward(weights_dtype):
+    """bf16 experts, gate weights in bf16 (weighted in place) or float32 (the product is float32, as in
+    transformers, so it cannot be written into the bf16 rows), one scratch across calls of different sizes."""
+    from moe_viz.capture.observe import grouped_experts_forward
+    from moe_viz.capture.routing_stats import Scratch
+
+    experts = find_moe_layers(tiny_model("qwen3_moe").to(torch.bfloat16))[0].experts
+    generator = torch.Generator().manual_seed(6)
+    scratch = Scratch()
+    for tokens in (24, 7):
+        hidden = torch.randn(tokens, experts.gate_up_proj.shape[-1], generator=generator).to(torch.bfloat16)
+        index = torch.stack([torch.randperm(experts.num_experts, generator=generator)[:2] for _ in range(tokens)])
+        weights = torch.rand(tokens, 2, generator=generator).to(weights_dtype)
+        with torch.no_grad():
+            want = experts(hidden, index, weights)
+            got = grouped_experts_forward(experts, hidden, index, weights, scratch)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _record_norms(observer) -> list[torch.Tensor]:
+    """A list that receives a copy of the (T, k) expert-output norms each layer adds, in layer order."""
+    seen = []
+    for tap in observer.taps:
+        def add(*args, _add=tap.acc.add, **kwargs):
+            seen.append(args[3].clone())
+            return _add(*args, **kwargs)
+        tap.acc.add = add
+    return seen
+
+
 def test_capture_projects_only_the_last_position_onto_the_vocabulary():
     """Routing never depends on the logits, so a model that takes `logits_to_keep` runs its LM head on one
     position per sequence during capture, and the statistics equal those of forwards with every logit."""

@@ -14,7 +14,8 @@ module's own kernels:
   with the same sequence of operations as transformers' grouped_mm forward,
   split where the unweighted per-slot outputs exist so their norms can be
   taken. The GEMMs see exactly the same rows in the same order, so outputs are
-  bit-identical and the extra cost is one norm over (T*k, H) (~1.0x).
+  bit-identical and the extra cost is one norm over (T*k, H); on the CPU its
+  (T*k, H) temporaries live in reused buffers, which saves more than that.
 - any other implementation (eager, ...): the original forward runs untouched,
   and a hook calls the module's implementation once more with every token
   repeated k times, one expert each, weight 1 (~2x expert compute).
@@ -32,6 +33,8 @@ gate and the shared bias); the attention module's forward ends the attention blo
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -70,7 +73,8 @@ def slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Te
         return type(experts).forward(experts, repeated, index.expand(-1, 2), torch.cat((ones, ones * 0), dim=1))
 
 
-def grouped_slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor):
+def grouped_slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                         scratch: Scratch | None = None):
     """transformers' grouped_mm experts forward, stopped before the gate weights.
 
     Returns (rows, perm): the unweighted outputs f_e(x_t) of every routed slot,
@@ -79,10 +83,17 @@ def grouped_slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: 
     Every operation mirrors `grouped_mm_experts_forward` in transformers 5.x so
     the final reduction in `_LayerTap.tapped_forward` reproduces its output bit
     for bit (checked by tests/test_capture_exact.py for every family).
+    With `scratch`, the gathered (T*k, H) inputs go into its buffer "slot rows"
+    (the same values; `grouped_experts_forward` says why), which the first GEMM
+    has read by the time the caller reuses it.
     """
     num_top_k = top_k_index.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    rows = hidden[perm // num_top_k]
+    if scratch is None:
+        rows = hidden[perm // num_top_k]
+    else:
+        rows = torch.index_select(hidden, 0, perm // num_top_k, out=scratch.get(
+            "slot rows", perm.numel(), hidden.shape[-1], hidden.device, hidden.dtype))
     on_host = hidden.device.type in ("cpu", "mps")
     counts = torch.histc(
         expert_ids.float() if on_host else expert_ids.int(), bins=experts.num_experts, min=0, max=experts.num_experts - 1
@@ -99,6 +110,39 @@ def grouped_slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: 
     if experts.has_post_expert_norm:
         rows = experts.post_expert_norm(rows)
     return rows, perm
+
+
+def grouped_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor, scratch: Scratch | None = None,
+                            on_slot_outputs: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """transformers' grouped_mm experts forward, bit for bit: (T, H) from hidden (T, H) and the routing (T, k).
+
+    `on_slot_outputs(rows, inverse)` sees the unweighted outputs f_e(x_t) (T*k, H),
+    sorted by expert (slot i is row inverse[i]), before they are weighted in place.
+
+    With `scratch` (on the CPU) the three (T*k, H) temporaries of transformers'
+    forward (the gathered inputs, the weighted rows, the rows in slot order) use
+    one buffer that lives as long as the scratch: a fresh one is above glibc's
+    mmap threshold (32 MiB at T*k = 16,384, H = 512, float32), so every call maps
+    it anew and faults in each page, ~12 ms per 32 MiB on the bench VM, more than
+    the routing statistics cost (bench/capture_overhead.py --paired). The values
+    are the same (a gather, an elementwise product). On a GPU the caching
+    allocator already reuses memory, and a held buffer would only raise the peak.
+    """
+    num_tokens, k = top_k_index.shape
+    rows, perm = grouped_slot_outputs(experts, hidden, top_k_index, scratch)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+    if on_slot_outputs is not None:
+        on_slot_outputs(rows, inverse)
+    # The rest of grouped_mm_experts_forward: weight, restore order, sum over slots, cast.
+    slot_weights = top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    if scratch is None or torch.result_type(rows, slot_weights) != rows.dtype:
+        weighted = (rows * slot_weights)[inverse]
+    else:  # `rows` is this forward's own GEMM output: weighting it in place changes no value
+        weighted = torch.index_select(rows.mul_(slot_weights), 0, inverse, out=scratch.get(
+            "slot rows", rows.shape[0], rows.shape[1], rows.device, rows.dtype))
+    return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
 
 def _fast_path_available(experts: nn.Module) -> bool:
@@ -173,14 +217,13 @@ class _LayerTap:
     def tapped_forward(self, *args, **kwargs) -> torch.Tensor:
         hidden, index, weights = _routing_args(args, kwargs)
         num_tokens, k = index.shape
-        rows, perm = grouped_slot_outputs(self.layer.experts, hidden, index)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+
+        def take_norms(rows: torch.Tensor, inverse: torch.Tensor) -> None:
+            self.norms = _norms(rows, num_tokens * k, 1)[inverse].view(num_tokens, k)
+
         self.index, self.weights = index, weights
-        self.norms = _norms(rows, num_tokens * k, 1)[inverse].view(num_tokens, k)
-        # The rest of grouped_mm_experts_forward: weight, restore order, sum over slots, cast.
-        weighted = (rows * weights.reshape(-1)[perm].unsqueeze(-1))[inverse]
-        return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        scratch = self.observer.scratch if hidden.device.type == "cpu" else None
+        return grouped_experts_forward(self.layer.experts, hidden, index, weights, scratch, take_norms)
 
     def on_experts_recompute(self, module, args, kwargs, output) -> None:
         hidden, index, weights = _routing_args(args, kwargs)

@@ -41,17 +41,18 @@ LOGIT_GAP_CLAMP = 1e4
 
 
 class Scratch:
-    """Reusable float32 work buffers, one per (name, device), grown on demand and never shrunk."""
+    """Reusable work buffers, one per (name, device, dtype), grown on demand and never shrunk."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+        self._buffers: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
 
-    def get(self, name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        """A (rows, cols) float32 view of the buffer `name`; its contents are garbage."""
-        key = (name, str(device))
+    def get(self, name: str, rows: int, cols: int, device: torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A (rows, cols) view of the buffer `name`; its contents are garbage."""
+        key = (name, str(device), dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < rows * cols:
-            buffer = self._buffers[key] = torch.empty(rows * cols, dtype=torch.float32, device=device)
+            buffer = self._buffers[key] = torch.empty(rows * cols, dtype=dtype, device=device)
         return buffer[: rows * cols].view(rows, cols)
 
 
