@@ -226,6 +226,27 @@ def test_grouped_experts_forward_with_reused_buffers_is_the_experts_own_forward(
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+def test_accumulators_keep_no_work_buffers_after_their_observer():
+    """Layer-wise capture makes one observer per layer and domain and keeps every one's accumulators to the
+    end of the run: were the work buffers ((T*k, H) and (T, E), tens of MiB each) reachable from them, its
+    memory would grow by that much per layer."""
+    import gc
+    import weakref
+
+    from moe_viz.capture.observe import RoutingObserver
+
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad(), RoutingObserver(find_moe_layers(model)) as observer:
+        model(torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7)))
+    buffers = weakref.ref(observer.scratch)
+    assert observer.scratch._buffers  # the forward used them
+    accumulators = observer.accumulators
+    del observer
+    gc.collect()
+    assert buffers() is None
+    assert all(int(acc.tokens) == 24 for acc in accumulators)
+
+
 def _record_norms(observer) -> list[torch.Tensor]:
     """A list that receives a copy of the (T, k) expert-output norms each layer adds, in layer order."""
     seen = []

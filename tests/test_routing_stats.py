@@ -87,9 +87,10 @@ def _reference(batches, score_fn):
 @pytest.mark.parametrize("score_fn", ["softmax", "sigmoid", "sqrtsoftplus"])
 def test_accumulator_matches_float64_loops(score_fn):
     batches = _batches(score_fn)
-    acc = LayerAccumulator(3, "model.layers.3.mlp", E, score_fn, torch.device("cpu"), Scratch())
+    acc = LayerAccumulator(3, "model.layers.3.mlp", E, score_fn, torch.device("cpu"))
+    scratch = Scratch()  # one set of work buffers across batches of different sizes, as in a capture
     for batch in batches:
-        acc.add(*batch)
+        acc.add(*batch, scratch=scratch)
     experts, layer_row, coact = acc.to_frames()
     sums, counts, pairs, entropy, tokens = _reference(batches, score_fn)
 
@@ -165,7 +166,7 @@ def test_extra_router_rows_count_only_routed_experts_and_entropy_covers_every_ro
     weights = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.5, 0.5], [0.2, 0.8], [0.9, 0.1], [0.35, 0.65]])
     norms = torch.tensor([[1.0, 9.0], [9.0, 2.0], [9.0, 9.0], [3.0, 4.0], [5.0, 6.0], [7.0, 9.0]])
     shift = torch.tensor([0.5, 1.0, 0.25, 2.0, 0.75, 1.5])
-    acc = LayerAccumulator(1, "m", E4, "softmax", torch.device("cpu"), Scratch())
+    acc = LayerAccumulator(1, "m", E4, "softmax", torch.device("cpu"))
     acc.add(logits, index, weights, norms, shift, None, real)
     experts, layer_row, coact = acc.to_frames()
 

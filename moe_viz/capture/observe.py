@@ -81,7 +81,7 @@ def grouped_slot_outputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: 
     shape (T*k, H), sorted by expert, and the permutation that sorted them
     (slot i of the flattened (T, k) routing is row ``inverse(perm)[i]``).
     Every operation mirrors `grouped_mm_experts_forward` in transformers 5.x so
-    the final reduction in `_LayerTap.tapped_forward` reproduces its output bit
+    the final reduction in `grouped_experts_forward` reproduces its output bit
     for bit (checked by tests/test_capture_exact.py for every family).
     With `scratch`, the gathered (T*k, H) inputs go into its buffer "slot rows"
     (the same values; `grouped_experts_forward` says why), which the first GEMM
@@ -118,7 +118,7 @@ def grouped_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_inde
     """transformers' grouped_mm experts forward, bit for bit: (T, H) from hidden (T, H) and the routing (T, k).
 
     `on_slot_outputs(rows, inverse)` sees the unweighted outputs f_e(x_t) (T*k, H),
-    sorted by expert (slot i is row inverse[i]), before they are weighted in place.
+    sorted by expert (slot i is row inverse[i]), before they are weighted.
 
     With `scratch` (on the CPU) the three (T*k, H) temporaries of transformers'
     forward (the gathered inputs, the weighted rows, the rows in slot order) use
@@ -164,7 +164,7 @@ class _LayerTap:
         self.layer = layer
         self.observer = observer
         device = layer.router.weight.device
-        self.acc = LayerAccumulator(layer.layer, layer.name, layer.num_experts, layer.score_fn, device, observer.scratch)
+        self.acc = LayerAccumulator(layer.layer, layer.name, layer.num_experts, layer.score_fn, device)
         self.handles: list = []
         self.replaced_forward = False
         self.score_fn_settled = layer.probed_score_fn is not None
@@ -302,9 +302,8 @@ class _LayerTap:
         if self.observer.tracer is not None:  # token-level trace (capture/trace.py); -1: not a routed expert
             index = self.index if real is None else self.index.masked_fill(~real, -1)
             self.observer.tracer.add(self.layer.layer, index, self.weights)
-        self.acc.add(
-            self.logits, self.index, self.weights, self.norms, token_shift(block_input, block_output), valid, real
-        )
+        self.acc.add(self.logits, self.index, self.weights, self.norms, token_shift(block_input, block_output), valid,
+                     real, scratch=self.observer.scratch)
         self._clear()
 
     # -- attach / detach -----------------------------------------------------
@@ -374,7 +373,9 @@ class RoutingObserver:
     """
 
     def __init__(self, layers: list[MoeLayer], fast: bool = True, tracer=None):
-        self.scratch = Scratch()  # work buffers shared by the layers, which run one after another
+        # Work buffers shared by the layers, which run one after another; they go with the observer (the
+        # accumulators it hands out keep none: layer-wise capture keeps one observer's worth per layer).
+        self.scratch = Scratch()
         self.taps = [_LayerTap(layer, self) for layer in layers]
         self.fast = fast
         self.tracer = tracer

@@ -115,14 +115,12 @@ def _count(counts: torch.Tensor, index: torch.Tensor) -> None:
 class LayerAccumulator:
     """Running sums for one MoE layer; `add` is called once per forward pass."""
 
-    def __init__(self, layer: int, module_name: str, num_experts: int, score_fn: str, device: torch.device,
-                 scratch: Scratch | None = None):
+    def __init__(self, layer: int, module_name: str, num_experts: int, score_fn: str, device: torch.device):
         self.layer = layer
         self.module_name = module_name
         self.num_experts = num_experts
         self.score_fn = score_fn
         self.top_k: int | None = None
-        self.scratch = scratch if scratch is not None else Scratch()
         counts = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=device)  # noqa: E731
         sums = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self.routed_tokens = counts(num_experts)
@@ -145,6 +143,8 @@ class LayerAccumulator:
         shift: torch.Tensor,
         valid: torch.Tensor | None,
         real: torch.Tensor | None = None,
+        *,
+        scratch: Scratch | None = None,
     ) -> None:
         """Add one batch.
 
@@ -158,7 +158,10 @@ class LayerAccumulator:
             valid: (T,) 1 for real tokens, 0 for padding; None when every token is real.
             real: (T, k) True where the slot went to a routed expert; None when every slot did. Other
                 slots (a LongCat identity expert, Zaya's skip) count for no expert.
+            scratch: work buffers for the (T, E) passes, the observer's (it outlives one batch, not the
+                run: an accumulator kept after its observer holds no buffers); None: fresh ones.
         """
+        scratch = scratch if scratch is not None else Scratch()
         self.top_k = top_k_index.shape[1]
         if valid is not None:  # drop padding once instead of weighting every term by 0/1
             keep = valid.bool()
@@ -171,7 +174,7 @@ class LayerAccumulator:
         logits = logits.float()
         device = logits.device
         width = logits.shape[1]
-        scores = router_scores(logits, self.score_fn, out=self.scratch.get("scores", num_tokens, width, device))
+        scores = router_scores(logits, self.score_fn, out=scratch.get("scores", num_tokens, width, device))
         p = scores if width == num_experts else scores[:, :num_experts]
 
         flat = top_k_index.reshape(-1)
@@ -204,7 +207,7 @@ class LayerAccumulator:
         pairs = top_k_index[:, :, None] * num_experts + top_k_index[:, None, :]
         _count(self.coactivation, pairs.reshape(-1) if real is None else pairs[real[:, :, None] & real[:, None, :]])
 
-        work = self.scratch.get("work", num_tokens, width, device)
+        work = scratch.get("work", num_tokens, width, device)
         self.entropy_sum.add_(token_entropies(logits, scores, self.score_fn, work).sum())
         self.tokens.add_(num_tokens)
 
