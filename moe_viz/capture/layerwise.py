@@ -55,7 +55,7 @@ from moe_viz.capture.distributed import Ranks, Steps, accumulator_tensors
 from moe_viz.capture.observe import RoutingObserver
 from moe_viz.capture.run import Progress
 from moe_viz.capture.trace import TokenTracer
-from moe_viz.capture.routing_stats import LayerAccumulator
+from moe_viz.capture.routing_stats import LayerAccumulator, Scratch
 from moe_viz.checkpoint import checkpoint_bytes
 from moe_viz.errors import MoeVizError
 from moe_viz.models.discovery import MoeLayer, find_moe_layers
@@ -654,6 +654,7 @@ def run_layerwise(
     tokens = sum(int(m.sum()) for domain_batches in batches for _, _, m in domain_batches)
     done = 0
     result = LayerwiseResult(accumulators, "", resumed_from=start)
+    scratch = Scratch()  # the observers' work buffers, one set for the whole pass
     for index in range(num_layers):
         moe = streamer.moe_layers_in(index)
         if index < start:  # finished by an earlier attempt: its accumulators and fingerprint samples
@@ -672,7 +673,7 @@ def run_layerwise(
         layer = streamer.load_layer(index)
         layer_accs = {}
         for d, domain_batches in enumerate(batches):
-            with RoutingObserver(moe, tracer=tracers.get(d)) as observer:
+            with RoutingObserver(moe, tracer=tracers.get(d), scratch=scratch) as observer:
                 for j, (number, _, mask) in enumerate(domain_batches):
                     if d in tracers:
                         tracers[d].use_batch(j)

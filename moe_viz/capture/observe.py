@@ -370,12 +370,15 @@ class RoutingObserver:
     Call `set_attention_mask` before each forward so padding is excluded.
     ``fast=False`` forces the recompute path everywhere (for benchmarks/tests).
     ``tracer`` (a capture.trace.TokenTracer) also receives each layer's routing.
+    ``scratch``: work buffers to use (and keep) instead of the observer's own.
     """
 
-    def __init__(self, layers: list[MoeLayer], fast: bool = True, tracer=None):
+    def __init__(self, layers: list[MoeLayer], fast: bool = True, tracer=None, scratch: Scratch | None = None):
         # Work buffers shared by the layers, which run one after another; they go with the observer (the
-        # accumulators it hands out keep none: layer-wise capture keeps one observer's worth per layer).
-        self.scratch = Scratch()
+        # accumulators it hands out keep none). A caller that makes one observer after another (layer-wise
+        # capture: one per layer and domain) passes one `scratch` to all, so the buffers are not made anew
+        # for each: interleaved with the hidden states, that grew the heap layer by layer.
+        self.scratch = scratch if scratch is not None else Scratch()
         self.taps = [_LayerTap(layer, self) for layer in layers]
         self.fast = fast
         self.tracer = tracer
