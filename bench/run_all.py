@@ -25,23 +25,15 @@ def commands(llmc_python: str) -> dict[str, tuple[list[str], list[str]]]:
     return {
         # a one-forward capture's cost beyond the forwards, step by step (~2 min)
         "capture-fixed": (["capture_overhead.py", "--fixed", "--reps", "6"], ["capture-fixed"]),
-        # the observer per forward against bare forwards and the same kernels, rounds of three, 95% interval (~7 min)
+        # the observer per forward against bare forwards and the same kernels, rounds of three, 95% interval (~5 min)
         "capture-paired": (["capture_overhead.py", "--paired", "--pairs", "36"], ["capture-paired"]),
-        # the sweep over experts and tokens: whole captures against the same forwards bare and plain (~25 min)
+        # the sweep over experts and tokens: whole captures against the same forwards bare and plain (~27 min)
         "capture-paired-end-to-end": (["capture_overhead.py", "--paired-capture", "--tokens", "2048", "8192", "32768",
                                        "--capture-rounds", "30", "12", "6"], ["capture-paired-end-to-end"]),
-        # the 512-expert rows again with twice the rounds at 32k tokens (~13 min)
-        "capture-paired-end-to-end-512e": (["capture_overhead.py", "--paired-capture", "--experts", "512", "--tokens",
-                                            "2048", "8192", "32768", "--capture-rounds", "30", "12", "12"],
-                                           ["capture-paired-end-to-end-512e"]),
         # a calibration-sized capture (the default is 200,000 tokens per domain) against its bare forwards (~40 min)
         "capture-paired-end-to-end-128k": (["capture_overhead.py", "--paired-capture", "--tokens", "131072",
                                             "--capture-rounds", "6", "--without-plain"],
                                            ["capture-paired-end-to-end-128k"]),
-        # its 128- and 512-expert rows again with twice the rounds (~55 min)
-        "capture-paired-end-to-end-128e-512e-128k": (["capture_overhead.py", "--paired-capture", "--experts", "128", "512",
-                                                      "--tokens", "131072", "--capture-rounds", "12", "--without-plain"],
-                                                     ["capture-paired-end-to-end-128e-512e-128k"]),
         "capture-config": (["capture_overhead.py", "--config", "100m", "--reps", "5"], ["capture-config-100m"]),
         "capture-config-512e": (["capture_overhead.py", "--config", "512e", "--reps", "11", "--skip-dense"],
                                 ["capture-config-512e"]),

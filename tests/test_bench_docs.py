@@ -39,7 +39,7 @@ def test_each_paired_capture_command_writes_the_section_run_all_declares_for_it(
     commands = [(args, sections)
                 for (script, *args), sections in bench_module("run_all").commands("python").values()
                 if script == "capture_overhead.py" and "--paired-capture" in args]
-    assert len(commands) == 4
+    assert len(commands) == 2
 
     def counts(args, flag, default):
         if flag not in args:
