@@ -72,6 +72,28 @@ def test_layerwise_equals_in_memory(tmp_path, domains, family):
     assert not (tmp_path / "lw.duckdb.layerwise").exists()  # its state is removed after success
 
 
+def test_every_layer_and_domain_shares_one_set_of_work_buffers(tmp_path, domains, monkeypatch):
+    """One observer per layer and domain; made anew for each, their (T*k, H) and (T, E) buffers grew the heap
+    layer by layer (bench/capture_scale.py memory), so the whole pass hands them one Scratch."""
+    from moe_viz.capture import layerwise
+    from moe_viz.capture.observe import RoutingObserver
+
+    made = []
+
+    class Recorded(RoutingObserver):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.scratch)
+
+    monkeypatch.setattr(layerwise, "RoutingObserver", Recorded)
+    model_dir = save_model(tmp_path / "model", "qwen2_moe")
+    capture(model_dir, domains, store_path=tmp_path / "lw.duckdb", settings=SETTINGS, device="cpu",
+            layerwise=True, progress=lambda p: None)
+    assert len(made) >= 2 * len(domains)  # two or more MoE layers, each run per domain
+    assert all(scratch is made[0] for scratch in made)
+    assert made[0]._buffers  # and the observers used it
+
+
 def test_the_comparison_tells_a_different_model_apart(tmp_path, domains):
     """The equality check above is not vacuous: another seed's weights fail it."""
     model_dir = save_model(tmp_path / "model", "qwen2_moe")
